@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Pre-train a GPT-NeoX model on .npz token shards.
+
+    python train.py --config tiny                 # CPU smoke run on the sample data
+    python train.py --config production --resume latest
+
+The story of a run: config -> accelerator -> model -> data -> optimizer and schedule -> resume ->
+loop -> final checkpoint. Each step is in a module of its own under configs/ and utils/.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import GPTNeoXForCausalLM
+
+from configs.model_config import build_model_config, shape_as_dict
+from configs.training_config import ConfigError, TrainingConfig, load_config
+from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, find_checkpoint,
+                                    list_checkpoints, prune_checkpoints, read_json, remove_incomplete_saves,
+                                    save_checkpoint, system_info)
+from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state,
+                              position_from_state, select_shards)
+from utils.training_utils import StopRequest, TrainingMetrics, lr_multiplier, parameter_groups
+
+REPO_ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Pre-train GPT-NeoX on .npz token shards, with full-state checkpoints and exact resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="test",
+                        help="test, production, tiny (configs/NAME.json) or the path of a JSON config")
+    parser.add_argument("--max-steps", type=int, help="override max_steps (optimizer steps)")
+    parser.add_argument("--resume", metavar="NAME|latest",
+                        help="continue from a checkpoint in checkpoint_dir: its folder name, or 'latest'")
+    parser.add_argument("--data", help="override the folder holding the tokenized_*.npz shards")
+    parser.add_argument("--checkpoint-dir", help="override where checkpoints are written")
+    parser.add_argument("--log-dir", help="override where metrics.jsonl and TensorBoard events go")
+    parser.add_argument("--no-background-upload", action="store_true",
+                        help="upload checkpoints synchronously (blocks training while uploading)")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": args.data,
+                                 "checkpoint_dir": args.checkpoint_dir, "log_dir": args.log_dir}
+    if args.no_background_upload:
+        overrides["background_upload"] = False
+    config = load_config(args.config, overrides)
+    # Relative paths in a config are relative to the repo, wherever the command is run from.
+    for name in ("data", "checkpoint_dir", "log_dir"):
+        setattr(config, name, str(REPO_ROOT / getattr(config, name)))
+    return config
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    accelerator = Accelerator(
+        cpu=not cuda,  # CPU processes under a launcher then join one gloo group instead of each being rank 0
+        mixed_precision=precision,
+        # Our schedule is a function of the optimizer step; Accelerate would otherwise step it once
+        # per process per step, running the schedule N times too fast on N processes.
+        step_scheduler_with_optimizer=False,
+        log_with="tensorboard",
+        project_dir=config.log_dir,
+    )
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_processes != accelerator.num_processes:
+        raise ConfigError(f"launched as {launched_processes} processes but Accelerate sees "
+                          f"{accelerator.num_processes}; each would train alone and write the same checkpoints")
+    return accelerator
+
+
+def check_resumable(config: TrainingConfig, resume: str | None) -> Path | None:
+    """The checkpoint to resume from; refuses a fresh start or a resume that would overwrite checkpoints."""
+    existing = list_checkpoints(config.checkpoint_dir)
+    if resume is None:
+        if existing:
+            raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest {existing[-1].name}); "
+                                  "pass --resume latest to continue, or set --checkpoint-dir for a new run")
+        return None
+    info = find_checkpoint(config.checkpoint_dir, resume)
+    newer = [other.name for other in existing if other.step > info.step]
+    if newer:
+        raise CheckpointError(f"resuming {info.name} would overwrite newer checkpoints ({', '.join(newer)}); "
+                              "move them out of the checkpoint folder first")
+    saved_shape = read_json(info.path / "training_config.json").get("model_shape")
+    if saved_shape != shape_as_dict(config.model_shape()):
+        raise CheckpointError(f"{info.name} holds a model of shape {saved_shape}, "
+                              f"not this config's {shape_as_dict(config.model_shape())}")
+    return info.path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
+    try:
+        config = config_from_args(args)
+        accelerator = make_accelerator(config)
+        with logging_redirect_tqdm():
+            return train(config, accelerator, args.resume)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) -> int:
+    main_process = accelerator.is_main_process
+    shape = config.model_shape()
+    resume_path = check_resumable(config, resume)
+    if main_process:
+        for name in remove_incomplete_saves(config.checkpoint_dir):
+            log.info(f"Removed {name}: an incomplete save left by a crash")
+
+    # --- model -----------------------------------------------------------------------------------
+    set_seed(config.seed)
+    with torch.device(accelerator.device):
+        model = GPTNeoXForCausalLM(build_model_config(shape))
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # --- data ------------------------------------------------------------------------------------
+    source = LocalShardSource(config.data, config.shard_pattern)
+    shards = select_shards(source.list_shards(), config.max_files, config.seed)
+    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
+    tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                       * accelerator.num_processes * shape.seq_len)
+
+    # --- optimizer and schedule ------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                  fused=accelerator.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_multiplier, warmup_steps=config.warmup_steps, schedule_steps=config.schedule_steps,
+        min_lr_ratio=config.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # --- resume ----------------------------------------------------------------------------------
+    step, position = 0, DataPosition()
+    metrics = TrainingMetrics(history_length=config.loss_history_length)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        accelerator.step = 0  # we do our own accumulation; keep Accelerate's micro-step counter neutral
+        step = read_json(resume_path / "metadata.json")["step"]
+        position = position_from_state(spec, read_json(resume_path / "data_state.json"), resume_path.name)
+        metrics.load_state_dict(read_json(resume_path / "training_metrics.json"))
+        log.info(f"Resumed from {resume_path.name}: step {step}, epoch {position.epoch}, "
+                 f"{position.samples_consumed} samples consumed")
+
+    if main_process:
+        log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
+                 f"device {accelerator.device} x {accelerator.num_processes} processes, "
+                 f"mixed precision {accelerator.mixed_precision}")
+        log.info(f"Data: {len(shards)} shards from {source.description} | {tokens_per_step:,} tokens per step")
+        Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("tensorboard")
+
+    if step >= config.max_steps:
+        log.info(f"Nothing to do: step {step} has reached max_steps {config.max_steps}")
+        accelerator.end_training()
+        return 0
+
+    loader = BatchLoader(source, spec, config.per_device_train_batch_size, accelerator.process_index,
+                         accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
+                         prefetch_batches=config.prefetch_batches,
+                         pin_memory=accelerator.device.type == "cuda")
+    stop = StopRequest()
+    stop.install()
+    try:
+        return fit(config, accelerator, model, optimizer, scheduler, loader, spec, step, position, metrics,
+                   tokens_per_step, stop)
+    finally:
+        loader.close()
+        accelerator.end_training()
+
+
+def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+        loader: BatchLoader, spec: StreamSpec, step: int, position: DataPosition, metrics: TrainingMetrics,
+        tokens_per_step: int, stop: StopRequest) -> int:
+    main_process = accelerator.is_main_process
+    accumulation = config.gradient_accumulation_steps
+    metrics_file = Path(config.log_dir) / "metrics.jsonl"
+    progress = tqdm(total=config.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                    disable=not main_process)
+    # Losses stay on the device until a logging step, so the loop never waits for the GPU in between.
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    grad_norm = torch.zeros(())
+    last_saved_step = step
+
+    def save(reason: str) -> None:
+        nonlocal last_saved_step
+        metrics.shards_skipped = position.shards_skipped
+        files = position.files_consumed(len(spec.shards))
+        name = checkpoint_name(position.epoch, step, files)
+        if main_process:
+            tqdm.write(f"💾 Saving checkpoint at step {step} ({reason})")
+        summary = metrics.summary(step)
+        save_checkpoint(accelerator, config.checkpoint_dir, name, {
+            "training_config.json": {**config.to_dict(), "model_shape": shape_as_dict(config.model_shape())},
+            "metadata.json": build_metadata(step, position.epoch, files, metrics.tokens_seen, metrics.state_dict(),
+                                            summary, system_info(accelerator)),
+            "training_metrics.json": metrics.state_dict(),
+            "data_state.json": data_state(spec, position),
+        })
+        last_saved_step = step
+        if main_process:
+            tqdm.write(f"✅ Saved {name}")
+            for deleted in prune_checkpoints(config.checkpoint_dir, config.keep_checkpoints):
+                tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {config.keep_checkpoints})")
+
+    try:
+        while step < config.max_steps:
+            # --- one optimizer step: forward/backward over the accumulated micro-batches ------------
+            for micro_step in range(accumulation):
+                batch = next(loader)
+                input_ids = batch.input_ids.to(accelerator.device, non_blocking=True)
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = micro_step == accumulation - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    accelerator.backward(loss / accumulation)
+                window_loss += loss.detach()
+                pending_position = batch.position
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            position = pending_position
+            metrics.tokens_seen += tokens_per_step
+            progress.update(1)
+
+            stop_now = stop.requested
+            if accelerator.num_processes > 1:  # every process must agree, or a collective save would hang
+                flag = torch.tensor(float(stop_now), device=accelerator.device)
+                stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
+            should_save = step % config.save_steps == 0 or step == config.max_steps or stop_now
+
+            # --- log: the only place the loop waits for the device ---------------------------------
+            if step % config.logging_steps == 0 or should_save:
+                loss_value = (accelerator.reduce(window_loss, reduction="mean") / (window_steps * accumulation)).item()
+                elapsed = time.perf_counter() - window_start
+                lr = scheduler.get_last_lr()[0]
+                metrics.record(step, loss_value, lr)
+                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens_seen": metrics.tokens_seen,
+                          "tokens_per_sec": window_steps * tokens_per_step / elapsed,
+                          "elapsed_s": time.perf_counter() - run_start, "epoch": position.epoch,
+                          "shards_skipped": position.shards_skipped}
+                if main_process:
+                    with open(metrics_file, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{record['tokens_per_sec']:,.0f}")
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+
+            if should_save:
+                save("stop requested" if stop_now else "scheduled")
+            if stop_now:
+                return stop.exit_code
+    except DataError:
+        # The last completed step is consistent on disk-to-be: save it so no progress is lost.
+        if step > last_saved_step:
+            save("data error")
+        raise
+    finally:
+        progress.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Checkpoints on local disk: names, atomic saves, lookup for --resume, retention.
+
+A checkpoint is the folder checkpoints/checkpoint-epoch{E}-step{S}-files{F}/ holding Accelerate's state
+(model.safetensors, optimizer.bin, scheduler.bin, random_states_*.pkl) and our JSON files:
+training_config.json, metadata.json, training_metrics.json and data_state.json. It is written as
+.tmp-<name>/ and renamed when complete, so a folder under a checkpoint name is always whole.
+"""
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
+TMP_PREFIX = ".tmp-"
+JSON_FILES = ("training_config.json", "metadata.json", "training_metrics.json", "data_state.json")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found, read or written; the message is one line."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    path: Path
+    epoch: int
+    step: int
+    files: int
+
+
+def checkpoint_name(epoch: int, step: int, files: int) -> str:
+    return f"checkpoint-epoch{epoch}-step{step}-files{files}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int, int] | None:
+    match = CHECKPOINT_PATTERN.match(name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints in the folder, oldest step first."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        parsed = parse_checkpoint_name(path.name)
+        if parsed and path.is_dir():
+            found.append(CheckpointInfo(path.name, path, *parsed))
+    return sorted(found, key=lambda info: (info.step, info.epoch, info.files))
+
+
+def find_checkpoint(checkpoint_dir: str | Path, name: str) -> CheckpointInfo:
+    """`name` or "latest" among the local checkpoints; an error listing what exists otherwise."""
+    found = list_checkpoints(checkpoint_dir)
+    if name == "latest":
+        if not found:
+            raise CheckpointError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+        return found[-1]
+    for info in found:
+        if info.name == Path(name).name:
+            return info
+    existing = ", ".join(info.name for info in found) or "none"
+    raise CheckpointError(f"checkpoint {name!r} not found in {checkpoint_dir} (existing: {existing})")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from None
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Writes through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
+                    json_files: dict[str, Any]) -> Path:
+    """Saves Accelerate's state and the JSON files under .tmp-<name>, then renames it to <name>.
+
+    Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
+    of the same name is never overwritten.
+    """
+    folder = Path(checkpoint_dir)
+    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash during an earlier save
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for filename, value in json_files.items():
+            write_json_atomic(tmp / filename, value)
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
+    """Deletes .tmp-* folders that a crash left behind mid-save; they never held a complete checkpoint."""
+    folder = Path(checkpoint_dir)
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(f"{TMP_PREFIX}checkpoint-*"):
+            if path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path.name)
+    return removed
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep: int,
+                      may_delete: Callable[[CheckpointInfo], bool] = lambda info: True) -> list[str]:
+    """Deletes all but the newest `keep` checkpoints, sparing any that may_delete refuses."""
+    deleted = []
+    for info in list_checkpoints(checkpoint_dir)[:-keep]:
+        if may_delete(info):
+            shutil.rmtree(info.path)
+            deleted.append(info.name)
+    return deleted
+
+
+def system_info(accelerator: Accelerator) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    return {
+        "cuda_available": cuda,
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "torch_version": torch.__version__,
+    }
+
+
+def build_metadata(step: int, epoch: int, files_processed: int, tokens_seen: int, metrics: dict[str, Any],
+                   summary: dict[str, Any], system: dict[str, Any], history_shown: int = 10) -> dict[str, Any]:
+    """metadata.json: the fields of the original README's "Enhanced Metadata", plus tokens seen."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "current_loss": metrics["loss_history"][-1]["loss"] if metrics["loss_history"] else None,
+        "best_loss": metrics["best_loss"],
+        "loss_history": [entry["loss"] for entry in metrics["loss_history"][-history_shown:]],
+        "learning_rates": [entry["lr"] for entry in metrics["learning_rates"][-history_shown:]],
+        "validation_metrics": summary,
+        "training_progress": {
+            "completed_steps": step,
+            "total_epochs": epoch,
+            "files_processed": files_processed,
+            "tokens_seen": tokens_seen,
+        },
+        "system_info": system,
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+    }

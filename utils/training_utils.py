@@ -1,0 +1,132 @@
+"""Small pieces of the training loop: learning-rate schedule, optimizer groups, metrics, stop signals."""
+import math
+import signal
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate
+# ---------------------------------------------------------------------------------------------
+
+def lr_multiplier(step: int, warmup_steps: int, schedule_steps: int, min_lr_ratio: float) -> float:
+    """Factor on the peak learning rate for optimizer step `step` (0-based): linear warmup, then
+    cosine decay to min_lr_ratio at schedule_steps, flat after. It depends on the optimizer step
+    only, so a run on N processes follows the same schedule as a run on one."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= schedule_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(1, schedule_steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: not on biases, LayerNorms or the input embedding."""
+    input_embedding = model.get_input_embeddings().weight
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim >= 2 and parameter is not input_embedding:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingMetrics:
+    """What the run has learned about itself; checkpointed so that history survives a resume."""
+
+    history_length: int = 1000
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    """Logged losses: [{"step", "loss"}], the newest history_length of them."""
+    learning_rates: list[dict[str, float]] = field(default_factory=list)
+    best_loss: float | None = None
+    best_step: int | None = None
+    tokens_seen: int = 0
+    shards_skipped: int = 0
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, step: int, loss: float, lr: float) -> None:
+        self.loss_history = (self.loss_history + [{"step": step, "loss": loss}])[-self.history_length:]
+        self.learning_rates = (self.learning_rates + [{"step": step, "lr": lr}])[-self.history_length:]
+        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
+            self.best_loss, self.best_step = loss, step
+
+    @property
+    def current_loss(self) -> float | None:
+        return self.loss_history[-1]["loss"] if self.loss_history else None
+
+    def loss_trend(self, window: int = 5) -> str:
+        """improving / worsening / flat, from the mean of the last `window` losses against the window before."""
+        losses = [entry["loss"] for entry in self.loss_history]
+        if len(losses) < 2 * window:
+            return "insufficient data"
+        recent, before = statistics.fmean(losses[-window:]), statistics.fmean(losses[-2 * window:-window])
+        if recent < before * 0.995:
+            return "improving"
+        if recent > before * 1.005:
+            return "worsening"
+        return "flat"
+
+    def summary(self, step: int) -> dict[str, Any]:
+        """The validation_metrics block of metadata.json: training-loss statistics."""
+        losses = [entry["loss"] for entry in self.loss_history]
+        return {
+            "current_avg_loss": statistics.fmean(losses[-10:]) if losses else None,
+            "steps_since_best": (step - self.best_step) if self.best_step is not None else None,
+            "loss_trend": self.loss_trend(),
+            **self.validation_metrics,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_history": self.loss_history, "learning_rates": self.learning_rates,
+                "best_loss": self.best_loss, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
+                "shards_skipped": self.shards_skipped, "validation_metrics": self.validation_metrics}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop signals
+# ---------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """First Ctrl+C or SIGTERM: ask the loop to finish its step, save and exit. Second Ctrl+C: exit now."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signal_number: int, _frame: Any) -> None:
+        if self.signal_number is not None and signal_number == signal.SIGINT:
+            print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.signal_number = signal_number
+        print(f"\n{signal.Signals(signal_number).name} received: finishing this step, then saving a checkpoint "
+              "(Ctrl+C again to exit at once).", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention (130 for Ctrl+C, 143 for SIGTERM); 1 when another process was signalled."""
+        return 128 + self.signal_number if self.signal_number is not None else 1
