@@ -1,0 +1,51 @@
+"""Shared test helpers: the sample shards (built once per session) and running train.py on a tiny config."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+# A model small enough that a step takes milliseconds on one CPU core.
+MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+               "seq_len": 64}
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The --sample shards and tokenizer.json, built by scripts/prepare_data.py into a temporary folder."""
+    folder = tmp_path_factory.mktemp("sample")
+    from scripts.prepare_data import build_sample
+    build_sample(folder)
+    return folder
+
+
+def write_config(folder: Path, data: Path | str, **overrides: Any) -> Path:
+    """A JSON config for the micro model, writing checkpoints and logs inside `folder`."""
+    values: dict[str, Any] = {
+        "model_preset": "tiny", "model": dict(MICRO_MODEL), "data": str(data), "max_steps": 8,
+        "per_device_train_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 2, "save_steps": 4,
+        "logging_steps": 1, "checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs"),
+        "mixed_precision": "no",
+    }
+    values.update(overrides)
+    path = folder / "config.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def run_train(*args: str, timeout: float = 240, env: dict[str, str] | None = None,
+              launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Runs train.py as a user would, from the repo root; returns the finished process."""
+    command = (launcher or [sys.executable]) + [str(REPO_ROOT / "train.py"), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,110 @@
+"""Model presets, training configs, the learning-rate schedule and the optimizer groups."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from configs.model_config import build_model_config, padded_vocab_size, resolve_shape
+from configs.training_config import ConfigError, load_config
+from utils.training_utils import lr_multiplier, parameter_groups
+
+
+def test_1_2b_preset_has_pythia_1_4b_parameter_counts() -> None:
+    config = build_model_config(resolve_shape("1.2b"))
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    assert config.vocab_size == 50304
+    assert total == 1_414_647_808
+    assert total - embeddings == 1_208_602_624
+    assert config.num_hidden_layers == 24 and config.hidden_size == 2048 and config.num_attention_heads == 16
+    assert config.intermediate_size == 8192 and config.max_position_embeddings == 2048
+    assert config.use_parallel_residual and not config.tie_word_embeddings
+    assert config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert config._attn_implementation == "sdpa"
+
+
+def test_vocab_is_padded_to_a_multiple_of_128() -> None:
+    assert padded_vocab_size(50257) == 50304
+    assert padded_vocab_size(4096) == 4096
+    assert padded_vocab_size(4097) == 4224
+
+
+@pytest.mark.parametrize("name, steps, batch, save, log", [
+    ("test", 100, 1, 50, 10), ("production", 10000, 4, 500, 100), ("tiny", 200, 8, 100, 10)])
+def test_shipped_configs_load_with_the_original_key_names(name: str, steps: int, batch: int, save: int,
+                                                          log: int) -> None:
+    raw = json.loads((Path("configs") / f"{name}.json").read_text())
+    for key in ("max_files", "max_steps", "per_device_train_batch_size", "save_steps", "logging_steps"):
+        assert key in raw
+    config = load_config(name)
+    assert (config.max_steps, config.per_device_train_batch_size, config.save_steps,
+            config.logging_steps) == (steps, batch, save, log)
+
+
+def test_tiny_config_uses_the_tiny_model_and_test_uses_five_files() -> None:
+    assert load_config("tiny").model_preset == "tiny"
+    assert load_config("test").max_files == 5
+    assert load_config("production").max_files == -1
+
+
+def test_overrides_and_paths(tmp_path: Path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"model_preset": "tiny", "model": {"seq_len": 128}, "max_steps": 7, "warmup_steps": 2}))
+    config = load_config(str(path), {"max_steps": 9, "data": None})
+    assert config.max_steps == 9 and config.model_shape().seq_len == 128 and config.data == "data/sample"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_stepz": 5}, "unknown key(s) max_stepz"),
+    ({"max_steps": 0}, "max_steps must be a positive integer"),
+    ({"max_steps": "10"}, "max_steps has the wrong type"),
+    ({"learning_rate": -1.0}, "learning_rate must be positive"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+    ({"max_files": 0}, "max_files must be -1"),
+    ({"warmup_steps": 500, "max_steps": 100}, "warmup_steps 500 exceeds"),
+    ({"model_preset": "7b"}, "unknown model preset '7b'"),
+    ({"model": {"layers": 3}}, "unknown model field(s) layers"),
+    ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "not divisible"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(tmp_path: Path, values: dict, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_unknown_config_name_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="known configs: .*production.*test.*tiny"):
+        load_config("nonexistent")
+
+
+def test_lr_schedule_warms_up_then_decays_to_ten_percent() -> None:
+    def lr(step: int) -> float:
+        return lr_multiplier(step, warmup_steps=10, schedule_steps=110, min_lr_ratio=0.1)
+
+    warmup = [lr(s) for s in range(10)]
+    assert warmup == sorted(warmup) and warmup[0] < 0.2 and warmup[-1] < 1.0
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # halfway through the cosine: midway between 1 and 0.1
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    decay = [lr(s) for s in range(10, 111)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_weight_decay_only_on_weight_matrices() -> None:
+    model = GPTNeoXForCausalLM(build_model_config(resolve_shape("tiny", {"num_hidden_layers": 1})))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "gpt_neox.embed_in.weight" in spared and "lm_head.weight" in decayed
+    assert all(n.endswith("bias") or "norm" in n or "embed_in" in n for n in spared)
+    assert any("query_key_value.weight" in n for n in decayed)
+    assert len(decayed) + len(spared) == len(list(model.parameters()))

@@ -1,0 +1,207 @@
+"""Shard reading, packing, deterministic order, per-process sharding and the exact data position."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state, pack,
+                              position_from_state, read_shard, select_shards)
+
+VOCAB = 1000
+EOT = 0
+
+
+def write_rows(path: Path, rows: list[list[int]], width: int, mask_key: str | None = "attention_mask",
+               dtype: type = np.int32) -> None:
+    """A shard in the original tokenizer's layout: right-padded rows (pad id 7, which must never appear)."""
+    ids = np.full((len(rows), width), 7, dtype=dtype)
+    mask = np.zeros((len(rows), width), dtype=np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    arrays = {"input_ids": ids}
+    if mask_key == "attention_mask":
+        arrays["attention_mask"] = mask
+    elif mask_key == "sequence_lengths":
+        arrays["sequence_lengths"] = np.array([len(r) for r in rows])
+    np.savez_compressed(path, **arrays)
+
+
+def make_stream_shards(folder: Path, count: int, tokens_per_shard: int) -> list[np.ndarray]:
+    """1-D shards whose tokens are unique across shards, so any sample identifies where it came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    streams = []
+    for i in range(count):
+        stream = (np.arange(tokens_per_shard) + i * tokens_per_shard) % (VOCAB - 1) + 1
+        np.savez(folder / f"tokenized_{i:03d}.npz", input_ids=stream.astype(np.int64))
+        streams.append(stream)
+    return streams
+
+
+def spec_for(folder: Path, seq_len: int = 8, seed: int = 3) -> tuple[LocalShardSource, StreamSpec]:
+    source = LocalShardSource(folder, "tokenized_*.npz")
+    return source, StreamSpec(tuple(source.list_shards()), seq_len, seed, VOCAB, EOT)
+
+
+def take(loader: BatchLoader, n: int) -> list:
+    batches = [next(loader) for _ in range(n)]
+    return batches
+
+
+# --- reading and packing ---------------------------------------------------------------------------
+
+def test_padded_rows_drop_padding_and_get_end_of_text(tmp_path: Path) -> None:
+    write_rows(tmp_path / "s.npz", [[5, 6, 8], [9], [10, 11, 12, 13]], width=6)
+    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT)
+    assert tokens.tolist() == [5, 6, 8, EOT, 9, EOT, 10, 11, 12, 13, EOT]
+    assert 7 not in tokens  # the pad id never reaches training
+
+
+def test_sequence_lengths_and_no_end_of_text(tmp_path: Path) -> None:
+    write_rows(tmp_path / "s.npz", [[5, 6], [9, 10, 11]], width=4, mask_key="sequence_lengths", dtype=np.int16)
+    assert read_shard(tmp_path / "s.npz", VOCAB, None).tolist() == [5, 6, 9, 10, 11]
+
+
+def test_rows_without_mask_are_used_whole(tmp_path: Path) -> None:
+    write_rows(tmp_path / "s.npz", [[5, 6, 8]], width=3, mask_key=None)
+    assert read_shard(tmp_path / "s.npz", VOCAB, EOT).tolist() == [5, 6, 8, EOT]
+
+
+def test_one_dimensional_stream_is_used_as_is(tmp_path: Path) -> None:
+    np.savez(tmp_path / "s.npz", input_ids=np.array([1, 2, 3], dtype=np.uint16))
+    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT)
+    assert tokens.tolist() == [1, 2, 3] and tokens.dtype == np.int32
+
+
+def test_pack_cuts_full_samples_and_drops_the_tail() -> None:
+    packed = pack(np.arange(23, dtype=np.int32), 5)
+    assert packed.shape == (4, 5)
+    assert packed[1].tolist() == [5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.savez(p, input_ids=np.array([1, VOCAB])), f"token id {VOCAB} outside"),
+    (lambda p: np.savez(p, input_ids=np.array([1, -1])), "token id -1 outside"),
+    (lambda p: np.savez(p, tokens=np.array([1, 2])), "no 'input_ids' array (found: tokens)"),
+    (lambda p: np.savez(p, input_ids=np.array([1.0, 2.0])), "dtype float64"),
+    (lambda p: np.savez(p, input_ids=np.zeros(0, dtype=np.int32)), "holds no tokens"),
+    (lambda p: np.savez(p, input_ids=np.zeros((2, 2, 2), dtype=np.int32)), "must be 1-D or 2-D"),
+    (lambda p: p.write_bytes(b"this is not a zip file"), "unreadable shard"),
+    (lambda p: p.write_bytes(b""), "unreadable shard"),
+    (lambda p: np.savez(p, input_ids=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 2), np.int32)),
+     "attention_mask shape"),
+])
+def test_bad_shards_give_one_line_errors_naming_the_file(tmp_path: Path, make, message: str) -> None:
+    path = tmp_path / "tokenized_bad.npz"
+    make(path)
+    with pytest.raises(DataError) as error:
+        read_shard(path, VOCAB, EOT)
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "tokenized_0.npz"
+    np.savez_compressed(path, input_ids=np.arange(5000, dtype=np.int32) % VOCAB)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="unreadable shard"):
+        read_shard(path, VOCAB, EOT)
+
+
+def test_missing_or_empty_data_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        LocalShardSource(tmp_path / "nope", "tokenized_*.npz").list_shards()
+    with pytest.raises(DataError, match="no shards matching"):
+        LocalShardSource(tmp_path, "tokenized_*.npz").list_shards()
+
+
+# --- order, sharding and position ------------------------------------------------------------------
+
+def test_max_files_is_a_seeded_pick_not_the_first_files() -> None:
+    names = [f"tokenized_{i:03d}.npz" for i in range(50)]
+    picked = select_shards(names, 5, seed=1)
+    assert picked == select_shards(list(reversed(names)), 5, seed=1)  # independent of listing order
+    assert len(picked) == 5 and picked != names[:5]
+    assert select_shards(names, 5, seed=2) != picked
+    assert select_shards(names, -1, seed=1) == names
+
+
+def test_every_sample_once_per_epoch_and_epochs_reshuffle(tmp_path: Path) -> None:
+    streams = make_stream_shards(tmp_path, count=3, tokens_per_shard=40)  # 5 samples of 8 per shard
+    source, spec = spec_for(tmp_path)
+    loader = BatchLoader(source, spec, batch_size=3, rank=0, world_size=1, position=DataPosition())
+    batches = take(loader, 10)  # 30 samples = two epochs of 15
+    loader.close()
+    samples = np.concatenate([b.input_ids.numpy() for b in batches])
+    expected = sorted(tuple(row) for s in streams for row in pack(s, 8))
+    first, second = samples[:15], samples[15:]
+    assert sorted(map(tuple, first)) == expected and sorted(map(tuple, second)) == expected
+    assert [tuple(r) for r in first] != [tuple(r) for r in second]
+    assert batches[-1].position.epoch == 2 and batches[-1].position.files_consumed(3) == 6
+    assert batches[-1].position.samples_consumed == 30
+
+
+def test_processes_get_disjoint_samples_covering_the_single_process_stream(tmp_path: Path) -> None:
+    make_stream_shards(tmp_path, count=4, tokens_per_shard=64)
+    source, spec = spec_for(tmp_path)
+    single = BatchLoader(source, spec, batch_size=4, rank=0, world_size=1, position=DataPosition())
+    ranks = [BatchLoader(source, spec, batch_size=2, rank=r, world_size=2, position=DataPosition()) for r in (0, 1)]
+    one = [b.input_ids.numpy() for b in take(single, 6)]
+    two = [[b.input_ids.numpy() for b in take(loader, 6)] for loader in ranks]
+    for loader in [single, *ranks]:
+        loader.close()
+    for step in range(6):
+        rank0, rank1 = (set(map(tuple, two[r][step])) for r in (0, 1))
+        assert not rank0 & rank1
+        assert rank0 | rank1 == set(map(tuple, one[step]))  # same global batch, split between processes
+
+
+def test_resuming_from_a_position_yields_exactly_the_following_batches(tmp_path: Path) -> None:
+    make_stream_shards(tmp_path, count=3, tokens_per_shard=56)  # 7 samples per shard: batches cross shards
+    source, spec = spec_for(tmp_path)
+    straight = BatchLoader(source, spec, batch_size=2, rank=0, world_size=1, position=DataPosition())
+    reference = take(straight, 20)
+    straight.close()
+    for cut in (3, 7, 10, 11):  # mid-shard, at shard ends, across the epoch boundary
+        state = data_state(spec, reference[cut - 1].position)
+        resumed = BatchLoader(source, spec, batch_size=2, rank=0, world_size=1,
+                              position=position_from_state(spec, state, "test"))
+        again = take(resumed, 20 - cut)
+        resumed.close()
+        assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(again, reference[cut:]))
+        assert again[-1].position == reference[-1].position
+
+
+def test_resume_refuses_a_different_stream(tmp_path: Path) -> None:
+    make_stream_shards(tmp_path, count=2, tokens_per_shard=32)
+    _, spec = spec_for(tmp_path)
+    state = data_state(spec, DataPosition(0, 1, 2, 10))
+    with pytest.raises(DataError, match="seq_len"):
+        position_from_state(StreamSpec(spec.shards, 16, spec.seed, VOCAB, EOT), state, "ckpt")
+    with pytest.raises(DataError, match="shard list changed"):
+        position_from_state(StreamSpec(spec.shards[:1], 8, spec.seed, VOCAB, EOT), state, "ckpt")
+
+
+def test_bad_shard_stops_the_loader_or_is_skipped_and_counted(tmp_path: Path) -> None:
+    make_stream_shards(tmp_path, count=3, tokens_per_shard=40)
+    (tmp_path / "tokenized_001.npz").write_bytes(b"garbage")
+    source, spec = spec_for(tmp_path)
+    strict = BatchLoader(source, spec, batch_size=5, rank=0, world_size=1, position=DataPosition())
+    with pytest.raises(DataError, match="tokenized_001.npz"):
+        take(strict, 3)
+    strict.close()
+    lenient = BatchLoader(source, spec, batch_size=5, rank=0, world_size=1, position=DataPosition(),
+                          skip_bad_shards=True)
+    batches = take(lenient, 4)  # two good shards of 5 samples each per epoch
+    lenient.close()
+    assert batches[1].position.shards_skipped + batches[1].position.epoch >= 1
+    assert batches[-1].position.epoch == 2 and batches[-1].position.shards_skipped == 2
+
+
+def test_an_epoch_without_a_full_sample_is_an_error(tmp_path: Path) -> None:
+    make_stream_shards(tmp_path, count=2, tokens_per_shard=5)  # shorter than seq_len 8
+    source, spec = spec_for(tmp_path)
+    loader = BatchLoader(source, spec, batch_size=1, rank=0, world_size=1, position=DataPosition())
+    with pytest.raises(DataError, match="no shard holds a full sample"):
+        next(loader)
+    loader.close()

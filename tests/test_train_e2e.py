@@ -1,0 +1,204 @@
+"""train.py end to end on CPU: checkpoints, exact resume, refusals, signals, bad data, two processes."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from train import check_process_group
+from configs.training_config import ConfigError
+from utils.data_utils import epoch_shard_order
+
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                    "training_config.json", "metadata.json", "training_metrics.json", "data_state.json"}
+METADATA_FIELDS = {"step", "epoch", "current_loss", "best_loss", "loss_history", "learning_rates",
+                   "validation_metrics", "training_progress", "system_info", "timestamp"}
+
+
+def checkpoints(folder: Path) -> list[str]:
+    return sorted((p.name for p in (folder / "checkpoints").glob("checkpoint-*")),
+                  key=lambda name: int(name.split("-step")[1].split("-")[0]))
+
+
+def weights(checkpoint: Path) -> dict[str, np.ndarray]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_tiny_run_writes_complete_checkpoints_and_learns(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=30, save_steps=10, keep_checkpoints=2)
+    result = run_train("--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    names = checkpoints(tmp_path)
+    assert [n.split("-step")[1].split("-")[0] for n in names] == ["20", "30"]  # newest 2 kept
+    final = tmp_path / "checkpoints" / names[-1]
+    assert CHECKPOINT_FILES <= {p.name for p in final.iterdir()}
+    metadata = json.loads((final / "metadata.json").read_text())
+    assert METADATA_FIELDS <= set(metadata)
+    assert metadata["step"] == 30 and metadata["training_progress"]["tokens_seen"] == 30 * 2 * 64
+    assert metadata["system_info"]["num_processes"] == 1 and metadata["system_info"]["mixed_precision"] == "no"
+    assert {"current_avg_loss", "steps_since_best", "loss_trend"} <= set(metadata["validation_metrics"])
+    assert json.loads((final / "training_config.json").read_text())["max_steps"] == 30
+
+    lines = read_metrics(tmp_path / "logs")
+    assert [line["step"] for line in lines] == list(range(1, 31))
+    for key in ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "elapsed_s"):
+        assert all(key in line for line in lines)
+    first, last = np.mean([x["loss"] for x in lines[:3]]), np.mean([x["loss"] for x in lines[-3:]])
+    assert first > np.log(4096) - 1.0  # an untrained model starts near ln(vocab)
+    assert last < first - 0.5
+    assert metadata["current_loss"] == pytest.approx(lines[-1]["loss"])
+    assert metadata["best_loss"] == pytest.approx(min(x["loss"] for x in lines))
+    assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, sample_data: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for folder in (straight, split):
+        folder.mkdir()
+    # lr_decay_steps pins the schedule, so a run stopped at step 6 follows the same learning rates.
+    options = dict(max_steps=12, save_steps=6, lr_decay_steps=12, gradient_accumulation_steps=2)
+    result = run_train("--config", str(write_config(straight, sample_data, **options)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = write_config(split, sample_data, **options)
+    assert run_train("--config", str(config), "--max-steps", "6").returncode == 0
+    result = run_train("--config", str(config), "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from checkpoint-epoch0-step6" in result.stderr
+
+    losses = [line["loss"] for line in read_metrics(straight / "logs")]
+    resumed = [line["loss"] for line in read_metrics(split / "logs")]
+    assert len(losses) == 12 and resumed == losses  # bit-identical, not approximately equal
+    a = weights(straight / "checkpoints" / checkpoints(straight)[-1])
+    b = weights(split / "checkpoints" / checkpoints(split)[-1])
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    state_a = json.loads((straight / "checkpoints" / checkpoints(straight)[-1] / "data_state.json").read_text())
+    state_b = json.loads((split / "checkpoints" / checkpoints(split)[-1] / "data_state.json").read_text())
+    assert state_a == state_b
+
+
+def test_resume_refusals_never_start_fresh_or_overwrite(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2)
+    assert run_train("--config", str(config)).returncode == 0
+    before = checkpoints(tmp_path)
+
+    missing = run_train("--config", str(config), "--resume", "checkpoint-epoch0-step99-files0")
+    assert missing.returncode == 2
+    assert "not found" in missing.stderr and before[-1] in missing.stderr  # lists what exists
+    assert "Traceback" not in missing.stderr
+
+    fresh = run_train("--config", str(config), "--max-steps", "6")
+    assert fresh.returncode == 2 and "--resume latest" in fresh.stderr
+
+    older = run_train("--config", str(config), "--resume", before[0], "--max-steps", "6")
+    assert older.returncode == 2 and "would overwrite newer checkpoints" in older.stderr
+    assert checkpoints(tmp_path) == before
+
+    other_shape = write_config(tmp_path, sample_data, max_steps=6, model={"hidden_size": 32, "seq_len": 64,
+                                                                        "num_attention_heads": 4,
+                                                                        "num_hidden_layers": 2,
+                                                                        "intermediate_size": 64})
+    mismatch = run_train("--config", str(other_shape), "--resume", "latest")
+    assert mismatch.returncode == 2 and "holds a model of shape" in mismatch.stderr
+
+
+def test_incomplete_save_is_ignored_and_cleaned(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    assert run_train("--config", str(config)).returncode == 0
+    crashed = tmp_path / "checkpoints" / ".tmp-checkpoint-epoch0-step4-files0"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"half")
+    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from checkpoint-epoch0-step2" in result.stderr
+    assert not crashed.exists() and checkpoints(tmp_path)[-1] == "checkpoint-epoch0-step4-files0"
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=100000, save_steps=100000, warmup_steps=2)
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(config)],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last_step = read_metrics(tmp_path / "logs")[-1]["step"]
+    assert checkpoints(tmp_path) == [f"checkpoint-epoch0-step{last_step}-files0"]
+
+    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", str(last_step + 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in read_metrics(tmp_path / "logs")][-3:] == [last_step, last_step + 1,
+                                                                               last_step + 2]
+
+
+def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    # One good shard with exactly 3 steps of samples (batch 2 x 64 tokens), then a corrupt one.
+    np.savez(data / "tokenized_a.npz", input_ids=np.arange(1, 6 * 64 + 10) % 4000)
+    (data / "tokenized_b.npz").write_bytes(b"PK\x03\x04 truncated")
+    seed = next(s for s in range(100) if list(epoch_shard_order(2, s, 0)) == [0, 1])
+    config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed)
+    result = run_train("--config", str(config))
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "tokenized_b.npz" in error_lines[0]
+    assert checkpoints(tmp_path) == ["checkpoint-epoch0-step3-files1"]
+
+    skipping = write_config(tmp_path, data, max_steps=5, save_steps=100, seed=seed, skip_bad_shards=True,
+                            checkpoint_dir=str(tmp_path / "skip"), log_dir=str(tmp_path / "skiplogs"))
+    result = run_train("--config", str(skipping))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping bad shard" in result.stderr
+    assert read_metrics(tmp_path / "skiplogs")[-1]["shards_skipped"] == 1
+
+
+def test_no_shards_and_bad_config_are_one_line_errors(tmp_path: Path) -> None:
+    config = write_config(tmp_path, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    result = run_train("--config", str(config))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "no shards matching" in result.stderr and "Traceback" not in result.stderr
+    result = run_train("--config", "no-such-config")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_help_explains_the_options() -> None:
+    result = run_train("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--max-steps", "--resume", "--no-background-upload", "--data"):
+        assert flag in result.stdout
+
+
+def test_two_processes_on_cpu_share_one_run(tmp_path: Path, sample_data: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    result = run_train("--config", str(config), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]
+    metadata = json.loads((final / "metadata.json").read_text())
+    assert metadata["system_info"]["num_processes"] == 2
+    assert metadata["training_progress"]["tokens_seen"] == 4 * 2 * 2 * 64  # both processes' samples count
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in final.iterdir()}
+    assert [line["step"] for line in read_metrics(tmp_path / "logs")] == [1, 2, 3, 4]  # one writer
+
+
+def test_processes_that_did_not_join_one_group_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launched as 2 processes but Accelerate sees 1"):
+        check_process_group(1)
+    check_process_group(2)
