@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""Look inside the checkpoints a run wrote: list, view, compare and plot.
+
+    python scripts/checkpoint_viewer.py list [--remote]
+    python scripts/checkpoint_viewer.py view checkpoint-epoch0-step50-files0
+    python scripts/checkpoint_viewer.py compare checkpoint-epoch0-step50-files0 latest
+    python scripts/checkpoint_viewer.py plot latest --save training_plot.png
+
+It only reads: metadata.json, training_metrics.json and training_config.json of each checkpoint and
+<checkpoint_dir>/uploads.json (the upload state the background uploader records).
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
+from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
+                                    parse_checkpoint_name, read_json)
+from utils.training_utils import TrainingMetrics  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPLOADS_FILE = "uploads.json"
+TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
+RULE = "=" * 78
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what training wrote
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One checkpoint's JSON files, read and checked."""
+
+    info: CheckpointInfo
+    metadata: dict[str, Any]
+    metrics: TrainingMetrics | None
+    """From training_metrics.json (the full history); None when that file is missing or unreadable."""
+    metrics_problem: str | None
+    """Why `metrics` is None, shown to the user, who then sees statistics of metadata.json's shorter history."""
+
+    @property
+    def losses(self) -> list[float]:
+        if self.metrics is not None:
+            return [entry["loss"] for entry in self.metrics.loss_history]
+        return list(self.metadata.get("loss_history") or [])
+
+    @property
+    def learning_rates(self) -> list[float]:
+        if self.metrics is not None:
+            return [entry["lr"] for entry in self.metrics.learning_rates]
+        return list(self.metadata.get("learning_rates") or [])
+
+    @property
+    def current_loss(self) -> float | None:
+        losses = self.losses
+        return losses[-1] if losses else self.metadata.get("current_loss")
+
+    @property
+    def current_lr(self) -> float | None:
+        rates = self.learning_rates
+        return rates[-1] if rates else None
+
+    @property
+    def tokens_seen(self) -> int | None:
+        return self.metadata.get("training_progress", {}).get("tokens_seen")
+
+    @property
+    def timestamp(self) -> datetime | None:
+        try:
+            return datetime.fromisoformat(self.metadata["timestamp"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def load_record(info: CheckpointInfo) -> CheckpointRecord:
+    """Reads a checkpoint's metadata.json (required) and training_metrics.json (optional, reported if absent)."""
+    metadata = read_json(info.path / "metadata.json")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
+        raise CheckpointError(f"{info.path / 'metadata.json'}: not a checkpoint metadata file (no integer 'step')")
+    metrics, problem = None, None
+    try:
+        state = read_json(info.path / "training_metrics.json")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{info.path / 'training_metrics.json'}: expected a JSON object")
+        metrics = TrainingMetrics()
+        metrics.load_state_dict(state)
+    except CheckpointError as error:
+        problem = str(error)
+    return CheckpointRecord(info, metadata, metrics, problem)
+
+
+@dataclass(frozen=True)
+class UploadManifest:
+    """<checkpoint_dir>/uploads.json as the uploader writes it (see utils/uploader.py)."""
+
+    destination: str | None
+    checkpoints: dict[str, dict[str, Any]]
+    problem: str | None = None
+    """Why the file could not be read; every state then shows as unknown."""
+
+
+def read_uploads(checkpoint_dir: Path) -> UploadManifest | None:
+    """The upload state, or None when nothing was ever uploaded from this folder (no uploads.json)."""
+    path = checkpoint_dir / UPLOADS_FILE
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("checkpoints", {}), dict):
+            raise CheckpointError(f"{path}: not an upload manifest")
+    except CheckpointError as error:
+        return UploadManifest(None, {}, str(error))
+    return UploadManifest(data.get("destination"), data.get("checkpoints", {}))
+
+
+def upload_label(manifest: UploadManifest | None, name: str, detailed: bool = False) -> str:
+    """One checkpoint's upload state in words: "uploaded", "failed (...)", "n/a" when nothing records it."""
+    if manifest is None:
+        return "n/a"
+    if manifest.problem:
+        return f"unknown ({manifest.problem})" if detailed else "unknown"
+    entry = manifest.checkpoints.get(name)
+    if not isinstance(entry, dict):
+        return "not recorded"
+    label = str(entry.get("state", "unknown"))
+    if detailed:
+        if label == "failed" and entry.get("error"):
+            label += f" ({entry['error']})"
+        if entry.get("remote_url"):
+            label += f" -> {entry['remote_url']}"
+        if entry.get("attempts"):
+            label += f", {entry['attempts']} attempt(s)"
+        if entry.get("updated"):
+            label += f", updated {entry['updated']}"
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+def fmt_loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f}"
+
+
+def fmt_lr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def fmt_count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def fmt_time(value: datetime | None) -> str:
+    """Local wall-clock time, to the second."""
+    return "n/a" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_duration(seconds: float) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{sign}{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def fmt_bytes(size: float) -> str:
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TB"
+
+
+def fmt_value(value: Any) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def trend_label(record: CheckpointRecord) -> str:
+    if record.metrics is not None:
+        trend = record.metrics.loss_trend()
+    else:
+        trend = record.metadata.get("validation_metrics", {}).get("loss_trend", "insufficient data")
+    arrow = TREND_ARROWS.get(trend)
+    return f"{arrow} {trend}" if arrow else str(trend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+def require_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder {checkpoint_dir} does not exist "
+                              "(pass --checkpoint-dir or --config)")
+    return list_checkpoints(checkpoint_dir)
+
+
+def cmd_list(checkpoint_dir: Path, remote: bool, credentials: str | None = None) -> int:
+    found = require_checkpoints(checkpoint_dir)
+    manifest = read_uploads(checkpoint_dir)
+    if not found:
+        print(f"📁 No checkpoints in {checkpoint_dir}")
+    else:
+        print(f"📁 Found {len(found)} checkpoint{'s' if len(found) != 1 else ''} in {checkpoint_dir}:")
+        print(RULE)
+        for index, info in enumerate(found, 1):
+            try:
+                record = load_record(info)
+            except CheckpointError as error:
+                print(f"{index:2d}. {info.name:<38} ⚠️  {error}")
+                continue
+            print(f"{index:2d}. {info.name:<38} Step: {info.step:<6} Loss: {fmt_loss(record.current_loss):<10} "
+                  f"Time: {fmt_time(record.timestamp)}   Upload: {upload_label(manifest, info.name)}")
+    if manifest is not None and manifest.problem:
+        print(f"⚠️  Upload state unknown: {manifest.problem}")
+    return list_remote(checkpoint_dir, manifest, {info.name for info in found}, credentials) if remote else 0
+
+
+def list_remote(checkpoint_dir: Path, manifest: UploadManifest | None, local_names: set[str],
+                credentials: str | None) -> int:
+    """The checkpoints at the upload destination recorded in uploads.json."""
+    if manifest is None or not manifest.destination:
+        reason = manifest.problem if manifest is not None and manifest.problem else \
+            f"{checkpoint_dir / UPLOADS_FILE} does not exist yet; the uploader writes it at the first upload"
+        raise CheckpointError(f"--remote: no upload destination known ({reason})")
+    try:
+        from utils.storage import StorageError, open_storage
+    except ImportError as error:
+        raise CheckpointError(f"--remote: remote listing unavailable (cannot import utils.storage: {error})") from None
+    try:
+        # Short timeouts unless set in the environment: a viewer should answer in seconds, not wait out
+        # training's patient retries.
+        storage = open_storage(manifest.destination, credentials,
+                               timeout_s=float(os.environ.get("GCS_TIMEOUT_S", "10")),
+                               retry_deadline_s=float(os.environ.get("GCS_RETRY_DEADLINE_S", "20")))
+        objects = storage.list("checkpoint-*")
+    except StorageError as error:
+        raise CheckpointError(f"--remote: cannot list {manifest.destination}: {error}") from None
+
+    def step_of(object_name: str) -> int:
+        parsed = parse_checkpoint_name(object_name.split(".", 1)[0])
+        return parsed[1] if parsed else -1
+
+    objects = sorted(objects, key=lambda item: (step_of(item.name), item.name))
+    print()
+    print(f"☁️  {len(objects)} remote checkpoint{'s' if len(objects) != 1 else ''} in {manifest.destination}:")
+    print(RULE)
+    for index, item in enumerate(objects, 1):
+        base = item.name.split(".", 1)[0]
+        step = step_of(item.name)
+        print(f"{index:2d}. {item.name:<46} Step: {step if step >= 0 else '?':<6} Size: {fmt_bytes(item.size):<10} "
+              f"Local: {'yes' if base in local_names else 'no'}")
+    return 0
+
+
+def cmd_view(checkpoint_dir: Path, name: str) -> int:
+    require_checkpoints(checkpoint_dir)
+    record = load_record(find_checkpoint(checkpoint_dir, name))
+    meta = record.metadata
+    progress, system = meta.get("training_progress", {}), meta.get("system_info", {})
+    losses, rates = record.losses, record.learning_rates
+    validation = meta.get("validation_metrics") or {}
+
+    print(f"\n📊 Checkpoint Summary: {record.info.name}")
+    print("=" * 60)
+    print(f"📅 Timestamp: {meta.get('timestamp', 'n/a')}")
+    print(f"🔢 Step: {meta['step']}")
+    print(f"🔄 Epoch: {meta.get('epoch', record.info.epoch)}")
+    print(f"📁 Files Processed: {progress.get('files_processed', record.info.files)}")
+    print(f"🔤 Tokens Seen: {fmt_count(record.tokens_seen)}")
+    print(f"🖥️  CUDA Available: {system.get('cuda_available', 'n/a')}")
+    print(f"🎮 GPU Count: {system.get('device_count', 'n/a')} ({system.get('device_name', 'n/a')}, "
+          f"{system.get('num_processes', 'n/a')} process(es))")
+    print(f"⚡ Mixed Precision: {system.get('mixed_precision', 'n/a')}")
+    print(f"☁️  Upload: {upload_label(read_uploads(checkpoint_dir), record.info.name, detailed=True)}")
+
+    print("\n📈 Training Metrics:")
+    print("-" * 30)
+    if record.metrics_problem:
+        print(f"⚠️  {record.metrics_problem}; statistics below use metadata.json's last {len(losses)} losses")
+    best_step = record.metrics.best_step if record.metrics is not None else None
+    print(f"💥 Current Loss: {fmt_loss(record.current_loss)}")
+    print(f"🏆 Best Loss: {fmt_loss(meta.get('best_loss'))}" + (f" (step {best_step})" if best_step else ""))
+    print(f"📊 Loss History Length: {len(losses)}")
+    print(f"📉 Average Loss: {fmt_loss(statistics.fmean(losses) if losses else None)}")
+    print(f"📊 Loss Std Dev: {fmt_loss(statistics.stdev(losses) if len(losses) > 1 else None)}")
+    print(f"🔄 Loss Trend: {trend_label(record)}")
+    print(f"📈 Current LR: {fmt_lr(record.current_lr)}")
+    print(f"📊 LR History Length: {len(rates)}")
+    if record.metrics is not None and record.metrics.shards_skipped:
+        print(f"⚠️  Shards Skipped: {record.metrics.shards_skipped}")
+
+    print("\n🎯 Validation Metrics:")
+    print("-" * 30)
+    for key, value in validation.items():
+        print(f"  {key}: {fmt_value(value)}")
+    if not validation:
+        print("  (none recorded)")
+    return 0
+
+
+def cmd_compare(checkpoint_dir: Path, names: Sequence[str]) -> int:
+    require_checkpoints(checkpoint_dir)
+    infos = {info.name: info for info in (find_checkpoint(checkpoint_dir, name) for name in names)}
+    if len(infos) < 2:
+        raise CheckpointError("compare needs at least two different checkpoints")
+    records = sorted((load_record(info) for info in infos.values()), key=lambda r: r.info.step)
+
+    header = (f"{'Checkpoint':<38} {'Step':>7} {'Loss':>10} {'Best':>10} {'LR':>9} {'Tokens':>13} "
+              f"{'Time':>19}")
+    print(f"\n🔍 Comparing {len(records)} checkpoints (oldest first; Δ = change from the row above)")
+    print("=" * len(header))
+    print(header)
+    print("-" * len(header))
+    previous: CheckpointRecord | None = None
+    for record in records:
+        if previous is not None:
+            print(delta_row(previous, record))
+        print(f"{record.info.name:<38} {record.info.step:>7} {fmt_loss(record.current_loss):>10} "
+              f"{fmt_loss(record.metadata.get('best_loss')):>10} {fmt_lr(record.current_lr):>9} "
+              f"{fmt_count(record.tokens_seen):>13} {fmt_time(record.timestamp):>19}")
+        previous = record
+    first, last = records[0], records[-1]
+    first_loss, last_loss = first.current_loss, last.current_loss
+    if first_loss is not None and last_loss is not None and first_loss:
+        print("-" * len(header))
+        print(f"Overall: loss {last_loss - first_loss:+.6f} ({(last_loss - first_loss) / first_loss:+.2%}) "
+              f"over {last.info.step - first.info.step} steps")
+    return 0
+
+
+def delta_row(before: CheckpointRecord, after: CheckpointRecord) -> str:
+    """The change between two neighbouring checkpoints, with the token rate between their saves."""
+    def difference(a: float | None, b: float | None, fmt: str) -> str:
+        return "" if a is None or b is None else format(b - a, fmt)
+
+    seconds = (after.timestamp - before.timestamp).total_seconds() \
+        if after.timestamp is not None and before.timestamp is not None else None
+    tokens = difference(before.tokens_seen, after.tokens_seen, "+,d")
+    rate = ""
+    if seconds and before.tokens_seen is not None and after.tokens_seen is not None:
+        rate = f"  ({(after.tokens_seen - before.tokens_seen) / seconds:,.0f} tok/s between saves)"
+    return (f"{'  Δ':<38} {difference(before.info.step, after.info.step, '+d'):>7} "
+            f"{difference(before.current_loss, after.current_loss, '+.6f'):>10} "
+            f"{difference(before.metadata.get('best_loss'), after.metadata.get('best_loss'), '+.6f'):>10} "
+            f"{difference(before.current_lr, after.current_lr, '+.1e'):>9} {tokens:>13} "
+            f"{fmt_duration(seconds) if seconds is not None else '':>19}{rate}")
+
+
+def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None) -> int:
+    require_checkpoints(checkpoint_dir)
+    record = load_record(find_checkpoint(checkpoint_dir, name))
+    if record.metrics is None:
+        raise CheckpointError(f"cannot plot {record.info.name}: {record.metrics_problem}")
+    if not record.metrics.loss_history:
+        raise CheckpointError(f"cannot plot {record.info.name}: no losses recorded")
+
+    import matplotlib
+    if save is not None:
+        matplotlib.use("Agg")  # writing a file needs no window, and works without a display
+    import matplotlib.pyplot as plt
+    from matplotlib.backends import BackendFilter, backend_registry
+    headless = matplotlib.get_backend().lower() in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
+    if save is None and headless:
+        save = Path(f"{record.info.name}-plot.png")
+        print("🖥️  No display available: saving the plot to a file instead (choose it with --save)")
+
+    figure = plot_metrics(plt, record)
+    if save is None:
+        plt.show()
+        return 0
+    if not save.parent.is_dir():
+        raise CheckpointError(f"--save: folder {save.parent} does not exist")
+    try:
+        figure.savefig(save, dpi=100)
+    except (ValueError, OSError) as error:
+        raise CheckpointError(f"--save {save}: {error}") from None
+    print(f"🖼️  Saved plot to {save}")
+    return 0
+
+
+def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
+    """Loss (with its running mean and the best point) above the learning rate, against the step."""
+    metrics = record.metrics
+    assert metrics is not None
+    steps = [entry["step"] for entry in metrics.loss_history]
+    losses = [entry["loss"] for entry in metrics.loss_history]
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    figure.suptitle(f"{record.info.name}  ({fmt_count(record.tokens_seen)} tokens)")
+
+    loss_axis.plot(steps, losses, label="loss", color="tab:blue", alpha=0.6 if len(losses) > 20 else 1.0)
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smoothed = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        loss_axis.plot(steps, smoothed, label=f"mean of {window}", color="tab:orange")
+    if metrics.best_loss is not None and metrics.best_step is not None and math.isfinite(metrics.best_loss):
+        loss_axis.scatter([metrics.best_step], [metrics.best_loss], color="tab:green", zorder=3,
+                          label=f"best {metrics.best_loss:.4f} @ {metrics.best_step}")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend()
+
+    lr_axis.plot([entry["step"] for entry in metrics.learning_rates],
+                 [entry["lr"] for entry in metrics.learning_rates], color="tab:red")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lr_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def resolve_checkpoint_dir(checkpoint_dir: str | None, config: TrainingConfig | None) -> Path:
+    """--checkpoint-dir as given; else the config's checkpoint_dir, which (like train.py) is relative to the repo."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if config is not None:
+        return REPO_ROOT / config.checkpoint_dir
+    return Path("checkpoints")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="List, inspect, compare and plot training checkpoints.")
+    parser.add_argument("--checkpoint-dir", help="folder holding the checkpoints (default: ./checkpoints, "
+                                                 "or the checkpoint_dir of --config)")
+    parser.add_argument("--config", help="take the checkpoint folder from this training config (name or path)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("list", help="every checkpoint: step, loss, time and upload state")
+    listing.add_argument("--remote", action="store_true",
+                         help="also list the checkpoints at the upload destination recorded in uploads.json")
+    listing.add_argument("--gcs-credentials", metavar="KEY.json",
+                         help="service-account key for a gs:// destination (default: the config's gcs_credentials, "
+                              "else Application Default Credentials)")
+    view = commands.add_parser("view", help="the detailed summary of one checkpoint")
+    view.add_argument("name", help="checkpoint folder name, or 'latest'")
+    compare = commands.add_parser("compare", help="a table of several checkpoints with the change between them")
+    compare.add_argument("names", nargs="+", metavar="NAME", help="two or more checkpoint names (or 'latest')")
+    plot = commands.add_parser("plot", help="loss and learning-rate curves")
+    plot.add_argument("name", help="checkpoint folder name, or 'latest'")
+    plot.add_argument("--save", type=Path, metavar="FILE.png",
+                      help="write the plot to this file instead of opening a window")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config) if args.config is not None else None
+        checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, config)
+        if args.command == "list":
+            return cmd_list(checkpoint_dir, args.remote,
+                            args.gcs_credentials or (config.gcs_credentials if config is not None else None))
+        if args.command == "view":
+            return cmd_view(checkpoint_dir, args.name)
+        if args.command == "compare":
+            return cmd_compare(checkpoint_dir, args.names)
+        return cmd_plot(checkpoint_dir, args.name, args.save)
+    except (CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Watch a training run from another terminal: progress, speed, ETA, checkpoints, uploads and hardware.
+
+    python scripts/monitor_training.py --refresh 3            # live view, Ctrl+C to leave
+    python scripts/monitor_training.py --once --config tiny   # one snapshot
+    python scripts/monitor_training.py --logs-only            # follow the metrics log
+
+It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step),
+the checkpoint folders and <checkpoint_dir>/uploads.json. A line still being written is left for the
+next refresh.
+"""
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil  # noqa: E402
+
+from configs.training_config import ConfigError, load_config  # noqa: E402
+from scripts.checkpoint_viewer import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr,  # noqa: E402
+                                       read_uploads, upload_label)
+from utils.checkpoint_utils import CheckpointError, list_checkpoints, read_json  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS_FILE = "metrics.jsonl"
+TAIL_BYTES = 256 * 1024
+"""How much of the end of metrics.jsonl a snapshot reads: thousands of lines, enough for any rate estimate."""
+STALE_AFTER_S = 300
+"""No new metrics line for this long while unfinished: the run may have stopped or hung."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metrics.jsonl while it grows
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MetricsReader:
+    """Reads complete lines of metrics.jsonl from where it left off; a half-written last line waits."""
+
+    path: Path
+    offset: int = 0
+    inode: int | None = None
+    restarted: bool = False
+    """The last read_new() found the file replaced or truncated (a new run) and read it from the start."""
+    bad_lines: int = 0
+    """Complete lines that were not JSON objects (skipped and counted, never fatal)."""
+
+    def read_new(self, tail_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Records appended since the last call; on the first call, those in the last `tail_bytes`."""
+        try:
+            stat = self.path.stat()
+            size = stat.st_size
+            self.restarted = self.inode is not None and (stat.st_ino != self.inode or size < self.offset)
+            if self.restarted:
+                self.offset = 0
+            self.inode = stat.st_ino
+            start = max(self.offset, size - tail_bytes) if tail_bytes else self.offset
+            with open(self.path, "rb") as handle:
+                handle.seek(start)
+                data = handle.read(size - start)
+        except FileNotFoundError:
+            return []
+        if start > self.offset and start > 0:  # began mid-file: the first piece is part of an earlier line
+            cut = data.find(b"\n") + 1
+            start, data = start + cut, data[cut:]
+        end = data.rfind(b"\n") + 1  # bytes after the last newline are a line still being written
+        self.offset = start + end
+        records = []
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                self.bad_lines += 1
+        return records
+
+
+# ---------------------------------------------------------------------------------------------
+# What the numbers say
+# ---------------------------------------------------------------------------------------------
+
+def current_segment(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records since the last (re)start: elapsed_s restarts from zero when a run is resumed."""
+    start = len(records) - 1
+    while start > 0 and records[start - 1].get("elapsed_s", 0) < records[start].get("elapsed_s", 0) \
+            and records[start - 1]["step"] < records[start]["step"]:
+        start -= 1
+    return records[start:]
+
+
+def seconds_per_step(records: list[dict[str, Any]]) -> float | None:
+    """Wall time per optimizer step over the current segment (saves and logging included)."""
+    segment = current_segment(records)[-200:]
+    if len(segment) >= 2:
+        steps = segment[-1]["step"] - segment[0]["step"]
+        seconds = segment[-1].get("elapsed_s", 0) - segment[0].get("elapsed_s", 0)
+        if steps > 0 and seconds > 0:
+            return seconds / steps
+    last = records[-1] if records else None
+    if last and last.get("tokens_per_sec") and last.get("tokens_seen") and last["step"] > 0:
+        return last["tokens_seen"] / last["step"] / last["tokens_per_sec"]
+    return None
+
+
+def eta_seconds(records: list[dict[str, Any]], max_steps: int | None) -> float | None:
+    if not records or max_steps is None:
+        return None
+    per_step = seconds_per_step(records)
+    return None if per_step is None else max(0, max_steps - records[-1]["step"]) * per_step
+
+
+def has_mfu(record: dict[str, Any]) -> bool:
+    """train.py logs "mfu" as a fraction of the accelerator's peak, or null when it does not know the peak."""
+    return isinstance(record.get("mfu"), (int, float))
+
+
+def fmt_mfu(value: float) -> str:
+    return f"{value:.1%}"
+
+
+@dataclass
+class RunView:
+    """Everything one refresh shows; built from files, rendered as text."""
+
+    log_dir: Path
+    checkpoint_dir: Path
+    max_steps: int | None
+    max_steps_source: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+    metrics_age_s: float | None = None
+
+
+def render_run(view: RunView) -> list[str]:
+    lines = []
+    metrics_path = view.log_dir / METRICS_FILE
+    if not view.records:
+        lines.append(f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
+    else:
+        last = view.records[-1]
+        step = last["step"]
+        total = f" / {view.max_steps:,}" if view.max_steps else ""
+        percent = f" ({step / view.max_steps:.1%})" if view.max_steps else ""
+        finished = view.max_steps is not None and step >= view.max_steps
+        lines.append(f"🔢 Step: {step:,}{total}{percent}   epoch {last.get('epoch', 'n/a')}"
+                     + ("   ✅ finished" if finished else ""))
+        lines.append(f"💥 Loss: {fmt_loss(last.get('loss'))}   📈 LR: {fmt_lr(last.get('lr'))}   "
+                     f"grad norm: {last.get('grad_norm', float('nan')):.3f}")
+        speed = last.get("tokens_per_sec")
+        mfu = f"   MFU: {fmt_mfu(last['mfu'])}" if has_mfu(last) else ""
+        lines.append(f"⚡ Tokens/s: {f'{speed:,.0f}' if speed else 'n/a'}{mfu}   "
+                     f"tokens seen: {fmt_count(last.get('tokens_seen'))}")
+        eta = eta_seconds(view.records, view.max_steps)
+        eta_text = "done" if finished else (fmt_duration(eta) if eta is not None else "n/a")
+        source = f" (max steps from {view.max_steps_source})" if view.max_steps else " (max steps unknown: pass --config)"
+        lines.append(f"⏱️  Elapsed: {fmt_duration(last.get('elapsed_s', 0))}   ETA: {eta_text}{source}")
+        if last.get("shards_skipped"):
+            lines.append(f"⚠️  Shards skipped: {last['shards_skipped']}")
+        if view.metrics_age_s is not None:
+            age = f"📝 Last log line {fmt_duration(view.metrics_age_s)} ago"
+            if view.metrics_age_s > STALE_AFTER_S and not finished:
+                age += "  ⚠️  no progress for a while: stopped or stalled?"
+            lines.append(age)
+    if view.bad_lines:
+        lines.append(f"⚠️  {view.bad_lines} unreadable line(s) in {metrics_path} skipped")
+    return lines
+
+
+def render_checkpoints(checkpoint_dir: Path, shown: int = 3) -> list[str]:
+    found = list_checkpoints(checkpoint_dir)
+    if not found:
+        return [f"💾 No checkpoints yet in {checkpoint_dir}"]
+    manifest = read_uploads(checkpoint_dir)
+    lines = [f"💾 Checkpoints: {len(found)} in {checkpoint_dir}, newest last"]
+    for info in found[-shown:]:
+        lines.append(f"   {info.name:<40} upload: {upload_label(manifest, info.name)}")
+    if manifest is not None and manifest.problem:
+        lines.append(f"⚠️  Upload state unknown: {manifest.problem}")
+    elif manifest is not None:
+        pending = [name for name, entry in manifest.checkpoints.items()
+                   if isinstance(entry, dict) and entry.get("state") in ("queued", "uploading")]
+        failed = [name for name, entry in manifest.checkpoints.items()
+                  if isinstance(entry, dict) and entry.get("state") == "failed"]
+        lines.append(f"☁️  Uploads to {manifest.destination}: {len(pending)} pending, {len(failed)} failed"
+                     + (f" ({', '.join(failed)})" if failed else ""))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+# ---------------------------------------------------------------------------------------------
+
+def existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def system_lines(checkpoint_dir: Path) -> list[str]:
+    memory = psutil.virtual_memory()
+    disk = psutil.disk_usage(str(existing_ancestor(checkpoint_dir)))
+    line = (f"🖥️  CPU: {psutil.cpu_percent():.0f}% of {psutil.cpu_count()} cores   "
+            f"RAM: {fmt_bytes(memory.used)} / {fmt_bytes(memory.total)} ({memory.percent:.0f}%)   "
+            f"Disk (checkpoints): {fmt_bytes(disk.free)} free of {fmt_bytes(disk.total)}")
+    return [line + ("  ⚠️  low disk" if disk.percent > 90 else "")]
+
+
+class GpuProbe:
+    """GPU utilization and memory through NVML; says why when there is no GPU to show."""
+
+    def __init__(self) -> None:
+        import pynvml
+        self.nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+            self.problem: str | None = None
+        except pynvml.NVMLError as error:
+            self.problem = str(error)
+
+    def lines(self) -> list[str]:
+        nvml = self.nvml
+        if self.problem is not None:
+            return [f"🎮 GPU: none visible (NVML: {self.problem})"]
+        lines = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                line = (f"🎮 GPU {index} {nvml.nvmlDeviceGetName(handle)}: {utilization.gpu}% busy   "
+                        f"memory {fmt_bytes(memory.used)} / {fmt_bytes(memory.total)}")
+                try:
+                    line += (f"   {nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)}°C   "
+                             f"{nvml.nvmlDeviceGetPowerUsage(handle) / 1000:.0f} W")
+                except nvml.NVMLError:
+                    pass  # temperature and power are not reported on every GPU (e.g. some MIG or vGPU setups)
+                lines.append(line)
+        except nvml.NVMLError as error:
+            lines.append(f"🎮 GPU: NVML error ({error})")
+        return lines or ["🎮 GPU: NVML sees no device"]
+
+    def close(self) -> None:
+        if self.problem is None:
+            self.nvml.nvmlShutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+def format_record(record: dict[str, Any]) -> str:
+    speed = record.get("tokens_per_sec")
+    mfu = f" {fmt_mfu(record['mfu']):>6}" if has_mfu(record) else ""
+    return (f"{record['step']:>8} {fmt_loss(record.get('loss')):>10} {fmt_lr(record.get('lr')):>9} "
+            f"{record.get('grad_norm', float('nan')):>8.3f} {f'{speed:,.0f}' if speed else 'n/a':>10}"
+            f" {fmt_duration(record.get('elapsed_s', 0)):>10}{mfu}")
+
+
+LOG_HEADER = f"{'step':>8} {'loss':>10} {'lr':>9} {'grad':>8} {'tok/s':>10} {'elapsed':>10}"
+
+
+def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
+    """Prints the last `lines` metrics records, then (unless once) new ones as they arrive."""
+    reader = MetricsReader(log_dir / METRICS_FILE)
+    if not reader.path.exists():
+        print(f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
+              else f"📝 No metrics yet in {reader.path}")
+    records = reader.read_new(tail_bytes=TAIL_BYTES)[-lines:]
+    print(LOG_HEADER + (f" {'mfu':>6}" if any(has_mfu(record) for record in records) else ""))
+    for record in records:
+        print(format_record(record))
+    while not once:
+        sys.stdout.flush()
+        time.sleep(refresh)
+        before = reader.bad_lines
+        records = reader.read_new()
+        if reader.restarted:
+            print(f"--- {reader.path} was replaced: a new run ---")
+        for record in records:
+            print(format_record(record))
+        if reader.bad_lines > before:
+            print(f"⚠️  {reader.bad_lines - before} unreadable line(s) skipped")
+    if reader.bad_lines:
+        print(f"⚠️  {reader.bad_lines} unreadable line(s) skipped")
+    return 0
+
+
+def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: int = 5000) -> str:
+    new_records = reader.read_new(tail_bytes=TAIL_BYTES)
+    view.records = (new_records if reader.restarted else view.records + new_records)[-max_records:]
+    view.bad_lines = reader.bad_lines
+    try:
+        view.metrics_age_s = time.time() - reader.path.stat().st_mtime
+    except FileNotFoundError:
+        view.metrics_age_s = None
+    lines = [f"🚀 Training monitor — {time.strftime('%Y-%m-%d %H:%M:%S')}   logs: {view.log_dir}", "=" * 78]
+    lines += render_run(view)
+    lines.append("-" * 78)
+    lines += render_checkpoints(view.checkpoint_dir)
+    lines.append("-" * 78)
+    lines += system_lines(view.checkpoint_dir) + gpu.lines()
+    lines.append(f"📈 TensorBoard: tensorboard --logdir {view.log_dir / 'tensorboard'}")
+    return "\n".join(lines)
+
+
+def watch(view: RunView, once: bool, refresh: float) -> int:
+    reader = MetricsReader(view.log_dir / METRICS_FILE)
+    gpu = GpuProbe()
+    clear = sys.stdout.isatty() and not once
+    psutil.cpu_percent()  # starts the CPU measurement window; the first snapshot then shows a real figure
+    try:
+        if once:
+            time.sleep(0.2)
+        while True:
+            text = snapshot(view, reader, gpu)
+            print(("\033[2J\033[H" if clear else "") + text, flush=True)
+            if once:
+                return 0
+            print(f"\n(refreshing every {refresh:g}s; Ctrl+C to exit)", flush=True)
+            time.sleep(refresh)
+    finally:
+        gpu.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def latest_max_steps(checkpoint_dir: Path) -> tuple[int | None, str]:
+    """max_steps of the newest checkpoint's training_config.json, when no config was named."""
+    found = list_checkpoints(checkpoint_dir)
+    if not found:
+        return None, "unknown"
+    try:
+        value = read_json(found[-1].path / "training_config.json").get("max_steps")
+    except (CheckpointError, AttributeError):
+        return None, "unknown"
+    return (value, f"{found[-1].name}/training_config.json") if isinstance(value, int) else (None, "unknown")
+
+
+def build_view(args: argparse.Namespace) -> RunView:
+    log_dir, checkpoint_dir, max_steps, source = Path("logs"), Path("checkpoints"), None, "unknown"
+    if args.config is not None:
+        config = load_config(args.config)
+        # Like train.py: a config's relative paths are relative to the repo root.
+        log_dir, checkpoint_dir = REPO_ROOT / config.log_dir, REPO_ROOT / config.checkpoint_dir
+        max_steps, source = config.max_steps, f"config {args.config}"
+    log_dir = Path(args.log_dir) if args.log_dir else log_dir
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else checkpoint_dir
+    if args.max_steps is not None:
+        max_steps, source = args.max_steps, "--max-steps"
+    elif max_steps is None:
+        max_steps, source = latest_max_steps(checkpoint_dir)
+    return RunView(log_dir, checkpoint_dir, max_steps, source)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Live view of a training run: progress, loss, speed, ETA, "
+                                                 "checkpoints, uploads, CPU/RAM/disk and GPU.")
+    parser.add_argument("--refresh", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="seconds between refreshes (default 5)")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--logs-only", action="store_true",
+                        help="only the metrics log: its last lines, then new ones as they arrive")
+    parser.add_argument("--lines", type=positive_int, default=20, help="log lines shown by --logs-only (default 20)")
+    parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and max_steps")
+    parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")
+    parser.add_argument("--checkpoint-dir",
+                        help="folder holding the checkpoints (default: checkpoints, or the config's checkpoint_dir)")
+    parser.add_argument("--max-steps", type=positive_int, help="the run's max_steps, for progress and ETA "
+                                                      "(default: from --config or the newest checkpoint)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        view = build_view(args)
+        if args.once and not view.log_dir.is_dir() and not view.checkpoint_dir.is_dir():
+            raise ConfigError(f"nothing to show: neither {view.log_dir} nor {view.checkpoint_dir} exists "
+                              "(pass --config, or --log-dir and --checkpoint-dir)")
+        if args.logs_only:
+            return follow_logs(view.log_dir, args.lines, args.once, args.refresh)
+        return watch(view, args.once, args.refresh)
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n👋 Monitor stopped.")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

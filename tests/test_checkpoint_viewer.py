@@ -1,0 +1,259 @@
+"""scripts/checkpoint_viewer.py on the checkpoints of a real (tiny) training run."""
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, run_train, write_config
+from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
+from scripts.checkpoint_viewer import main
+
+STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
+    """One 8-step run saving at steps 4 and 8 and uploading them to a local folder, bucket/; the tests
+    copy it before changing anything."""
+    folder = tmp_path_factory.mktemp("viewer_run")
+    result = run_train("--config", str(write_config(folder, sample_data, upload_destination=str(folder / "bucket"))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "checkpoints"
+
+
+@pytest.fixture
+def checkpoints(run: Path, tmp_path: Path) -> Path:
+    """A private copy of the run's checkpoint folder: its JSON files (the viewer reads nothing else), without
+    the upload state."""
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(run, copy, ignore=lambda _, names: [n for n in names if (not n.endswith(".json") and "." in n)
+                                                        or n == "uploads.json"])
+    return copy
+
+
+def viewer(capsys: pytest.CaptureFixture[str], checkpoint_dir: Path, *args: str) -> tuple[int, str, str]:
+    code = main(["--checkpoint-dir", str(checkpoint_dir), *args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def metadata(checkpoint_dir: Path, name: str) -> dict:
+    return json.loads((checkpoint_dir / name / "metadata.json").read_text())
+
+
+def write_uploads(checkpoint_dir: Path, destination: str) -> None:
+    entry = {"remote_url": None, "size": None, "crc32c": None, "error": None, "attempts": 1,
+             "updated": "2026-01-01T00:00:00+00:00"}
+    (checkpoint_dir / "uploads.json").write_text(json.dumps({"destination": destination, "checkpoints": {
+        STEP4: {**entry, "state": "uploaded", "remote_url": f"{destination}/{STEP4}.tar.gz"},
+        STEP8: {**entry, "state": "failed", "error": "403 Forbidden", "attempts": 3},
+    }}))
+
+
+# --- list ------------------------------------------------------------------------------------------
+
+def test_list_shows_each_checkpoint_sorted_by_step(capsys, checkpoints):
+    # A step-12 copy sorts before step4 by name, after it by step.
+    step12 = checkpoints / "checkpoint-epoch0-step12-files0"
+    shutil.copytree(checkpoints / STEP8, step12)
+    meta = metadata(checkpoints, STEP8) | {"step": 12, "current_loss": 1.5}
+    (step12 / "metadata.json").write_text(json.dumps(meta))
+    code, out, _ = viewer(capsys, checkpoints, "list")
+    assert code == 0
+    assert "Found 3 checkpoints" in out
+    rows = [line for line in out.splitlines() if "Step:" in line]
+    assert [row.split()[1] for row in rows] == [STEP4, STEP8, step12.name]
+    expected_loss = metadata(checkpoints, STEP4)["current_loss"]
+    assert f"Loss: {expected_loss:.6f}" in rows[0]
+    assert all("Upload: n/a" in row for row in rows)
+
+
+def test_list_shows_upload_states(capsys, checkpoints):
+    write_uploads(checkpoints, "gs://bucket/Checkpoints")
+    _, out, _ = viewer(capsys, checkpoints, "list")
+    row4, row8 = [line for line in out.splitlines() if "Step:" in line]
+    assert "Upload: uploaded" in row4 and "Upload: failed" in row8
+
+
+def test_list_marks_a_corrupt_checkpoint_and_shows_the_rest(capsys, checkpoints):
+    (checkpoints / STEP4 / "metadata.json").write_text('{"step": 4, "curr')
+    (checkpoints / STEP8 / "metadata.json").unlink()
+    shutil.copytree(checkpoints / STEP4, checkpoints / "checkpoint-epoch0-step9-files0")
+    (checkpoints / "checkpoint-epoch0-step9-files0" / "metadata.json").write_text(json.dumps({"step": 9}))
+    code, out, _ = viewer(capsys, checkpoints, "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert any(STEP4 in line and "unreadable" in line for line in lines)
+    assert any(STEP8 in line and "missing" in line for line in lines)
+    assert any("step9" in line and "Step: 9" in line for line in lines)
+
+
+def test_list_of_an_empty_or_missing_folder(capsys, tmp_path):
+    code, out, _ = viewer(capsys, tmp_path, "list")
+    assert code == 0 and "No checkpoints" in out
+    code, _, err = viewer(capsys, tmp_path / "nowhere", "list")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_list_remote_without_a_destination_or_storage_module(capsys, checkpoints, monkeypatch):
+    code, out, err = viewer(capsys, checkpoints, "list", "--remote")
+    assert code == 2 and STEP4 in out and "no upload destination" in err
+    write_uploads(checkpoints, str(checkpoints.parent / "bucket"))
+    monkeypatch.setitem(sys.modules, "utils.storage", None)  # makes `import utils.storage` fail
+    code, out, err = viewer(capsys, checkpoints, "list", "--remote")
+    assert code == 2 and STEP4 in out
+    assert "cannot import utils.storage" in err and len(err.strip().splitlines()) == 1
+
+
+def test_list_remote_and_view_after_a_run_that_uploaded(capsys, run):
+    bucket = run.parent / "bucket"
+    code, out, _ = viewer(capsys, run, "list", "--remote")
+    assert code == 0
+    local, remote = out.split(f"2 remote checkpoints in {bucket}")
+    assert [line.split()[1] for line in local.splitlines() if "Upload: uploaded" in line] == [STEP4, STEP8]
+    rows = [line for line in remote.splitlines() if "Size:" in line]
+    for row, name in zip(rows, (STEP4, STEP8), strict=True):
+        archive = next(bucket.glob(f"{name}.*"))
+        assert archive.name in row and "Local: yes" in row
+    code, out, _ = viewer(capsys, run, "view", STEP8)
+    assert code == 0 and f"Upload: uploaded -> {next(bucket.glob(STEP8 + '.*'))}, 1 attempt(s)" in out
+
+
+def test_list_remote_lists_the_upload_destination(capsys, checkpoints, tmp_path):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    (bucket / f"{STEP4}.tar.zst").write_bytes(b"x" * 2**20)
+    (bucket / "checkpoint-epoch0-step12-files0.tar").write_bytes(b"x" * 3 * 2**20)
+    (bucket / "unrelated.txt").write_text("not a checkpoint")
+    write_uploads(checkpoints, str(bucket))
+    code, out, _ = viewer(capsys, checkpoints, "list", "--remote")
+    assert code == 0
+    remote = out.split(f"2 remote checkpoints in {bucket}")[1].splitlines()
+    rows = [line for line in remote if "Size:" in line]
+    assert len(rows) == 2
+    assert STEP4 in rows[0] and "Step: 4" in rows[0] and "1.0 MB" in rows[0] and "Local: yes" in rows[0]
+    assert "step12" in rows[1] and "Step: 12" in rows[1] and "Local: no" in rows[1]
+
+
+def test_list_remote_on_a_gcs_bucket(capsys, checkpoints, gcs_server):
+    gcs_server.create_bucket("bucket")
+    gcs_server.put("bucket", f"Checkpoints/{STEP8}.tar.zst", b"z" * 5000)
+    gcs_server.put("bucket", "Checkpoints/notes.txt", b"not a checkpoint")
+    write_uploads(checkpoints, "gs://bucket/Checkpoints")
+    code, out, err = viewer(capsys, checkpoints, "list", "--remote")
+    assert code == 0, err
+    remote = out.split("1 remote checkpoint in gs://bucket/Checkpoints")[1]
+    rows = [line for line in remote.splitlines() if "Size:" in line]
+    assert len(rows) == 1 and f"{STEP8}.tar.zst" in rows[0] and "4.9 KB" in rows[0] and "Local: yes" in rows[0]
+
+
+# --- view ------------------------------------------------------------------------------------------
+
+def test_view_shows_the_detailed_summary(capsys, checkpoints):
+    write_uploads(checkpoints, "gs://bucket/Checkpoints")
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP8)
+    assert code == 0
+    metrics = json.loads((checkpoints / STEP8 / "training_metrics.json").read_text())
+    losses = [entry["loss"] for entry in metrics["loss_history"]]
+    meta = metadata(checkpoints, STEP8)
+    assert f"Checkpoint Summary: {STEP8}" in out
+    for expected in ("Step: 8", "Epoch: 0", "Files Processed: 0", "Tokens Seen: 1,024", "CUDA Available: False",
+                     "GPU Count: 0", "Mixed Precision: no", f"Current Loss: {losses[-1]:.6f}",
+                     f"Best Loss: {min(losses):.6f}", f"Loss History Length: {len(losses)}",
+                     f"Average Loss: {statistics.fmean(losses):.6f}",
+                     f"Loss Std Dev: {statistics.stdev(losses):.6f}", "Loss Trend: insufficient data",
+                     f"Current LR: {metrics['learning_rates'][-1]['lr']:.2e}",
+                     f"current_avg_loss: {meta['validation_metrics']['current_avg_loss']:.6f}",
+                     "steps_since_best:", "Upload: failed (403 Forbidden)"):
+        assert expected in out, expected
+
+
+def test_view_latest_and_upload_state(capsys, checkpoints):
+    write_uploads(checkpoints, "gs://bucket/Checkpoints")
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP4)
+    assert code == 0 and f"Upload: uploaded -> gs://bucket/Checkpoints/{STEP4}.tar.gz" in out
+    code, out, _ = viewer(capsys, checkpoints, "view", "latest")
+    assert code == 0 and f"Checkpoint Summary: {STEP8}" in out
+
+
+def test_view_without_training_metrics_says_so(capsys, checkpoints):
+    (checkpoints / STEP8 / "training_metrics.json").unlink()
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP8)
+    assert code == 0
+    assert "training_metrics.json: missing" in out and "metadata.json's last 8 losses" in out
+
+
+def test_view_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
+    code, _, err = viewer(capsys, checkpoints, "view", "checkpoint-epoch9-step9-files9")
+    assert code == 2 and f"existing: {STEP4}, {STEP8}" in err and len(err.strip().splitlines()) == 1
+    (checkpoints / STEP4 / "metadata.json").write_text("{not json")
+    code, _, err = viewer(capsys, checkpoints, "view", STEP4)
+    assert code == 2 and "metadata.json: unreadable" in err and len(err.strip().splitlines()) == 1
+    (checkpoints / STEP4 / "metadata.json").write_text("[]")
+    code, _, err = viewer(capsys, checkpoints, "view", STEP4)
+    assert code == 2 and "not a checkpoint metadata file" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = viewer(capsys, tmp_path / "empty", "view", "latest")
+    assert code == 2 and "no checkpoint" in err
+
+
+# --- compare ---------------------------------------------------------------------------------------
+
+def test_compare_orders_by_step_and_shows_changes(capsys, checkpoints):
+    code, out, _ = viewer(capsys, checkpoints, "compare", STEP8, STEP4)
+    assert code == 0
+    lines = out.splitlines()
+    row4 = next(i for i, line in enumerate(lines) if line.startswith(STEP4))
+    row8 = next(i for i, line in enumerate(lines) if line.startswith(STEP8))
+    assert row4 < row8
+    delta = lines[row8 - 1].split()
+    loss4, loss8 = metadata(checkpoints, STEP4)["current_loss"], metadata(checkpoints, STEP8)["current_loss"]
+    assert delta[0] == "Δ" and delta[1] == "+4" and delta[2] == f"{loss8 - loss4:+.6f}"
+    assert "+512" in delta
+    assert lines[row8].split()[5] == "1,024"
+    assert f"Overall: loss {loss8 - loss4:+.6f}" in out
+
+
+def test_compare_needs_two_existing_checkpoints(capsys, checkpoints):
+    code, _, err = viewer(capsys, checkpoints, "compare", STEP4, STEP4)
+    assert code == 2 and "at least two" in err
+    code, _, err = viewer(capsys, checkpoints, "compare", STEP4, "checkpoint-nope")
+    assert code == 2 and "not found" in err
+
+
+# --- plot ------------------------------------------------------------------------------------------
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_saves_a_png(capsys, checkpoints, tmp_path):
+    target = tmp_path / "plot.png"
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--save", str(target))
+    assert code == 0 and str(target) in out
+    width, height = png_size(target)
+    assert width >= 800 and height >= 500
+    assert target.stat().st_size > 20_000  # two drawn curves, not a blank canvas
+    code, _, err = viewer(capsys, checkpoints, "plot", STEP8, "--save", str(tmp_path / "no" / "plot.png"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_plot_without_a_display_writes_a_file(run, tmp_path):
+    """Run as a user would, from another folder and with no display: the plot lands in a file."""
+    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "checkpoint_viewer.py"),
+                             "--checkpoint-dir", str(run), "plot", "latest"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "No display" in result.stdout
+    width, height = png_size(tmp_path / f"{STEP8}-plot.png")
+    assert width >= 800 and height >= 500
