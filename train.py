@@ -21,19 +21,28 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GPTNeoXForCausalLM
 
 from configs.model_config import build_model_config, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig, load_config
-from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, find_checkpoint,
-                                    list_checkpoints, prune_checkpoints, read_json, remove_incomplete_saves,
+from scripts.export_hf import ExportError, check_export_target, export_checkpoint
+from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, list_checkpoints,
+                                    prune_checkpoints, read_json, remove_incomplete_saves,
                                     save_checkpoint, system_info)
-from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state,
-                              position_from_state, select_shards)
+from utils.data_utils import (BatchLoader, DataError, DataPosition, StreamSpec, data_state, position_from_state,
+                              select_shards)
+from utils.evaluation import Evaluator, read_validation_batches, split_validation
+from utils.performance import (MfuMeter, StopVote, check_memory, describe_fast_path, dynamo_plugin,
+                               enable_activation_checkpointing, enable_tf32, fsdp_plugin, make_mfu_meter,
+                               use_compile)
+from utils.shard_cache import open_shard_source
+from utils.storage import Storage, is_gcs_url
 from utils.training_utils import StopRequest, TrainingMetrics, lr_multiplier, parameter_groups
+from utils.uploader import (Uploader, check_fresh_destination, fetch_for_resume, locate_checkpoint, open_destination,
+                            uploader_for_run)
 
 REPO_ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("train")
@@ -48,23 +57,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="override max_steps (optimizer steps)")
     parser.add_argument("--resume", metavar="NAME|latest",
                         help="continue from a checkpoint in checkpoint_dir: its folder name, or 'latest'")
-    parser.add_argument("--data", help="override the folder holding the tokenized_*.npz shards")
+    parser.add_argument("--data", help="override where the tokenized_*.npz shards are: a folder or gs://BUCKET[/PREFIX]")
+    parser.add_argument("--gcs-credentials", metavar="KEY.json",
+                        help="service-account key for gs:// data; without it, Application Default Credentials "
+                             "are used, else anonymous access")
     parser.add_argument("--checkpoint-dir", help="override where checkpoints are written")
     parser.add_argument("--log-dir", help="override where metrics.jsonl and TensorBoard events go")
     parser.add_argument("--no-background-upload", action="store_true",
                         help="upload checkpoints synchronously (blocks training while uploading)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's dense bf16 peak in TFLOP/s for MFU; unset, it is looked up by GPU name")
+    parser.add_argument("--skip-preflight", action="store_true",
+                        help="do not stop when the memory estimate says the run will not fit")
     return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": args.data,
-                                 "checkpoint_dir": args.checkpoint_dir, "log_dir": args.log_dir}
+                                 "checkpoint_dir": args.checkpoint_dir, "log_dir": args.log_dir,
+                                 "gcs_credentials": args.gcs_credentials}
     if args.no_background_upload:
         overrides["background_upload"] = False
+    if args.skip_preflight:
+        overrides["memory_preflight"] = False
+    overrides["peak_tflops"] = args.peak_tflops
     config = load_config(args.config, overrides)
     # Relative paths in a config are relative to the repo, wherever the command is run from.
-    for name in ("data", "checkpoint_dir", "log_dir"):
-        setattr(config, name, str(REPO_ROOT / getattr(config, name)))
+    for name in ("data", "checkpoint_dir", "log_dir", "cache_dir"):
+        if not is_gcs_url(getattr(config, name)):
+            setattr(config, name, str(REPO_ROOT / getattr(config, name)))
+    for name in ("eval_data", "tokenizer", "export_hf_dir"):  # optional paths
+        if getattr(config, name) is not None and not is_gcs_url(getattr(config, name)):
+            setattr(config, name, str(REPO_ROOT / getattr(config, name)))
+    if config.upload_destination is not None and not is_gcs_url(config.upload_destination):
+        config.upload_destination = str(REPO_ROOT / config.upload_destination)
     return config
 
 
@@ -73,6 +99,10 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     precision = config.mixed_precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if config.fsdp and not cuda:
+        raise ConfigError("fsdp needs CUDA GPUs, and none is visible")
+    if cuda:
+        enable_tf32()
     accelerator = Accelerator(
         cpu=not cuda,  # CPU processes under a launcher then join one gloo group instead of each being rank 0
         mixed_precision=precision,
@@ -81,27 +111,44 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         log_with="tensorboard",
         project_dir=config.log_dir,
+        # prepare() compiles the model after wrapping it, so checkpoints keep the plain parameter names.
+        dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp),
+        fsdp_plugin=fsdp_plugin(config.activation_checkpointing) if config.fsdp else None,
     )
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_processes != accelerator.num_processes:
-        raise ConfigError(f"launched as {launched_processes} processes but Accelerate sees "
-                          f"{accelerator.num_processes}; each would train alone and write the same checkpoints")
+    check_process_group(accelerator.num_processes)
+    if config.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        raise ConfigError("fsdp is set but Accelerate did not enable FSDP; launch on several GPUs with "
+                          "`bash run.sh CONFIG` or `accelerate launch`")
     return accelerator
 
 
-def check_resumable(config: TrainingConfig, resume: str | None) -> Path | None:
-    """The checkpoint to resume from; refuses a fresh start or a resume that would overwrite checkpoints."""
+def check_process_group(seen_processes: int) -> None:
+    """Refuses a launch whose processes did not join one group: each would train alone as rank 0 and
+    write the same checkpoints."""
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_processes != seen_processes:
+        raise ConfigError(f"launched as {launched_processes} processes but Accelerate sees {seen_processes}; "
+                          "each would train alone and overwrite the others' checkpoints")
+
+
+def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage | None,
+                    accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from, downloaded from the upload destination when it is only there (or newer
+    there, for "latest"); refuses a fresh start or a resume that would overwrite checkpoints."""
     existing = list_checkpoints(config.checkpoint_dir)
     if resume is None:
         if existing:
             raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest {existing[-1].name}); "
                                   "pass --resume latest to continue, or set --checkpoint-dir for a new run")
+        if remote is not None:
+            check_fresh_destination(remote)
         return None
-    info = find_checkpoint(config.checkpoint_dir, resume)
+    info, remote_object = locate_checkpoint(config.checkpoint_dir, resume, remote)
     newer = [other.name for other in existing if other.step > info.step]
     if newer:
         raise CheckpointError(f"resuming {info.name} would overwrite newer checkpoints ({', '.join(newer)}); "
                               "move them out of the checkpoint folder first")
+    fetch_for_resume(config.checkpoint_dir, info, remote_object, remote, accelerator)
     saved_shape = read_json(info.path / "training_config.json").get("model_shape")
     if saved_shape != shape_as_dict(config.model_shape()):
         raise CheckpointError(f"{info.name} holds a model of shape {saved_shape}, "
@@ -118,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = make_accelerator(config)
         with logging_redirect_tqdm():
             return train(config, accelerator, args.resume)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -126,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) -> int:
     main_process = accelerator.is_main_process
     shape = config.model_shape()
-    resume_path = check_resumable(config, resume)
+    if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
+        check_memory(config, accelerator.device, accelerator.num_processes)
+    # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
+    remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
+    resume_path = check_resumable(config, resume, remote, accelerator)
     if main_process:
         for name in remove_incomplete_saves(config.checkpoint_dir):
             log.info(f"Removed {name}: an incomplete save left by a crash")
@@ -136,11 +187,22 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
     with torch.device(accelerator.device):
         model = GPTNeoXForCausalLM(build_model_config(shape))
     n_params = sum(p.numel() for p in model.parameters())
+    if config.activation_checkpointing and not config.fsdp:  # under FSDP, its plugin checkpoints each layer
+        enable_activation_checkpointing(model)
+    mfu_meter = make_mfu_meter(shape, accelerator.device, accelerator.num_processes, config.peak_tflops)
 
     # --- data ------------------------------------------------------------------------------------
-    source = LocalShardSource(config.data, config.shard_pattern)
+    source = open_shard_source(config)  # a local folder, or gs:// through a prefetching disk cache
     shards = select_shards(source.list_shards(), config.max_files, config.seed)
+    shards, validation = split_validation(config, source, shards)
     spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
+    # Validation batches are read once and kept, so every validation sees the same ones.
+    evaluator = None if validation is None else Evaluator(read_validation_batches(
+        validation, spec, config.per_device_train_batch_size, accelerator.process_index, accelerator.num_processes,
+        config.eval_batches))
+    tokenizer = config.tokenizer_path()  # copied into every checkpoint, so that each is self-contained
+    if config.export_hf_dir is not None:  # found out now, not after hours of training
+        check_export_target(Path(config.export_hf_dir), overwrite=True)
     tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                        * accelerator.num_processes * shape.seq_len)
 
@@ -155,7 +217,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
 
     # --- resume ----------------------------------------------------------------------------------
     step, position = 0, DataPosition()
-    metrics = TrainingMetrics(history_length=config.loss_history_length)
+    metrics = TrainingMetrics(history_length=config.loss_history_length, best_from_validation=evaluator is not None)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         accelerator.step = 0  # we do our own accumulation; keep Accelerate's micro-step counter neutral
@@ -169,7 +231,11 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
         log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
                  f"device {accelerator.device} x {accelerator.num_processes} processes, "
                  f"mixed precision {accelerator.mixed_precision}")
+        log.info(f"Speed: {describe_fast_path(config, accelerator, mfu_meter)}")
         log.info(f"Data: {len(shards)} shards from {source.description} | {tokens_per_step:,} tokens per step")
+        if validation is not None:
+            log.info(f"Validation: {len(validation.shards)} held-out shards from {validation.source.description}, "
+                     f"{len(evaluator.batches)} batches per process every {config.eval_steps} steps")
         Path(config.log_dir).mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("tensorboard")
 
@@ -178,23 +244,37 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
         accelerator.end_training()
         return 0
 
+    uploader = uploader_for_run(config, remote) if remote is not None and main_process else None
+    uploads_left: list[str] = []
     loader = BatchLoader(source, spec, config.per_device_train_batch_size, accelerator.process_index,
                          accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
-                         prefetch_batches=config.prefetch_batches,
+                         prefetch_batches=config.prefetch_batches, prefetch_shards=config.prefetch_shards,
                          pin_memory=accelerator.device.type == "cuda")
     stop = StopRequest()
     stop.install()
     try:
-        return fit(config, accelerator, model, optimizer, scheduler, loader, spec, step, position, metrics,
-                   tokens_per_step, stop)
+        exit_code = fit(config, accelerator, model, optimizer, scheduler, loader, spec, step, position, metrics,
+                        tokens_per_step, stop, evaluator, tokenizer, uploader, mfu_meter)
     finally:
         loader.close()
+        if uploader is not None:  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
+            uploads_left = uploader.finish(config.upload_timeout_s)
         accelerator.end_training()
+
+    # --- export ----------------------------------------------------------------------------------
+    if exit_code == 0 and config.export_hf_dir is not None and main_process:
+        final = list_checkpoints(config.checkpoint_dir)[-1]
+        exported = export_checkpoint(final.path, Path(config.export_hf_dir), config.export_dtype, overwrite=True)
+        log.info(f"Exported {final.name} ({exported.dtype}) as a Hugging Face model to {exported.out_dir}")
+    if exit_code == 0 and uploads_left:
+        exit_code = 1  # training is done, but some checkpoints exist only on this machine
+    return exit_code
 
 
 def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
         loader: BatchLoader, spec: StreamSpec, step: int, position: DataPosition, metrics: TrainingMetrics,
-        tokens_per_step: int, stop: StopRequest) -> int:
+        tokens_per_step: int, stop: StopRequest, evaluator: Evaluator | None, tokenizer: Path | None,
+        uploader: Uploader | None, mfu_meter: MfuMeter) -> int:
     main_process = accelerator.is_main_process
     accumulation = config.gradient_accumulation_steps
     metrics_file = Path(config.log_dir) / "metrics.jsonl"
@@ -205,6 +285,7 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
     window_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     grad_norm = torch.zeros(())
     last_saved_step = step
+    stop_vote = StopVote(accelerator)
 
     def save(reason: str) -> None:
         nonlocal last_saved_step
@@ -220,11 +301,16 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                                             summary, system_info(accelerator)),
             "training_metrics.json": metrics.state_dict(),
             "data_state.json": data_state(spec, position),
-        })
+        }, copied_files={"tokenizer.json": tokenizer} if tokenizer is not None else None)
         last_saved_step = step
         if main_process:
             tqdm.write(f"✅ Saved {name}")
-            for deleted in prune_checkpoints(config.checkpoint_dir, config.keep_checkpoints):
+            if uploader is not None:  # returns at once, unless --no-background-upload
+                uploader.submit(Path(config.checkpoint_dir) / name)
+            # With uploads on, a checkpoint is deleted only once its upload is verified.
+            pruned = (uploader.prune(config.keep_checkpoints) if uploader is not None
+                      else prune_checkpoints(config.checkpoint_dir, config.keep_checkpoints))
+            for deleted in pruned:
                 tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {config.keep_checkpoints})")
 
     try:
@@ -250,10 +336,8 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             metrics.tokens_seen += tokens_per_step
             progress.update(1)
 
-            stop_now = stop.requested
-            if accelerator.num_processes > 1:  # every process must agree, or a collective save would hang
-                flag = torch.tensor(float(stop_now), device=accelerator.device)
-                stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
+            # Every process must stop at the same step, or a collective save would hang.
+            stop_now = stop_vote.decide(stop.requested)
             should_save = step % config.save_steps == 0 or step == config.max_steps or stop_now
 
             # --- log: the only place the loop waits for the device ---------------------------------
@@ -267,17 +351,32 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                           "tokens_per_sec": window_steps * tokens_per_step / elapsed,
                           "elapsed_s": time.perf_counter() - run_start, "epoch": position.epoch,
                           "shards_skipped": position.shards_skipped}
+                record["mfu"] = mfu_meter.mfu(record["tokens_per_sec"])  # None (null) when the peak is unknown
                 if main_process:
                     with open(metrics_file, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                         tok_s=f"{record['tokens_per_sec']:,.0f}")
+                                         tok_s=f"{record['tokens_per_sec']:,.0f}",
+                                         **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            pause_start = time.perf_counter()  # validation and saving are left out of tokens/s and MFU
+
+            # --- validate: on the held-out batches, before a save so the checkpoint records it ------
+            if evaluator is not None and (step % config.eval_steps == 0 or step == config.max_steps):
+                results = evaluator.evaluate(model, accelerator).as_record()
+                metrics.record_validation(step, results)
+                if main_process:
+                    with open(metrics_file, "a") as handle:
+                        handle.write(json.dumps({"step": step, **results}) + "\n")
+                    accelerator.log(results, step=step)
+                    tqdm.write(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
+                               f"perplexity {results['eval_perplexity']:.2f}")
 
             if should_save:
                 save("stop requested" if stop_now else "scheduled")
+            window_start += time.perf_counter() - pause_start
             if stop_now:
                 return stop.exit_code
     except DataError:

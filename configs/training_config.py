@@ -13,6 +13,9 @@ from configs.model_config import ModelConfigError, ModelShape, resolve_shape
 
 CONFIG_DIR = Path(__file__).resolve().parent
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+EXPORT_DTYPES = ("bf16", "fp32")
+ARCHIVE_FORMATS = ("tar.zst", "tar", "tar.gz")
+"""Archive formats of uploaded checkpoints (utils/uploader.py writes and reads all three)."""
 
 
 class ConfigError(ValueError):
@@ -29,7 +32,8 @@ class TrainingConfig:
 
     # --- data ----------------------------------------------------------------------------------
     data: str = "data/sample"
-    """Folder holding the training shards (relative paths are taken from the repo root)."""
+    """Folder holding the training shards (relative paths are taken from the repo root), or gs://BUCKET[/PREFIX]
+    to stream them from Google Cloud Storage through cache_dir."""
     shard_pattern: str = "tokenized_*.npz"
     """Glob that picks the shard files inside `data`."""
     max_files: int = -1
@@ -40,6 +44,16 @@ class TrainingConfig:
     """Seeds model init, shard order and sample order."""
     prefetch_batches: int = 8
     """Micro-batches the background loader prepares ahead of the training loop."""
+    prefetch_shards: int = 4
+    """Shards downloaded ahead of the one being read when data is gs:// (0: download each when needed)."""
+    cache_dir: str = "cache"
+    """Local folder for shards downloaded from gs:// (one subfolder per bucket/prefix; relative paths are
+    taken from the repo root). Shared by all processes of a machine: each shard is downloaded once."""
+    cache_max_gb: float = 20.0
+    """Size limit of the shard cache in GB; consumed shards are evicted, oldest first, to stay under it."""
+    gcs_credentials: str | None = None
+    """Service-account key JSON for gs:// access; None uses Application Default Credentials when there are
+    some, else anonymous access (public buckets only)."""
 
     # --- optimisation (Pythia-1.4B defaults) ---------------------------------------------------
     max_steps: int = 10000
@@ -66,6 +80,22 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     """"auto" = bf16 on a CUDA GPU that supports it (fp16 otherwise), none on CPU; or no/bf16/fp16."""
 
+    # --- speed and memory (utils/performance.py) -----------------------------------------------
+    compile: bool | str = "auto"
+    """torch.compile the model: "auto" = on CUDA only (on CPU compiling costs more than it saves), or true/false."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them: about a third more compute for
+    much less activation memory (a larger micro-batch, or a model that does not fit otherwise)."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state across the GPUs (FSDP2 through Accelerate), for runs whose
+    optimizer state does not fit one GPU. CUDA only; checkpoints are then saved sharded."""
+    memory_preflight: bool = True
+    """Before building the model, estimate the memory it needs and stop with advice if it cannot fit
+    (--skip-preflight turns this off)."""
+    peak_tflops: float | None = None
+    """The device's dense bf16 peak in TFLOP/s, for MFU; None looks it up by GPU name (H100, H200, A100). MFU is
+    logged as null on devices the table does not know (and on CPU) unless this is set."""
+
     # --- checkpoints and logs ------------------------------------------------------------------
     save_steps: int = 500
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
@@ -78,9 +108,44 @@ class TrainingConfig:
     loss_history_length: int = 1000
     """Logged losses and learning rates kept in metadata.json."""
 
+    # --- validation ----------------------------------------------------------------------------
+    eval_data: str | None = None
+    """Folder (or gs://BUCKET/PREFIX, read through cache_dir) of held-out shards matching shard_pattern to
+    validate on; None for none."""
+    eval_holdout_files: int = 0
+    """Validate on this many shards taken out of the selected training shards by a seeded pick; 0 for none.
+    This changes the training shard list, so a run cannot resume with a different value."""
+    eval_steps: int = 500
+    """Validate every this many optimizer steps, and at the end (when eval_data or eval_holdout_files is set)."""
+    eval_batches: int = 50
+    """Micro-batches per process in each validation: the first ones of the held-out data, the same every time."""
+
+    # --- tokenizer and export ------------------------------------------------------------------
+    tokenizer: str | None = None
+    """The run's tokenizer.json, copied into each checkpoint; None uses tokenizer.json in the data folder if any."""
+    export_hf_dir: str | None = None
+    """At the end of training, export the final checkpoint as a Hugging Face model folder here (replacing an
+    earlier export there); None for no export."""
+    export_dtype: str = "bf16"
+    """Weight dtype of the automatic export: bf16 or fp32."""
+
     # --- checkpoint uploads --------------------------------------------------------------------
     background_upload: bool = True
     """Upload checkpoints in a background thread; False blocks training during each upload."""
+    upload_destination: str | None = None
+    """Where each checkpoint is uploaded as <name>.<archive_format>: gs://BUCKET/PREFIX or a local folder
+    (relative paths are taken from the repo root); None uploads nothing. While uploads are on, a checkpoint
+    is deleted locally only once its upload is verified. --resume also finds checkpoints here."""
+    archive_format: str = "tar.zst"
+    """tar.zst (zstd level 1, ~0.7 GB/s on one core, ~7% smaller for float32 weights), tar (no compression,
+    fastest) or tar.gz (the original format; gzip runs at ~30 MB/s on one core, too slow for large checkpoints)."""
+    upload_workers: int = 1
+    """Background upload threads; each archives and uploads one checkpoint at a time."""
+    upload_attempts: int = 5
+    """Tries per upload (exponential backoff between them) before it is recorded as failed."""
+    upload_timeout_s: float = 3600.0
+    """At the end of a run (also after Ctrl+C or SIGTERM), how long to wait for queued uploads; what is left
+    stays recorded in checkpoint_dir/uploads.json for the next run or scripts/upload_manager.py."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,8 +180,40 @@ class TrainingConfig:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
                               f"got {self.mixed_precision!r}")
+        if self.compile not in ("auto", True, False):
+            raise ConfigError(f'compile must be "auto", true or false, got {self.compile!r}')
+        if self.peak_tflops is not None and (isinstance(self.peak_tflops, bool) or not self.peak_tflops > 0):
+            raise ConfigError(f"peak_tflops must be a positive number of TFLOP/s, got {self.peak_tflops!r}")
         if not self.data:
-            raise ConfigError("data must name a folder of shards")
+            raise ConfigError("data must name a folder of shards or a gs:// URL")
+        if self.data.startswith("gs://") and not self.data[len("gs://"):].strip("/"):
+            raise ConfigError(f"data {self.data!r} names no bucket (expected gs://BUCKET or gs://BUCKET/PREFIX)")
+        if not isinstance(self.prefetch_shards, int) or isinstance(self.prefetch_shards, bool) \
+                or self.prefetch_shards < 0:
+            raise ConfigError(f"prefetch_shards must be a non-negative integer, got {self.prefetch_shards!r}")
+        if not isinstance(self.cache_max_gb, (int, float)) or self.cache_max_gb <= 0:
+            raise ConfigError(f"cache_max_gb must be positive, got {self.cache_max_gb!r}")
+        if not self.cache_dir:
+            raise ConfigError("cache_dir must name a folder")
+        for name in ("eval_steps", "eval_batches"):
+            positive(name)
+        if not isinstance(self.eval_holdout_files, int) or self.eval_holdout_files < 0:
+            raise ConfigError(f"eval_holdout_files must be a non-negative integer, got {self.eval_holdout_files!r}")
+        if self.eval_holdout_files and self.eval_data is not None:
+            raise ConfigError("set either eval_data or eval_holdout_files, not both")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+        if self.archive_format not in ARCHIVE_FORMATS:
+            raise ConfigError(f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got {self.archive_format!r}")
+        for name in ("upload_workers", "upload_attempts"):
+            positive(name)
+        if not isinstance(self.upload_timeout_s, (int, float)) or self.upload_timeout_s < 0:
+            raise ConfigError(f"upload_timeout_s must be >= 0, got {self.upload_timeout_s!r}")
+        if self.upload_destination is not None and not self.upload_destination.strip("/"):
+            raise ConfigError("upload_destination must name a gs:// URL or a folder (or be null for no uploads)")
+        if self.upload_destination is not None and self.upload_destination.startswith("gs://") \
+                and not self.upload_destination[len("gs://"):].strip("/"):
+            raise ConfigError(f"upload_destination {self.upload_destination!r} names no bucket")
         try:
             self.model_shape()
         except ModelConfigError as error:
@@ -128,6 +225,19 @@ class TrainingConfig:
 
     def model_shape(self) -> ModelShape:
         return resolve_shape(self.model_preset, self.model)
+
+    @property
+    def validation_enabled(self) -> bool:
+        return self.eval_data is not None or self.eval_holdout_files > 0
+
+    def tokenizer_path(self) -> Path | None:
+        """The run's tokenizer.json: the `tokenizer` field (which must exist), else the data folder's, else None."""
+        if self.tokenizer is not None:
+            if not Path(self.tokenizer).is_file():
+                raise ConfigError(f"tokenizer {self.tokenizer} is not a file")
+            return Path(self.tokenizer)
+        beside_shards = Path(self.data) / "tokenizer.json"
+        return beside_shards if beside_shards.is_file() else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +285,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> T
 def _type_matches(value: Any, annotation: Any) -> bool:
     """Checks JSON values against the simple annotations TrainingConfig uses."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if " | " in text:  # a union such as "bool | str": any member may match
+        return any(_type_matches(value, member) for member in text.split(" | "))
     if value is None:
         return "None" in text
     if isinstance(value, bool):

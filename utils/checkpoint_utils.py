@@ -104,8 +104,9 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
-                    json_files: dict[str, Any]) -> Path:
-    """Saves Accelerate's state and the JSON files under .tmp-<name>, then renames it to <name>.
+                    json_files: dict[str, Any], copied_files: dict[str, Path] | None = None) -> Path:
+    """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
+    source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
 
     Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
     of the same name is never overwritten.
@@ -124,6 +125,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     if accelerator.is_main_process:
         for filename, value in json_files.items():
             write_json_atomic(tmp / filename, value)
+        for filename, source in (copied_files or {}).items():
+            shutil.copyfile(source, tmp / filename)
         _fsync_tree(tmp)
         os.rename(tmp, final)
     accelerator.wait_for_everyone()

@@ -87,6 +87,9 @@ def tokens_from_arrays(shard: Any, name: str, vocab_size: int, eos_token_id: int
 def read_shard(path: Path, vocab_size: int, eos_token_id: int | None) -> np.ndarray:
     """Loads a shard from disk; any unreadable or invalid content is a DataError naming the file."""
     try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                raise DataError(f"{path}: unreadable shard (not an .npz archive)")
         with np.load(path, allow_pickle=False) as shard:
             return tokens_from_arrays(shard, str(path), vocab_size, eos_token_id)
     except DataError:
@@ -324,9 +327,12 @@ class BatchLoader:
                 sample_order = shard_sample_order(len(samples), self.spec.seed, epoch, name)
                 for j in range(sample_cursor, len(samples)):
                     consumed += 1
-                    last = j + 1 == len(samples)
-                    after = (DataPosition(epoch, k + 1, 0, consumed, skipped) if last
-                             else DataPosition(epoch, k, j + 1, consumed, skipped))
+                    if j + 1 < len(samples):
+                        after = DataPosition(epoch, k, j + 1, consumed, skipped)
+                    elif k + 1 < len(shards):
+                        after = DataPosition(epoch, k + 1, 0, consumed, skipped)
+                    else:  # the epoch's last sample: the next one is the first of the next epoch
+                        after = DataPosition(epoch + 1, 0, 0, consumed, skipped)
                     yielded_this_epoch = True
                     yield samples[sample_order[j]], after
                 self.source.release(name)

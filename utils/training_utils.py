@@ -56,12 +56,27 @@ class TrainingMetrics:
     tokens_seen: int = 0
     shards_skipped: int = 0
     validation_metrics: dict[str, Any] = field(default_factory=dict)
+    """The latest validation (eval_loss, eval_perplexity, eval_tokens, eval_step) and the best one so far."""
+    best_from_validation: bool = False
+    """Set when the run validates: best_loss/best_step then follow the validation loss, not the training loss."""
 
     def record(self, step: int, loss: float, lr: float) -> None:
         self.loss_history = (self.loss_history + [{"step": step, "loss": loss}])[-self.history_length:]
         self.learning_rates = (self.learning_rates + [{"step": step, "lr": lr}])[-self.history_length:]
-        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
+        if (not self.best_from_validation and math.isfinite(loss)
+                and (self.best_loss is None or loss < self.best_loss)):
             self.best_loss, self.best_step = loss, step
+
+    def record_validation(self, step: int, results: dict[str, Any]) -> None:
+        """Stores a validation's results (keys eval_loss, ...); best_loss becomes the best eval_loss."""
+        loss = results["eval_loss"]
+        best = self.validation_metrics.get("best_eval_loss")
+        best_step = self.validation_metrics.get("best_eval_step")
+        if math.isfinite(loss) and (best is None or loss < best):
+            best, best_step = loss, step
+        self.validation_metrics = {**results, "eval_step": step, "best_eval_loss": best, "best_eval_step": best_step}
+        if self.best_from_validation and best is not None:
+            self.best_loss, self.best_step = best, best_step
 
     @property
     def current_loss(self) -> float | None:

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""train.py's speed on one GPU, in one call: tokens/s and MFU of the 1.2b preset at seq 2048 (bf16) with
+torch.compile on and off, activation checkpointing on and off, each at the largest micro-batch the memory
+preflight allows, plus a tiny-config smoke run of the default path.
+
+    python bench/gpu_bench.py                      # all variants, results in $OUT (or bench/gpu_results/)
+    python bench/gpu_bench.py --variants tiny,1.2b-compiled --budget-s 300
+
+Every variant is a real `python train.py` run on random-token shards made here, so the numbers include
+data loading, logging and the loop; throughput is the median of train.py's own logging windows after the
+first `--skip-windows` (which hold compilation and warm-up). A run that dies of out-of-memory is tried once
+more at 3/4 of the micro-batch. Peak GPU memory comes from nvidia-smi, polled. Writes gpu_bench.json
+(device, date, versions, one row per variant) and prints a Markdown table for bench/RESULTS.md.
+
+The GPU machine may lack packages that train.py imports but this benchmark never uses (google-cloud-storage
+and friends, zstandard): a sitecustomize.py put on train.py's PYTHONPATH stands in for them, and the results
+name what it stood in for. Without TensorBoard, Accelerate only warns; metrics.jsonl is what is read here.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from configs.training_config import ConfigError, config_from_dict  # noqa: E402
+from utils.performance import check_memory, flops_per_token  # noqa: E402
+
+# Packages train.py imports at start-up that a run on local data never calls into.
+STAND_IN_MODULES = ("google.cloud.storage", "google.cloud.storage.retry", "google.api_core",
+                    "google.api_core.exceptions", "google.auth", "google.auth.exceptions", "google_crc32c",
+                    "zstandard")
+SITECUSTOMIZE = '''"""Stand-ins by bench/gpu_bench.py for packages missing here; the benchmark never calls them."""
+import sys
+from importlib.util import find_spec
+from unittest import mock
+
+
+def _missing(name):
+    try:
+        return find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+for _name in {names!r}:
+    if _missing(_name):
+        _parts = _name.split(".")
+        for _i in range(1, len(_parts) + 1):
+            _prefix = ".".join(_parts[:_i])
+            if _prefix not in sys.modules and _missing(_prefix):
+                sys.modules[_prefix] = mock.MagicMock(name=_prefix)
+'''
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str
+    compile: bool | str
+    activation_checkpointing: bool
+    steps: int
+
+
+VARIANTS = {
+    "tiny": Variant("tiny", "tiny", "auto", False, 40),
+    "1.2b-eager": Variant("1.2b-eager", "1.2b", False, False, 30),
+    "1.2b-compiled": Variant("1.2b-compiled", "1.2b", True, False, 40),
+    "1.2b-compiled-ac": Variant("1.2b-compiled-ac", "1.2b", True, True, 25),
+    "1.2b-eager-ac": Variant("1.2b-eager-ac", "1.2b", False, True, 20),
+}
+
+
+def environment() -> dict:
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device_count": torch.cuda.device_count()}
+    for package in ("transformers", "accelerate"):
+        info[package] = __import__(package).__version__
+    if shutil.which("nvidia-smi"):
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip().splitlines()[0]
+    return info
+
+
+def make_stand_ins(folder: Path) -> list[str]:
+    """Writes the sitecustomize.py; returns what it stands in for on this machine."""
+    def missing(name: str) -> bool:
+        try:
+            return find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(names=STAND_IN_MODULES))
+    return [name for name in STAND_IN_MODULES if missing(name)]
+
+
+def make_shards(folder: Path, vocab_size: int, shards: int = 4, tokens: int = 2**21) -> None:
+    """Random-token shards: the model's speed does not depend on what the tokens are."""
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index in range(shards):
+        np.savez(folder / f"tokenized_{index:05d}.npz",
+                 input_ids=generator.integers(0, vocab_size, tokens, dtype=np.int32))
+
+
+def largest_micro_batch(values: dict, limit: int) -> int:
+    """The largest micro-batch (<= limit) the memory preflight lets through on this GPU."""
+    device = torch.device("cuda")
+    for micro_batch in range(limit, 0, -1):
+        try:
+            check_memory(config_from_dict({**values, "per_device_train_batch_size": micro_batch}, "bench"), device, 1)
+            return micro_batch
+        except ConfigError:
+            continue
+    return 1
+
+
+class MemoryPoller:
+    """Highest GPU memory nvidia-smi shows for processes other than this one while a run lasts (train.py's
+    CUDA context and caching allocator included)."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            result = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                     "--format=csv,noheader,nounits"], capture_output=True, text=True)
+            if result.returncode == 0:
+                rows = [line.split(",") for line in result.stdout.strip().splitlines() if "," in line]
+                used = sum(int(mib) for pid, mib in rows if int(pid) != os.getpid() and mib.strip().isdigit())
+                self.peak_mib = max(self.peak_mib, used)
+
+    def __enter__(self) -> "MemoryPoller":
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_every: int, skip: int,
+                timeout: float) -> dict:
+    folder = work / f"{variant.name}-mb{micro_batch}"
+    folder.mkdir()
+    values = {"model_preset": variant.preset, "data": str(work / f"data-{variant.preset}"),
+              "max_steps": variant.steps, "per_device_train_batch_size": micro_batch, "warmup_steps": 5,
+              "save_steps": 100_000, "logging_steps": log_every, "compile": variant.compile,
+              "activation_checkpointing": variant.activation_checkpointing,
+              "checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs")}
+    # The end-of-run checkpoint is not what is measured; its own folder is deleted after the run.
+    (folder / "config.json").write_text(json.dumps(values))
+    started = time.perf_counter()
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(folder / "config.json")]
+    with MemoryPoller() as memory:
+        try:
+            result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            result = subprocess.CompletedProcess(command, 124, "", f"timed out after {timeout:.0f} s")
+    row = {"variant": variant.name, "micro_batch": micro_batch, "compile": variant.compile,
+           "activation_checkpointing": variant.activation_checkpointing, "wall_s": time.perf_counter() - started,
+           "peak_memory_gib_nvidia_smi": memory.peak_mib / 1024 if memory.peak_mib else None}
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-5:]
+        row["error"] = " | ".join(tail)[-600:]
+        row["out_of_memory"] = "out of memory" in result.stderr.lower() or "OutOfMemoryError" in result.stderr
+        return row
+    records = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "tokens_per_sec" in r][skip:]
+    if not windows:
+        row["error"] = f"only {len(records)} logging windows; raise the variant's steps"
+        return row
+    row.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in windows),
+               mfu=statistics.median(r["mfu"] for r in windows) if windows[0]["mfu"] is not None else None,
+               windows=len(windows), final_loss=records[-1]["loss"],
+               speed_line=next((line for line in result.stderr.splitlines() if line.startswith("Speed:")), None))
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--budget-s", type=float, default=480, help="start no new variant after this many seconds")
+    parser.add_argument("--max-micro-batch", type=int, default=32)
+    parser.add_argument("--log-every", type=int, default=5, help="train.py's logging_steps (one window)")
+    parser.add_argument("--skip-windows", type=int, default=2, help="first windows left out (compile, warm-up)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO_ROOT / "bench" / "gpu_results")))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU visible; this benchmark measures the GPU path", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        print(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    info = environment()
+    print(json.dumps(info), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shims = work / "shims"
+        shims.mkdir()
+        info["stand_ins"] = make_stand_ins(shims)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shims), os.environ.get("PYTHONPATH")])),
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        make_shards(work / "data-tiny", 4096)
+        make_shards(work / "data-1.2b", 50257)
+        rows = []
+        for name in args.variants.split(","):
+            variant = VARIANTS[name]
+            if time.perf_counter() - start > args.budget_s:
+                rows.append({"variant": name, "error": "skipped: budget spent"})
+                continue
+            values = {"model_preset": variant.preset, "activation_checkpointing": variant.activation_checkpointing}
+            micro_batch = 8 if variant.preset == "tiny" else largest_micro_batch(values, args.max_micro_batch)
+            left = max(60.0, args.budget_s + 120 - (time.perf_counter() - start))
+            row = run_variant(variant, micro_batch, work, env, args.log_every, args.skip_windows, left)
+            if row.get("out_of_memory") and micro_batch > 1:
+                print(json.dumps(row), flush=True)
+                row = run_variant(variant, max(1, micro_batch * 3 // 4), work, env, args.log_every,
+                                  args.skip_windows, left)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "gpu_bench.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+    gflop = {preset: flops_per_token(config_from_dict({"model_preset": preset}, "bench").model_shape()) / 1e9
+             for preset in ("tiny", "1.2b")}
+    stand_ins = ", ".join(info["stand_ins"]) or "none"
+    print(f"\n{info['date']}: {info['device']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
+          f"{info['transformers']}, accelerate {info['accelerate']}; stand-ins: {stand_ins}")
+    print(f"GFLOP per token: 1.2b {gflop['1.2b']:.2f}, tiny {gflop['tiny']:.4f}\n")
+    print("| variant | micro-batch | tokens/s | MFU | peak GiB (nvidia-smi) | wall s |\n|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']} | {row.get('micro_batch', '-')} | {row['error'][:120]} | | | |")
+            continue
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        memory = f"{row['peak_memory_gib_nvidia_smi']:.1f}" if row["peak_memory_gib_nvidia_smi"] else "-"
+        print(f"| {row['variant']} | {row['micro_batch']} | {row['tokens_per_sec']:,.0f} | {mfu} | {memory} | "
+              f"{row['wall_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

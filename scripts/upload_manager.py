@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""See and finish checkpoint uploads, with the same uploader code as training.
+
+    python scripts/upload_manager.py status --config test          # local and remote side by side
+    python scripts/upload_manager.py list                          # local checkpoints and their upload state
+    python scripts/upload_manager.py upload checkpoint-epoch0-step50-files0
+    python scripts/upload_manager.py upload-all --config test      # every local checkpoint not yet verified
+
+The checkpoint folder and destination come from the config (checkpoint_dir, upload_destination) unless
+--checkpoint-dir / --destination are given. The upload state lives in <checkpoint_dir>/uploads.json,
+shared with a training run that may be running at the same time.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config  # noqa: E402
+from utils.checkpoint_utils import CheckpointError, list_checkpoints, parse_checkpoint_name  # noqa: E402
+from utils.storage import StorageError, is_gcs_url  # noqa: E402
+from utils.uploader import (UploadError, UploadManifest, Uploader, folder_size, human_size,  # noqa: E402
+                            open_destination, remote_checkpoints)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="test", help="test, production, tiny or the path of a JSON config")
+    common.add_argument("--checkpoint-dir", help="override the config's checkpoint_dir")
+    common.add_argument("--destination", help="override the config's upload_destination (gs://... or a folder)")
+    common.add_argument("--archive-format", choices=ARCHIVE_FORMATS, help="override the config's archive_format")
+    common.add_argument("--gcs-credentials", metavar="KEY.json", help="service-account key for gs:// access")
+    parser = argparse.ArgumentParser(description="See and finish checkpoint uploads.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", parents=[common], help="local and remote checkpoints side by side")
+    commands.add_parser("list", parents=[common], help="local checkpoints with size and upload state")
+    upload = commands.add_parser("upload", parents=[common], help="upload one checkpoint now (verified)")
+    upload.add_argument("name", help="checkpoint folder name, e.g. checkpoint-epoch0-step50-files0")
+    commands.add_parser("upload-all", parents=[common], help="upload every local checkpoint not yet verified")
+    return parser.parse_args(argv)
+
+
+class Settings:
+    """What the commands need from the config and flags; relative paths are taken from the repo root."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        config = load_config(args.config, {"checkpoint_dir": args.checkpoint_dir,
+                                           "upload_destination": args.destination,
+                                           "archive_format": args.archive_format,
+                                           "gcs_credentials": args.gcs_credentials})
+        self.checkpoint_dir = REPO_ROOT / config.checkpoint_dir
+        destination = config.upload_destination
+        if destination is not None and not is_gcs_url(destination):
+            destination = str(REPO_ROOT / destination)
+        self.destination = destination
+        self.archive_format = config.archive_format
+        self.attempts = config.upload_attempts
+        self.credentials = config.gcs_credentials
+
+    def uploader(self) -> Uploader:
+        if self.destination is None:
+            raise UploadError("the config sets no upload_destination; pass --destination gs://BUCKET/PREFIX or a folder")
+        return Uploader(open_destination(self.destination, self.credentials), self.checkpoint_dir,
+                        self.archive_format, background=False, attempts=self.attempts)
+
+
+def command_list(settings: Settings) -> int:
+    checkpoints = list_checkpoints(settings.checkpoint_dir)
+    records = UploadManifest(settings.checkpoint_dir, settings.destination or "").read()
+    if not checkpoints:
+        print(f"No checkpoints in {settings.checkpoint_dir}")
+        return 0
+    print(f"📁 {len(checkpoints)} checkpoint(s) in {settings.checkpoint_dir}:")
+    for index, info in enumerate(checkpoints, 1):
+        record = records.get(info.name)
+        state = record.state if record else "local"
+        print(f"{index:2d}. {info.name:40s} Step: {info.step:<8d} {human_size(folder_size(info.path)):>10s}  {state}")
+    return 0
+
+
+def command_status(settings: Settings) -> int:
+    uploader = settings.uploader()
+    local = {info.name: info for info in list_checkpoints(settings.checkpoint_dir)}
+    records = uploader.manifest.read()
+    remote = remote_checkpoints(uploader.storage)
+    names = sorted({*local, *records, *remote}, key=lambda name: (parse_checkpoint_name(name) or (0, 0, 0))[1:])
+    print(f"Local:  {settings.checkpoint_dir}\nRemote: {uploader.destination}")
+    print(f"{'CHECKPOINT':40s} {'LOCAL':>10s}  {'STATE':10s} {'REMOTE':>10s}  {'FORMAT':8s} {'CRC32C':10s} NOTE")
+    for name in names:
+        record = records.get(name)
+        state = record.state if record else ("local" if name in local else "remote")
+        local_size = human_size(folder_size(local[name].path)) if name in local else "-"
+        obj = remote[name][1] if name in remote else None
+        remote_size = human_size(obj.size) if obj else "-"
+        archive = obj.name[len(name) + 1:] if obj else "-"
+        crc = (record.crc32c if record and record.crc32c else (obj.crc32c if obj else None)) or "-"
+        note = ""
+        if record and record.state == "failed":
+            note = f"{record.attempts} attempt(s): {record.error}"
+        elif record and record.state == "uploaded" and obj is None:
+            note = "recorded as uploaded, but not found at the destination"
+        elif name in local and state != "uploaded":
+            note = "pending: upload-all uploads it"
+        print(f"{name:40s} {local_size:>10s}  {state:10s} {remote_size:>10s}  {archive:8s} {crc:10s} {note}")
+    return 0
+
+
+def command_upload(settings: Settings, names: list[str] | None) -> int:
+    uploader = settings.uploader()
+    local = [info.name for info in list_checkpoints(settings.checkpoint_dir)]
+    if names is None:  # upload-all
+        records = uploader.manifest.read()
+        skipped = [name for name in local if uploader.is_verified(name, records)]
+        names = [name for name in local if name not in skipped]
+        for name in skipped:
+            print(f"⏭️  {name}: already uploaded and verified")
+    for name in names:
+        if name not in local:
+            raise UploadError(f"checkpoint {name!r} not found in {settings.checkpoint_dir} "
+                              f"(existing: {', '.join(local) or 'none'})")
+    failed = []
+    for name in names:
+        uploader.submit(settings.checkpoint_dir / name)
+        if not uploader.is_verified(name):
+            failed.append(name)
+    print(f"{len(names) - len(failed)} uploaded, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        settings = Settings(args)
+        if args.command == "list":
+            return command_list(settings)
+        if args.command == "status":
+            return command_status(settings)
+        return command_upload(settings, [args.name] if args.command == "upload" else None)
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Two CPU processes started by run.sh (accelerate launch, gloo) train exactly what one process trains with
+the same global batch, and stop together when only one of them is signalled."""
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, read_metrics, run_train, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_sh_env(processes: int) -> dict[str, str]:
+    """run.sh starts one process per GPU through `accelerate launch`; here the GPUs are CPU processes."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GPUS_PER_MACHINE": str(processes),
+            "MAIN_PORT": str(free_port())}
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("step")[1].split("-")[0])
+
+
+def final_checkpoint(folder: Path) -> Path:
+    return max((folder / "checkpoints").glob("checkpoint-*"), key=step_of)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, sample_data: Path) -> None:
+    runs = {}
+    for processes, micro_batch in ((1, 4), (2, 2)):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        config = write_config(folder, sample_data, max_steps=4, save_steps=4, per_device_train_batch_size=micro_batch)
+        if processes == 1:
+            result = run_train("--config", str(config))
+        else:  # as a user starts it: run.sh's `accelerate launch`, here with two CPU "GPUs"
+            result = subprocess.run(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT,
+                                    env=run_sh_env(2), capture_output=True, text=True, timeout=240)
+            assert "x 2 processes" in result.stderr
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = folder
+
+    one, two = (read_metrics(runs[n] / "logs") for n in (1, 2))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["tokens_seen"] for r in one] == [r["tokens_seen"] for r in two]
+    for a, b in zip(one, two):
+        # Each process averages the loss of its half; DDP averages the gradients: the same mean over the
+        # same four samples. Only the order of float sums differs.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert one[0]["loss"] != one[1]["loss"]  # the steps saw different data, so equal losses are not a fluke
+
+    weights = [load_file(str(final_checkpoint(runs[n]) / "model.safetensors")) for n in (1, 2)]
+    assert weights[0].keys() == weights[1].keys()  # DDP's "module." prefix is not saved
+    for name, tensor in weights[0].items():
+        # AdamW moves each weight by up to lr (1e-3) a step; where a gradient is near zero, its update's
+        # size depends on float rounding, hence the absolute tolerance of 1% of one step.
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in final_checkpoint(runs[2]).iterdir()}
+
+
+def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1)
+    process = subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT, env=run_sh_env(2),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "logs" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+                   if "train.py" in " ".join(child.cmdline())]
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGTERM)  # only one worker hears it, as when one node is preempted
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # the test failed: leave no training processes behind
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+    saved = final_checkpoint(tmp_path)
+    assert "(stop requested)" in stdout, stderr[-3000:]
+    assert process.returncode != 0  # a stopped run is not a finished one
+    # The collective save completed (the other process took part), with both processes' RNG states.
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in saved.iterdir()}
+    assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"] < 100_000

@@ -1,0 +1,185 @@
+"""FLOPs and MFU arithmetic, the memory preflight, and the fast-path switches (utils/performance.py)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from conftest import MICRO_MODEL, read_metrics, run_train, write_config
+from configs.model_config import build_model_config, resolve_shape
+from configs.training_config import ConfigError, TrainingConfig, config_from_dict
+from utils import performance
+from utils.performance import (GIB, MemoryPlan, StopVote, check_memory, count_parameters, estimate_memory,
+                               flops_per_token, make_mfu_meter, peak_tflops_for, use_compile)
+
+SHAPE_12B = resolve_shape("1.2b")
+
+
+@pytest.mark.parametrize("preset, overrides", [("1.2b", {}), ("tiny", {}), ("tiny", MICRO_MODEL),
+                                               ("tiny", {"tie_word_embeddings": True})])
+def test_parameter_count_matches_the_built_model(preset: str, overrides: dict) -> None:
+    shape = resolve_shape(preset, overrides)
+    with torch.device("meta"):  # the 1.2b model without allocating its weights
+        model = GPTNeoXForCausalLM(build_model_config(shape))
+    counted = count_parameters(shape)
+    assert counted.total == sum(p.numel() for p in model.parameters())
+    assert counted.input_embedding == model.gpt_neox.embed_in.weight.numel()
+
+
+def test_flops_per_token_of_the_12b_preset() -> None:
+    counted = count_parameters(SHAPE_12B)
+    assert counted.total == 1_414_647_808  # Pythia-1.4B with the vocabulary padded to 50,304
+    # N without the input embedding (50,304 x 2,048), lm_head included.
+    assert counted.without_input_embedding == 1_414_647_808 - 50_304 * 2_048 == 1_311_625_216
+    assert flops_per_token(SHAPE_12B) == 6 * 1_311_625_216 + 12 * 24 * 2048 * 2048 == 9_077_710_848
+    assert flops_per_token(SHAPE_12B) == pytest.approx(9.08e9, rel=1e-3)  # the anchor benchmark's figure
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312),
+                                          ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_table(name: str, tflops: float | None) -> None:
+    assert peak_tflops_for(name) == tflops
+
+
+def test_mfu_of_known_throughputs() -> None:
+    h100 = performance.MfuMeter(flops_per_token(SHAPE_12B), 989e12, num_processes=8)
+    # 45k tokens/s per GPU on 8 GPUs: the published run of this shape, about 41% MFU.
+    assert h100.mfu(8 * 45_000) == pytest.approx(45_000 * 9_077_710_848 / 989e12)
+    assert h100.mfu(8 * 45_000) == pytest.approx(0.413, abs=1e-3)
+    assert performance.MfuMeter(1000, None, 1).mfu(1e6) is None
+
+
+def test_mfu_meter_needs_a_peak_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert make_mfu_meter(SHAPE_12B, cpu, 1, None).mfu(1000.0) is None
+    meter = make_mfu_meter(SHAPE_12B, cpu, 2, peak_tflops=2.0)
+    assert meter.mfu(100.0) == pytest.approx(100.0 * 9_077_710_848 / (2 * 2e12))
+
+
+def test_memory_estimate_matches_the_anchor_measurement() -> None:
+    # gpu_anchor_bench.py on an H200: eager bf16, micro-batch 8, peak 58 GiB allocated.
+    eager_mb8 = estimate_memory(SHAPE_12B, MemoryPlan(8, True, False, 1))
+    assert eager_mb8.total / GIB == pytest.approx(58, rel=0.05)
+    assert eager_mb8.weights + eager_mb8.gradients + eager_mb8.optimizer > 16 * 1_414_647_808  # fp32 + AdamW
+    checkpointed = estimate_memory(SHAPE_12B, MemoryPlan(8, True, True, 1))
+    assert checkpointed.activations < eager_mb8.activations / 2
+    sharded = estimate_memory(SHAPE_12B, MemoryPlan(8, True, False, 8))
+    assert sharded.optimizer == eager_mb8.optimizer // 8 and sharded.activations == eager_mb8.activations
+
+
+def config_for(**values: object) -> TrainingConfig:
+    return config_from_dict({"model_preset": "1.2b", **values}, "test")
+
+
+def with_usable(monkeypatch: pytest.MonkeyPatch, gib: float) -> None:
+    monkeypatch.setattr(performance, "usable_memory", lambda device, local: (int(gib * GIB), f"a {gib} GiB device"))
+
+
+def test_preflight_refuses_the_12b_model_on_a_24gb_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_usable(monkeypatch, 24 * performance.CPU_USABLE_FRACTION)
+    with pytest.raises(ConfigError) as error:
+        check_memory(config_for(per_device_train_batch_size=1), torch.device("cpu"), 1)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("memory preflight: the 1.2b model at micro-batch 1")
+    assert "would fit: the tiny config (--config tiny)" in message  # nothing else fits 21.6 GiB on a CPU
+    assert "fsdp" not in message and "--skip-preflight" in message
+
+
+def test_preflight_on_an_8gb_gpu_points_to_fsdp_and_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_usable(monkeypatch, 8 * 0.95 - 1)
+    with pytest.raises(ConfigError, match=r'would fit: "fsdp": true with "activation_checkpointing": true and '
+                                          r'"per_device_train_batch_size": 1 on at least \d+ GPUs, or the tiny config'):
+        check_memory(config_for(per_device_train_batch_size=4), torch.device("cuda"), 1)
+
+
+def test_preflight_on_an_h100(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_usable(monkeypatch, 79.1 * 0.95 - 1)
+    assert check_memory(config_for(per_device_train_batch_size=8), torch.device("cuda"), 1).total < 60 * GIB
+    with pytest.raises(ConfigError) as error:
+        check_memory(config_for(per_device_train_batch_size=16), torch.device("cuda"), 1)
+    message = str(error.value)
+    assert '"activation_checkpointing": true' in message
+    assert '"per_device_train_batch_size": 1' in message  # the largest that fits: 10, 11 ...
+    largest = int(message.split('"per_device_train_batch_size": ')[1].split(" ")[0])
+    assert 8 <= largest < 16
+    assert check_memory(config_for(per_device_train_batch_size=largest), torch.device("cuda"), 1)
+    check_memory(config_for(per_device_train_batch_size=16, activation_checkpointing=True), torch.device("cuda"), 1)
+
+
+def test_preflight_suggests_fsdp_when_the_optimizer_state_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_usable(monkeypatch, 24 * 0.95 - 1)  # eight 24 GiB GPUs: 22.6 GB of weights and AdamW state per GPU
+    with pytest.raises(ConfigError, match='would fit: "fsdp": true, or the tiny config'):
+        check_memory(config_for(per_device_train_batch_size=4), torch.device("cuda"), 8)
+    check_memory(config_for(per_device_train_batch_size=4, fsdp=True), torch.device("cuda"), 8)
+
+
+def test_fast_path_switches() -> None:
+    assert use_compile("auto", cuda=True) and not use_compile("auto", cuda=False)
+    assert use_compile(True, cuda=False) and not use_compile(False, cuda=True)
+    assert performance.dynamo_plugin(True, fsdp=False).backend.value == "INDUCTOR"
+    assert performance.dynamo_plugin(True, fsdp=True).use_regional_compilation
+    assert performance.dynamo_plugin(False, fsdp=False).backend.value == "NO"
+    with pytest.raises(ConfigError, match="compile must be"):
+        config_for(compile="always")
+    with pytest.raises(ConfigError, match="peak_tflops must be"):
+        config_for(peak_tflops=0)
+
+
+def test_activation_checkpointing_keeps_the_gradients() -> None:
+    shape = resolve_shape("tiny", MICRO_MODEL)
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(build_model_config(shape)).train()
+        if checkpointing:
+            performance.enable_activation_checkpointing(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.gpt_neox.gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+class FakeAccelerator:
+    """Two processes whose all-reduce is the identity: enough to see when StopVote reads a vote."""
+    num_processes = 2
+    device = torch.device("cpu")
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return tensor.clone()
+
+
+def test_stop_vote_counts_one_step_late_with_several_processes() -> None:
+    vote = StopVote(FakeAccelerator())
+    assert [vote.decide(requested) for requested in (False, True, False)] == [False, False, True]
+    single = FakeAccelerator()
+    single.num_processes = 1
+    assert StopVote(single).decide(True)  # one process stops at once
+
+
+def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, sample_data: Path) -> None:
+    huge = write_config(tmp_path, sample_data, model={**MICRO_MODEL, "hidden_size": 65536, "intermediate_size": 65536})
+    result = run_train("--config", str(huge))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: memory preflight: the tiny model")
+    assert not (tmp_path / "checkpoints").exists()
+
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    result = run_train("--config", str(config), "--peak-tflops", "0.001")
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape = resolve_shape("tiny", MICRO_MODEL)
+    for record in read_metrics(tmp_path / "logs"):
+        assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * flops_per_token(shape) / 1e9)
+    assert "MFU against 0.001 TFLOP/s per process" in result.stderr
+    saved = json.loads(next((tmp_path / "checkpoints").glob("checkpoint-*/training_config.json")).read_text())
+    assert saved["peak_tflops"] == 0.001 and saved["memory_preflight"] is True
+
+
+def test_fsdp_is_refused_without_gpus() -> None:
+    from train import make_accelerator
+    with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
+        make_accelerator(config_for(fsdp=True))

@@ -1,0 +1,301 @@
+"""utils/uploader.py and scripts/upload_manager.py against a local folder and fake-gcs-server (no training)."""
+import filecmp
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
+from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
+from scripts import upload_manager
+from utils.storage import crc32c_of_file, open_storage
+from utils.uploader import (HashingWriter, Uploader, UploadError, check_fresh_destination, download_checkpoint,
+                            extract_archive,
+                            locate_checkpoint, open_destination, write_archive)
+
+STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
+
+
+def make_checkpoint(checkpoint_dir: Path, name: str, seed: int = 0, size: int = 300_000) -> Path:
+    """A folder shaped like a checkpoint: random-like weights, JSON files and a nested folder."""
+    folder = checkpoint_dir / name
+    (folder / "nested").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(seed).bytes(size))
+    (folder / "metadata.json").write_text(json.dumps({"step": int(name.split("step")[1].split("-")[0])}))
+    (folder / "nested" / "random_states_0.pkl").write_bytes(bytes(range(256)) * 10)
+    return folder
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    comparison = filecmp.dircmp(a, b)
+    files = [p.relative_to(a) for p in a.rglob("*") if p.is_file()]
+    return (not comparison.left_only and not comparison.right_only
+            and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+            and sorted(files) == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()))
+
+
+def records(checkpoint_dir: Path) -> dict[str, Any]:
+    return json.loads((checkpoint_dir / "uploads.json").read_text())["checkpoints"]
+
+
+@pytest.mark.parametrize("archive_format", ARCHIVE_FORMATS)
+def test_archive_round_trip_is_deterministic_and_measured(tmp_path: Path, archive_format: str) -> None:
+    folder = make_checkpoint(tmp_path / "checkpoints", STEP4)
+    archive = tmp_path / f"{STEP4}.{archive_format}"
+    with open(archive, "wb") as handle:
+        sink = HashingWriter(handle)
+        write_archive(folder, sink, archive_format)
+    assert sink.size == archive.stat().st_size and sink.crc32c == crc32c_of_file(archive)
+    again = HashingWriter()
+    write_archive(folder, again, archive_format)
+    assert (again.size, again.crc32c) == (sink.size, sink.crc32c)  # same bytes: an identical remote counts as done
+    restored = extract_archive(archive, archive_format, tmp_path / "restored", STEP4)
+    assert restored == tmp_path / "restored" / STEP4 and same_tree(folder, restored)
+    assert not list((tmp_path / "restored").glob(".tmp-*"))
+
+
+def test_original_tar_gz_from_the_tar_tool_is_readable(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "checkpoints", STEP4)
+    archive = tmp_path / f"{STEP4}.tar.gz"
+    shutil.make_archive(str(tmp_path / STEP4), "gztar", root_dir=folder.parent, base_dir=STEP4)
+    assert same_tree(folder, extract_archive(archive, "tar.gz", tmp_path / "restored", STEP4))
+
+
+def test_an_archive_with_foreign_entries_is_refused(tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path / "checkpoints", STEP8)
+    archive = tmp_path / "bad.tar"
+    with open(archive, "wb") as handle:
+        write_archive(other, handle, "tar")
+    with pytest.raises(UploadError, match="outside"):
+        extract_archive(archive, "tar", tmp_path / "restored", STEP4)
+    assert not (tmp_path / "restored" / STEP4).exists() and not list((tmp_path / "restored").iterdir())
+
+
+def test_config_validates_upload_fields() -> None:
+    assert TrainingConfig(upload_destination="gs://bucket/Checkpoints", archive_format="tar").archive_format == "tar"
+    with pytest.raises(ConfigError, match="archive_format"):
+        TrainingConfig(archive_format="zip")
+    with pytest.raises(ConfigError, match="upload_workers"):
+        TrainingConfig(upload_workers=0)
+    with pytest.raises(ConfigError, match="names no bucket"):
+        TrainingConfig(upload_destination="gs://")
+
+
+def test_local_folder_round_trip_and_resume_lookup(tmp_path: Path) -> None:
+    checkpoints, dest = tmp_path / "checkpoints", tmp_path / "uploads"
+    folder = make_checkpoint(checkpoints, STEP4)
+    uploader = Uploader(open_destination(str(dest)), checkpoints, "tar.zst", retry_delay_s=0.05)
+    uploader.submit(folder)
+    assert uploader.wait(30) == []
+    remote = dest / f"{STEP4}.tar.zst"
+    record = records(checkpoints)[STEP4]
+    assert record["state"] == "uploaded" and record["remote_url"] == str(remote) and record["attempts"] == 1
+    assert record["size"] == remote.stat().st_size and record["crc32c"] == crc32c_of_file(remote)
+    assert json.loads((checkpoints / "uploads.json").read_text())["destination"] == str(dest)
+
+    elsewhere = tmp_path / "other-machine"
+    info, obj = locate_checkpoint(elsewhere, "latest", uploader.storage)
+    assert info.step == 4 and obj is not None and not info.path.exists()
+    download_checkpoint(uploader.storage, obj, elsewhere)
+    assert same_tree(folder, elsewhere / STEP4)
+    assert records(elsewhere)[STEP4]["state"] == "uploaded"  # not uploaded again from there
+    with pytest.raises(UploadError, match="not found .*existing: " + STEP4):
+        locate_checkpoint(elsewhere, STEP8, uploader.storage)
+
+
+def test_gcs_round_trip_with_crc32c(tmp_path: Path, gcs_server: GCSEmulator) -> None:
+    gcs_server.create_bucket("ckpts")
+    checkpoints = tmp_path / "checkpoints"
+    folder = make_checkpoint(checkpoints, STEP4)
+    uploader = Uploader(open_destination("gs://ckpts/Checkpoints"), checkpoints, "tar", retry_delay_s=0.05)
+    uploader.submit(folder)
+    assert uploader.wait(60) == []
+    stored = open_storage("gs://ckpts/Checkpoints").stat(f"{STEP4}.tar")
+    record = records(checkpoints)[STEP4]
+    assert stored is not None and record["state"] == "uploaded"
+    assert (record["size"], record["crc32c"]) == (stored.size, stored.crc32c)
+    assert record["remote_url"] == f"gs://ckpts/Checkpoints/{STEP4}.tar"
+
+    shutil.rmtree(folder)
+    info, obj = locate_checkpoint(checkpoints, "latest", uploader.storage)
+    assert obj is not None
+    download_checkpoint(uploader.storage, obj, checkpoints)
+    with open(tmp_path / "again.tar", "wb") as handle:
+        write_archive(info.path, handle, "tar")
+    assert crc32c_of_file(tmp_path / "again.tar") == stored.crc32c  # the unpacked copy is the same checkpoint
+
+
+def test_name_collision_identical_is_done_different_is_a_clear_error(tmp_path: Path, gcs_server: GCSEmulator) -> None:
+    gcs_server.create_bucket("ckpts")
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    make_checkpoint(first, STEP4)
+    shutil.copytree(first, second)  # the same checkpoint on another machine (copy2 keeps mtimes)
+    make_checkpoint(first, STEP8, seed=1)
+    make_checkpoint(second, STEP8, seed=2)  # same name, different weights
+    storage = open_destination("gs://ckpts/ck")
+    uploader = Uploader(storage, first, "tar.zst", background=False, retry_delay_s=0.05)
+    uploader.submit_pending()
+    before = {o.name: o.generation for o in storage.list()}
+
+    other = Uploader(storage, second, "tar.zst", background=False, retry_delay_s=0.05)
+    other.submit_pending()
+    result = records(second)
+    assert result[STEP4]["state"] == "uploaded"
+    assert result[STEP8]["state"] == "failed" and result[STEP8]["attempts"] == 1
+    assert "already exists and differs" in result[STEP8]["error"] and "refusing to overwrite" in result[STEP8]["error"]
+    assert {o.name: o.generation for o in storage.list()} == before  # nothing overwritten
+    assert other.prune(1) == [STEP4]  # the conflicting one is never deleted locally
+    assert (second / STEP8).is_dir()
+
+
+class _StopOnFirstWrite:
+    """Wraps a Storage: the first upload stream stops the emulator once its first bytes are written, and a
+    thread starts it again after `outage_s`."""
+
+    def __init__(self, inner: Any, server: GCSEmulator, outage_s: float) -> None:
+        self.inner, self.server, self.outage_s = inner, server, outage_s
+        self.url, self.auth = inner.url, inner.auth
+        self.stopped = threading.Event()
+        self.restart: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open_writer(self, name: str) -> Any:
+        writer = self.inner.open_writer(name)
+        outer = self
+        original_write = writer.write
+
+        def write(data: bytes) -> int:
+            if not outer.stopped.is_set():
+                outer.stopped.set()
+                outer.server.stop()
+                outer.restart = threading.Timer(outer.outage_s, outer.server.start)
+                outer.restart.start()
+            return original_write(data)
+
+        writer.write = write
+        return writer
+
+
+def test_emulator_stopped_mid_upload_is_retried_and_nothing_is_deleted_meanwhile(
+        tmp_path: Path, gcs_server: GCSEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCS_RETRY_DEADLINE_S", "1")  # the client gives up fast, so the uploader's retry must act
+    monkeypatch.setenv("GCS_TIMEOUT_S", "2")
+    gcs_server.create_bucket("ckpts")
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, STEP4)
+    storage = _StopOnFirstWrite(open_destination("gs://ckpts/ck"), gcs_server, outage_s=3.0)
+    uploader = Uploader(storage, checkpoints, "tar", attempts=8, retry_delay_s=0.5)  # type: ignore[arg-type]
+    uploader.submit(checkpoints / STEP4)
+    assert storage.stopped.wait(30)
+    make_checkpoint(checkpoints, STEP8)
+    assert uploader.prune(1) == []  # STEP4 is not verified yet: kept, though beyond keep=1
+    assert uploader.wait(120) == []
+    record = records(checkpoints)[STEP4]
+    assert record["state"] == "uploaded" and record["attempts"] >= 2
+    stored = open_storage("gs://ckpts/ck").stat(f"{STEP4}.tar")
+    assert stored is not None and stored.crc32c == record["crc32c"]
+    assert uploader.prune(1) == [STEP4]  # verified now, so it may go
+
+
+def test_upload_manager_finishes_what_failed_during_an_outage(
+        tmp_path: Path, gcs_server: GCSEmulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("GCS_RETRY_DEADLINE_S", "1")
+    monkeypatch.setenv("GCS_TIMEOUT_S", "2")
+    gcs_server.create_bucket("ckpts")
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, STEP4)
+    make_checkpoint(checkpoints, STEP8)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"checkpoint_dir": str(checkpoints), "upload_destination": "gs://ckpts/ck",
+                                  "archive_format": "tar.gz", "upload_attempts": 2}))
+    assert upload_manager.main(["upload", STEP4, "--config", str(config)]) == 0
+    gcs_server.stop()
+    uploader = Uploader(open_storage("gs://ckpts/ck"), checkpoints, "tar.gz", background=False, attempts=2,
+                        retry_delay_s=0.05, keep_local=1)
+    uploader.submit(checkpoints / STEP8)
+    assert records(checkpoints)[STEP8]["state"] == "failed" and records(checkpoints)[STEP8]["attempts"] == 2
+    assert (checkpoints / STEP8).is_dir()
+    gcs_server.start()
+    capsys.readouterr()
+
+    assert upload_manager.main(["status", "--config", str(config)]) == 0
+    status = capsys.readouterr().out
+    row4 = next(line for line in status.splitlines() if line.startswith(STEP4))
+    row8 = next(line for line in status.splitlines() if line.startswith(STEP8))
+    assert "uploaded" in row4 and "tar.gz" in row4 and "failed" in row8 and "2 attempt(s)" in row8
+
+    assert upload_manager.main(["upload-all", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{STEP4}: already uploaded and verified" in out and "1 uploaded, 0 failed" in out
+    assert records(checkpoints)[STEP8]["state"] == "uploaded" and records(checkpoints)[STEP8]["attempts"] == 3
+    assert upload_manager.main(["list", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("uploaded") == 2
+
+
+def test_upload_manager_bad_input_is_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"checkpoint_dir": str(tmp_path / "checkpoints"),
+                                  "upload_destination": str(tmp_path / "up")}))
+    assert upload_manager.main(["upload", STEP4, "--config", str(config)]) == 2
+    assert f"checkpoint '{STEP4}' not found" in capsys.readouterr().err
+    config.write_text(json.dumps({"checkpoint_dir": str(tmp_path / "checkpoints")}))
+    assert upload_manager.main(["status", "--config", str(config)]) == 2
+    assert "no upload_destination" in capsys.readouterr().err
+
+
+def test_a_fresh_run_refuses_a_destination_that_holds_checkpoints(tmp_path: Path) -> None:
+    dest = tmp_path / "uploads"
+    storage = open_destination(str(dest))
+    check_fresh_destination(storage)  # empty: fine
+    (dest / f"{STEP8}.tar.zst").write_bytes(b"an earlier run's checkpoint")
+    (dest / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(UploadError, match=f"already holds checkpoints \\(newest {STEP8}\\).*--resume latest"):
+        check_fresh_destination(storage)
+
+
+class _Gated:
+    """Wraps a Storage: every upload stream waits until `gate` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.url, self.auth = inner, inner.url, inner.auth
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open_writer(self, name: str) -> Any:
+        assert self.gate.wait(60)
+        return self.inner.open_writer(name)
+
+
+def test_a_full_queue_keeps_checkpoints_local_until_a_place_frees(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    names = [f"checkpoint-epoch0-step{step}-files0" for step in (2, 4, 6, 8)]
+    storage = _Gated(open_destination(str(tmp_path / "uploads")))
+    uploader = Uploader(storage, checkpoints, "tar", queue_size=1)  # type: ignore[arg-type]
+    for index, name in enumerate(names):
+        uploader.submit(make_checkpoint(checkpoints, name, seed=index))
+        if index == 0:  # let the worker take the first one and block on the gate
+            assert _wait_for(lambda: records(checkpoints)[names[0]]["state"] == "uploading")
+    states = {name: record["state"] for name, record in records(checkpoints).items()}
+    assert states == {names[0]: "uploading", names[1]: "queued", names[2]: "local", names[3]: "local"}
+    assert uploader.unfinished() == names
+    storage.gate.set()
+    assert uploader.wait(60) == []
+    assert all(records(checkpoints)[name]["state"] == "uploaded" for name in names)
+
+
+def _wait_for(condition: Any, timeout: float = 30) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
