@@ -11,6 +11,7 @@ next refresh.
 """
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -402,6 +403,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # A process started in the background by a non-interactive shell inherits an ignored SIGINT; restore
+    # Ctrl+C so that it always stops the monitor cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         view = build_view(args)
         if args.once and not view.log_dir.is_dir() and not view.checkpoint_dir.is_dir():
