@@ -12,9 +12,10 @@ first `--skip-windows` (which hold compilation and warm-up). A run that dies of 
 more at 3/4 of the micro-batch. Peak GPU memory comes from nvidia-smi, polled. Writes gpu_bench.json
 (device, date, versions, one row per variant) and prints a Markdown table for bench/RESULTS.md.
 
-The GPU machine may lack packages that train.py imports but this benchmark never uses (google-cloud-storage
-and friends, zstandard): a sitecustomize.py put on train.py's PYTHONPATH stands in for them, and the results
-name what it stood in for. Without TensorBoard, Accelerate only warns; metrics.jsonl is what is read here.
+On a lent GPU machine, which lacks the GCS and archive packages train.py imports, run it through
+bench/gpu_check.sh (prepared here by bench/prepare_gpu_check.sh), which installs them from carried wheels
+and runs the bare-model anchor on the same card. Without TensorBoard, Accelerate only warns;
+metrics.jsonl is what is read here.
 """
 import argparse
 import json
@@ -40,31 +41,10 @@ import torch  # noqa: E402
 from configs.training_config import ConfigError, config_from_dict  # noqa: E402
 from utils.performance import check_memory, flops_per_token  # noqa: E402
 
-# Packages train.py imports at start-up that a run on local data never calls into.
-STAND_IN_MODULES = ("google.cloud.storage", "google.cloud.storage.retry", "google.api_core",
-                    "google.api_core.exceptions", "google.auth", "google.auth.exceptions", "google_crc32c",
-                    "zstandard")
-SITECUSTOMIZE = '''"""Stand-ins by bench/gpu_bench.py for packages missing here; the benchmark never calls them."""
-import sys
-from importlib.util import find_spec
-from unittest import mock
+# Packages train.py imports at start-up that a lent GPU machine's image lacks.
+TRAIN_IMPORTS = ("google.cloud.storage", "google_crc32c", "zstandard")
 
 
-def _missing(name):
-    try:
-        return find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
-
-
-for _name in {names!r}:
-    if _missing(_name):
-        _parts = _name.split(".")
-        for _i in range(1, len(_parts) + 1):
-            _prefix = ".".join(_parts[:_i])
-            if _prefix not in sys.modules and _missing(_prefix):
-                sys.modules[_prefix] = mock.MagicMock(name=_prefix)
-'''
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -72,11 +52,14 @@ class Variant:
     compile: bool | str
     activation_checkpointing: bool
     steps: int
+    micro_batch: int | None = None  # None: the largest the memory preflight allows
 
 
 VARIANTS = {
-    "tiny": Variant("tiny", "tiny", "auto", False, 40),
+    "tiny": Variant("tiny", "tiny", "auto", False, 40, micro_batch=8),
     "1.2b-eager": Variant("1.2b-eager", "1.2b", False, False, 30),
+    # The anchor's (../shared/bench/gpu_anchor_bench.py) micro-batch, for a like-for-like comparison.
+    "1.2b-compiled-mb8": Variant("1.2b-compiled-mb8", "1.2b", True, False, 40, micro_batch=8),
     "1.2b-compiled": Variant("1.2b-compiled", "1.2b", True, False, 40),
     "1.2b-compiled-ac": Variant("1.2b-compiled-ac", "1.2b", True, True, 25),
     "1.2b-eager-ac": Variant("1.2b-eager-ac", "1.2b", False, True, 20),
@@ -96,16 +79,11 @@ def environment() -> dict:
     return info
 
 
-def make_stand_ins(folder: Path) -> list[str]:
-    """Writes the sitecustomize.py; returns what it stands in for on this machine."""
-    def missing(name: str) -> bool:
-        try:
-            return find_spec(name) is None
-        except (ImportError, ValueError):
-            return True
-
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(names=STAND_IN_MODULES))
-    return [name for name in STAND_IN_MODULES if missing(name)]
+def importable(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def make_shards(folder: Path, vocab_size: int, shards: int = 4, tokens: int = 2**21) -> None:
@@ -211,6 +189,11 @@ def main() -> int:
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    missing = [name for name in TRAIN_IMPORTS if not importable(name)]
+    if missing:
+        print(f"error: train.py needs {', '.join(missing)}, missing here; on a lent GPU machine run "
+              "bench/gpu_check.sh with the wheels bench/prepare_gpu_check.sh makes", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     info = environment()
@@ -218,11 +201,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shims = work / "shims"
-        shims.mkdir()
-        info["stand_ins"] = make_stand_ins(shims)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shims), os.environ.get("PYTHONPATH")])),
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         make_shards(work / "data-tiny", 4096)
         make_shards(work / "data-1.2b", 50257)
         rows = []
@@ -232,7 +211,7 @@ def main() -> int:
                 rows.append({"variant": name, "error": "skipped: budget spent"})
                 continue
             values = {"model_preset": variant.preset, "activation_checkpointing": variant.activation_checkpointing}
-            micro_batch = 8 if variant.preset == "tiny" else largest_micro_batch(values, args.max_micro_batch)
+            micro_batch = variant.micro_batch or largest_micro_batch(values, args.max_micro_batch)
             left = max(60.0, args.budget_s + 120 - (time.perf_counter() - start))
             row = run_variant(variant, micro_batch, work, env, args.log_every, args.skip_windows, left)
             if row.get("out_of_memory") and micro_batch > 1:
@@ -245,9 +224,8 @@ def main() -> int:
 
     gflop = {preset: flops_per_token(config_from_dict({"model_preset": preset}, "bench").model_shape()) / 1e9
              for preset in ("tiny", "1.2b")}
-    stand_ins = ", ".join(info["stand_ins"]) or "none"
     print(f"\n{info['date']}: {info['device']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
-          f"{info['transformers']}, accelerate {info['accelerate']}; stand-ins: {stand_ins}")
+          f"{info['transformers']}, accelerate {info['accelerate']}")
     print(f"GFLOP per token: 1.2b {gflop['1.2b']:.2f}, tiny {gflop['tiny']:.4f}\n")
     print("| variant | micro-batch | tokens/s | MFU | peak GiB (nvidia-smi) | wall s |\n|---|---:|---:|---:|---:|---:|")
     for row in rows:
