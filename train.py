@@ -29,18 +29,19 @@ from transformers import GPTNeoXForCausalLM
 from configs.model_config import build_model_config, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig, load_config
 from scripts.export_hf import ExportError, check_export_target, export_checkpoint
-from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, list_checkpoints,
-                                    prune_checkpoints, read_json, remove_incomplete_saves,
-                                    save_checkpoint, system_info)
-from utils.data_utils import (BatchLoader, DataError, DataPosition, StreamSpec, data_state, position_from_state,
-                              select_shards)
+from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, list_checkpoints, load_state,
+                                    prune_checkpoints, read_json, remove_incomplete_saves, save_checkpoint,
+                                    system_info)
+from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavailableError, StreamSpec, data_state,
+                              position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
 from utils.performance import (MfuMeter, StopVote, check_memory, describe_fast_path, dynamo_plugin,
                                enable_activation_checkpointing, enable_tf32, fsdp_plugin, make_mfu_meter,
                                use_compile)
 from utils.shard_cache import open_shard_source
 from utils.storage import Storage, is_gcs_url
-from utils.training_utils import StopRequest, TrainingMetrics, lr_multiplier, parameter_groups
+from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, lr_multiplier,
+                                  parameter_groups)
 from utils.uploader import (Uploader, check_fresh_destination, fetch_for_resume, locate_checkpoint, open_destination,
                             uploader_for_run)
 
@@ -219,7 +220,11 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
     step, position = 0, DataPosition()
     metrics = TrainingMetrics(history_length=config.loss_history_length, best_from_validation=evaluator is not None)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        load_state(accelerator, resume_path)
+        for change in apply_optimizer_settings(optimizer.optimizer, scheduler.scheduler, config.learning_rate,
+                                               (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+                                               config.weight_decay):
+            log.info(f"Changed since {resume_path.name}: {change}")
         accelerator.step = 0  # we do our own accumulation; keep Accelerate's micro-step counter neutral
         step = read_json(resume_path / "metadata.json")["step"]
         position = position_from_state(spec, read_json(resume_path / "data_state.json"), resume_path.name)
@@ -327,6 +332,7 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                 window_loss += loss.detach()
                 pending_position = batch.position
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate (scheduler.step() sets the next one's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -344,7 +350,6 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             if step % config.logging_steps == 0 or should_save:
                 loss_value = (accelerator.reduce(window_loss, reduction="mean") / (window_steps * accumulation)).item()
                 elapsed = time.perf_counter() - window_start
-                lr = scheduler.get_last_lr()[0]
                 metrics.record(step, loss_value, lr)
                 record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_seen": metrics.tokens_seen,
@@ -379,9 +384,13 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             window_start += time.perf_counter() - pause_start
             if stop_now:
                 return stop.exit_code
-    except DataError:
-        # The last completed step is consistent on disk-to-be: save it so no progress is lost.
-        if step > last_saved_step:
+    except DataError as error:
+        # The last completed step is consistent: save it so no progress is lost. A bad shard stops every
+        # process at the same micro-batch (they all walk the same stream), so they save together. A shard
+        # one process could not fetch stops that one alone: a collective save would wait forever for the
+        # others, so it exits without saving and the launcher stops the rest (the last checkpoint stands).
+        alone = isinstance(error, ShardUnavailableError) and accelerator.num_processes > 1
+        if step > last_saved_step and not alone:
             save("data error")
         raise
     finally:

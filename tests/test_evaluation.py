@@ -6,6 +6,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -106,6 +107,17 @@ def test_small_validation_set_uses_one_pass_only(sample_data: Path) -> None:
     assert len({tuple(row.tolist()) for row in samples}) == len(samples)  # no sample counted twice
     with pytest.raises(DataError, match="fewer than one batch"):
         read_validation_batches(data, spec, batch_size=len(samples) + 4, rank=0, world_size=1, max_batches=3)
+
+
+def test_validation_set_of_half_a_batch_is_refused_not_read_twice(tmp_path: Path) -> None:
+    np.savez(tmp_path / "tokenized_a.npz", input_ids=np.arange(1, 2 * 8 + 1))  # exactly 2 samples of 8 tokens
+    data = ValidationData(LocalShardSource(tmp_path, "tokenized_*.npz"), ("tokenized_a.npz",))
+    spec = StreamSpec(("unused",), 8, 1, 100, None)
+    assert len(read_validation_batches(data, spec, batch_size=2, rank=0, world_size=1, max_batches=5)) == 1
+    # A batch of 4 would be both samples twice, ending exactly where a third pass would begin.
+    for batch_size, world_size in ((4, 1), (2, 2)):
+        with pytest.raises(DataError, match="fewer than one batch"):
+            read_validation_batches(data, spec, batch_size, rank=0, world_size=world_size, max_batches=5)
 
 
 # --- train.py end to end -----------------------------------------------------------------------

@@ -13,8 +13,8 @@ from conftest import read_metrics, run_train, write_config
 from gcs_emulator import GCSEmulator, free_port, gcs_server  # noqa: F401  (fixture)
 from configs.training_config import ConfigError, config_from_dict
 from train import config_from_args, parse_args
-from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, epoch_shard_order,
-                              select_shards)
+from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, ShardUnavailableError, StreamSpec,
+                              epoch_shard_order, select_shards)
 from utils.shard_cache import CachedShardSource, cache_folder
 from utils.storage import open_storage
 
@@ -118,25 +118,40 @@ def test_a_shard_in_use_elsewhere_is_never_evicted_and_is_downloaded_once(gcs_se
     second.close()
 
 
-def test_bad_shards_follow_the_skip_policy(gcs_server: GCSEmulator, tmp_path: Path) -> None:
+def test_bad_shards_follow_the_skip_policy_but_unfetchable_ones_always_stop(gcs_server: GCSEmulator,
+                                                                           tmp_path: Path) -> None:
     paths = make_shards(tmp_path / "shards", count=4, samples=2)
     (tmp_path / "shards" / "tokenized_00001.npz").write_bytes(b"PK\x03\x04 truncated")
     upload(gcs_server, "bucket", "", paths)
     source = source_for(tmp_path, "gs://bucket")
     shards = tuple(source.list_shards())
-    open_storage("gs://bucket").delete("tokenized_00002.npz")  # gone after listing: stays unreadable
     spec = StreamSpec(shards, SEQ_LEN, 1234, 4096, None)
 
+    # A shard whose content is bad is skipped under skip_bad_shards...
     loader = BatchLoader(source, spec, 2, 0, 1, DataPosition(), skip_bad_shards=True)
-    batches = [next(loader) for _ in range(3)]  # one batch per good shard: the third is in epoch 1
+    batches = [next(loader) for _ in range(4)]  # one batch per good shard: the fourth is in epoch 1
     loader.close()
-    assert batches[2].position.epoch == 1 and batches[2].position.shards_skipped >= 2
+    assert batches[3].position.epoch == 1 and 1 <= batches[3].position.shards_skipped <= 2  # once per epoch
 
     loader = BatchLoader(source, spec, 2, 0, 1, DataPosition(), skip_bad_shards=False)
-    with pytest.raises(DataError, match=r"tokenized_0000[12]\.npz"):
+    with pytest.raises(DataError, match=r"tokenized_00001\.npz: unreadable"):
         for _ in range(4):
             next(loader)
     loader.close()
+
+    # ...but one that cannot be fetched is not the data's fault (here gone after the listing; a network
+    # outage or a full local disk alike): skipping it would silently drop data, so training stops.
+    (tmp_path / "second").mkdir()
+    uncached = source_for(tmp_path / "second", "gs://bucket")
+    assert tuple(uncached.list_shards()) == shards
+    open_storage("gs://bucket").delete("tokenized_00002.npz")
+    loader = BatchLoader(uncached, spec, 2, 0, 1, DataPosition(), skip_bad_shards=True)
+    with pytest.raises(ShardUnavailableError, match=r"tokenized_00002\.npz: not found"):
+        for _ in range(4):
+            batch = next(loader)
+            assert batch.position.shards_skipped <= 1  # only the truncated shard was skipped
+    loader.close()
+    uncached.close()
     source.close()
 
 

@@ -1,9 +1,11 @@
 """Two CPU processes started by run.sh (accelerate launch, gloo) train exactly what one process trains with
-the same global batch, and stop together when only one of them is signalled."""
+the same global batch, stop together when only one of them is signalled, and stop without hanging when one
+cannot fetch a shard."""
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,3 +97,23 @@ def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sampl
     # The collective save completed (the other process took part), with both processes' RNG states.
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in saved.iterdir()}
     assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"] < 100_000
+
+
+def test_a_shard_one_process_cannot_fetch_stops_the_run_instead_of_hanging(tmp_path: Path,
+                                                                          sample_data: Path) -> None:
+    # The other process cannot know: a collective save would wait for it forever. The failing process
+    # exits with its error line and the launcher stops the other; the checkpoints saved before stand.
+    config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=2, prefetch_batches=1)
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO_ROOT / "tests" / "train_with_failing_fetch.py"), "--config", str(config)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**run_sh_env(2), "FAIL_AT": "4"}, capture_output=True,
+                            text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: tokenized_" in output and "download failed (injected, rank 1 only)" in output
+    saved = list((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert saved  # training went on until the failure
+    for checkpoint in saved:  # each written by both processes together
+        assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {
+            path.name for path in checkpoint.iterdir()}

@@ -31,9 +31,16 @@ def test_flops_per_token_of_the_12b_preset() -> None:
     counted = count_parameters(SHAPE_12B)
     assert counted.total == 1_414_647_808  # Pythia-1.4B with the vocabulary padded to 50,304
     # N without the input embedding (50,304 x 2,048), lm_head included.
-    assert counted.without_input_embedding == 1_414_647_808 - 50_304 * 2_048 == 1_311_625_216
+    assert counted.in_matmuls == 1_414_647_808 - 50_304 * 2_048 == 1_311_625_216
     assert flops_per_token(SHAPE_12B) == 6 * 1_311_625_216 + 12 * 24 * 2048 * 2048 == 9_077_710_848
     assert flops_per_token(SHAPE_12B) == pytest.approx(9.08e9, rel=1e-3)  # the anchor benchmark's figure
+
+
+def test_tied_embeddings_do_not_change_the_flops() -> None:
+    # The shared matrix is still the output projection, a matmul per token; only the lookup is free.
+    tied, untied = (resolve_shape("tiny", {"tie_word_embeddings": tie}) for tie in (True, False))
+    assert count_parameters(tied).total == count_parameters(untied).total - count_parameters(untied).input_embedding
+    assert flops_per_token(tied) == flops_per_token(untied)
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from conftest import REPO_ROOT, read_metrics, run_train, write_config
 from train import check_process_group
 from configs.training_config import ConfigError
 from utils.data_utils import epoch_shard_order
+from utils.training_utils import lr_multiplier
 
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
                     "training_config.json", "metadata.json", "training_metrics.json", "data_state.json"}
@@ -82,6 +84,37 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, sample_
     state_a = json.loads((straight / "checkpoints" / checkpoints(straight)[-1] / "data_state.json").read_text())
     state_b = json.loads((split / "checkpoints" / checkpoints(split)[-1] / "data_state.json").read_text())
     assert state_a == state_b
+
+
+def test_logged_learning_rate_is_the_one_each_step_used_and_a_resume_applies_a_changed_config(
+        tmp_path: Path, sample_data: Path) -> None:
+    options = dict(max_steps=4, save_steps=4, lr_decay_steps=8, warmup_steps=2, weight_decay=0.1)
+    config = write_config(tmp_path, sample_data, **options)
+    assert run_train("--config", str(config)).returncode == 0
+    # A changed peak learning rate and weight decay: the resumed steps must use them, not the saved ones.
+    config = write_config(tmp_path, sample_data, **{**options, "learning_rate": 5e-4, "weight_decay": 0.0})
+    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "learning_rate: 0.001 -> 0.0005" in result.stderr and "weight_decay: 0.1 -> 0.0" in result.stderr
+
+    peaks = [1e-3] * 4 + [5e-4] * 2
+    expected = [peak * lr_multiplier(index, warmup_steps=2, schedule_steps=8, min_lr_ratio=0.1)
+                for index, peak in enumerate(peaks)]  # optimizer step index: 0-based
+    assert [line["lr"] for line in read_metrics(tmp_path / "logs")] == pytest.approx(expected, rel=1e-12)
+    saved = torch.load(tmp_path / "checkpoints" / checkpoints(tmp_path)[-1] / "optimizer.bin", weights_only=True)
+    assert [group["weight_decay"] for group in saved["param_groups"]] == [0.0, 0.0]
+    assert [group["initial_lr"] for group in saved["param_groups"]] == [5e-4, 5e-4]
+
+
+def test_a_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    assert run_train("--config", str(config)).returncode == 0
+    optimizer_file = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1] / "optimizer.bin"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated, as by a full disk
+    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
+    assert result.returncode == 2
+    assert "unreadable checkpoint" in result.stderr and checkpoints(tmp_path)[-1] in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_resume_refusals_never_start_fresh_or_overwrite(tmp_path: Path, sample_data: Path) -> None:

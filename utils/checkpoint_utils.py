@@ -91,16 +91,23 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def _fsync_dir(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Files and folders (FSDP writes sharded state in subfolders) reach the disk before the rename."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
@@ -115,22 +122,36 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
     if final.exists():
         raise CheckpointError(f"{final} already exists; refusing to overwrite it")
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for filename, value in json_files.items():
-            write_json_atomic(tmp / filename, value)
-        for filename, source in (copied_files or {}).items():
-            shutil.copyfile(source, tmp / filename)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
+    try:
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier save
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for filename, value in json_files.items():
+                write_json_atomic(tmp / filename, value)
+            for filename, source in (copied_files or {}).items():
+                shutil.copyfile(source, tmp / filename)
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(folder)  # the rename itself survives a power loss
+    except OSError as error:  # a full disk, say: the half-written .tmp- folder is removed at the next start
+        raise CheckpointError(f"saving {name} in {folder} failed: {error}") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def load_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Loads the model, optimizer, schedule and RNG states saved by save_checkpoint."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # truncated or corrupt files raise anything from EOFError to RuntimeError
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{checkpoint}: unreadable checkpoint ({type(error).__name__}: {detail}); resume "
+                              "from another one (python scripts/checkpoint_viewer.py list)") from None
 
 
 def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
@@ -151,7 +172,11 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep: int,
     deleted = []
     for info in list_checkpoints(checkpoint_dir)[:-keep]:
         if may_delete(info):
-            shutil.rmtree(info.path)
+            # Renamed first: a deletion cut short leaves a .tmp- folder (removed at the next start), never a
+            # partial folder under a checkpoint's name that --resume would take for complete.
+            doomed = info.path.with_name(f"{TMP_PREFIX}{info.name}")
+            os.rename(info.path, doomed)
+            shutil.rmtree(doomed)
             deleted.append(info.name)
     return deleted
 

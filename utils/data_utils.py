@@ -33,6 +33,11 @@ class DataError(Exception):
     """Bad training data; the message is one line that names the file."""
 
 
+class ShardUnavailableError(DataError):
+    """A shard that could not be fetched (storage, network, local disk): it says nothing about the data,
+    so it is never skipped as a bad shard, and it may strike one process and not the others."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading one shard
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +350,9 @@ class BatchLoader:
 
     def _load(self, name: str) -> np.ndarray | None:
         """The shard's packed samples, or None when it is bad and skipping is on."""
+        path = self.source.fetch(name)  # ShardUnavailableError is not the shard's fault: never skipped
         try:
-            tokens = read_shard(self.source.fetch(name), self.spec.vocab_size, self.spec.eos_token_id)
+            tokens = read_shard(path, self.spec.vocab_size, self.spec.eos_token_id)
         except DataError as error:
             if not self.skip_bad_shards:
                 raise

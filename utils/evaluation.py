@@ -93,7 +93,7 @@ def read_validation_batches(data: ValidationData, spec: StreamSpec, batch_size: 
     try:
         for batch in loader:
             after = batch.position
-            if after.epoch > 0 and (after.shard_cursor, after.sample_cursor) != (0, 0):
+            if after.epoch > 1 or (after.epoch == 1 and (after.shard_cursor, after.sample_cursor) != (0, 0)):
                 break  # the batch holds samples of a second pass
             batches.append(batch.input_ids)
             if after.epoch > 0 or len(batches) == max_batches:

@@ -61,10 +61,9 @@ class ParameterCount:
     total: int
     input_embedding: int
     per_layer: int
-
-    @property
-    def without_input_embedding(self) -> int:
-        return self.total - self.input_embedding
+    in_matmuls: int
+    """The N of 6*N: all but the input embedding, which is a lookup. Tied embeddings are counted once, as
+    the output projection they also are."""
 
 
 def count_parameters(shape: ModelShape) -> ParameterCount:
@@ -78,13 +77,13 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
                  + f * h + h)         # dense_4h_to_h
     final_norm = 2 * h
     lm_head = 0 if shape.tie_word_embeddings else embedding
-    return ParameterCount(embedding + shape.num_hidden_layers * per_layer + final_norm + lm_head, embedding,
-                          per_layer)
+    total = embedding + shape.num_hidden_layers * per_layer + final_norm + lm_head
+    return ParameterCount(total, embedding, per_layer, in_matmuls=total - embedding + (embedding - lm_head))
 
 
 def flops_per_token(shape: ModelShape) -> int:
     """Training FLOPs per token: 6*N + 12*L*hidden*seq_len (PaLM appendix B)."""
-    n = count_parameters(shape).without_input_embedding
+    n = count_parameters(shape).in_matmuls
     return 6 * n + 12 * shape.num_hidden_layers * shape.hidden_size * shape.seq_len
 
 
@@ -168,7 +167,7 @@ def estimate_memory(shape: ModelShape, plan: MemoryPlan) -> MemoryEstimate:
     if plan.mixed_precision:
         # Autocast caches a bf16 copy of every matmul weight for the backward pass (under FSDP only
         # the gathered layers hold one, which the per-layer term below covers).
-        weights += 2 * params.without_input_embedding // plan.shards
+        weights += 2 * params.in_matmuls // plan.shards
     if plan.shards > 1:
         # FSDP gathers the current and the prefetched layer in full, forward and backward.
         weights += 2 * 2 * params.per_layer * element

@@ -16,8 +16,9 @@ lock exclusively, so no process evicts a shard another one is still reading. (Tw
 a reader never delays a download: processes wait for each other at every step.) The cache must be on
 a local disk: the locks are flock(2).
 
-A shard that cannot be downloaded once the storage client's retries are exhausted raises a DataError
-naming it, which the loader turns into a skipped shard under skip_bad_shards.
+A shard that cannot be downloaded once the storage client's retries are exhausted (or is gone, or does not
+fit on the local disk) raises a ShardUnavailableError naming it, which stops training: skip_bad_shards
+skips only shards whose content is bad, never data that could not be fetched.
 """
 import fcntl
 import logging
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import DataError, LocalShardSource, ShardSource
+from utils.data_utils import DataError, LocalShardSource, ShardSource, ShardUnavailableError
 from utils.storage import GCS_SCHEME, ObjectInfo, Storage, StorageError, is_gcs_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,9 @@ class CachedShardSource:
             try:
                 info = self.storage.stat(name)
             except StorageError as error:
-                raise DataError(str(error)) from None
+                raise ShardUnavailableError(str(error)) from None
             if info is None:
-                raise DataError(f"{self.storage.url}/{name}: shard not found")
+                raise ShardUnavailableError(f"{self.storage.url}/{name}: shard not found")
             self._infos[name] = info
         return info
 
@@ -168,8 +169,8 @@ class CachedShardSource:
             started = time.perf_counter()
             try:
                 info = self.storage.download(name, self.folder / name)
-            except StorageError as error:
-                raise DataError(str(error)) from None
+            except StorageError as error:  # the storage layer reports a full local disk here too
+                raise ShardUnavailableError(str(error)) from None
             self._infos[name] = info  # the object may have been replaced since the listing
             self.downloaded.append(name)
             seconds = time.perf_counter() - started
@@ -246,7 +247,7 @@ class CachedShardSource:
                     continue
                 self._ensure(name)
             except DataError as error:
-                # fetch() will try once more and apply the bad-shard policy; don't spin on it here.
+                # fetch() will try once more and report it; don't spin on it here.
                 log.warning("prefetch of %s failed: %s", name, error)
                 with self._state:
                     if name in self._wanted:

@@ -39,6 +39,31 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                             learning_rate: float, betas: tuple[float, float], eps: float,
+                             weight_decay: float) -> list[str]:
+    """After a checkpoint is loaded: the config's peak learning rate, betas, eps and weight decay replace
+    those of the run that saved it (loading restores them with the optimizer and schedule state), so a
+    resume with a changed config trains with what it says. Returns the changes, one "name: old -> new" each.
+
+    The groups are parameter_groups' [decay, no decay]; the schedule's shape comes from the config anyway.
+    """
+    changes: dict[str, str] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        wanted = {"learning_rate": ("initial_lr", learning_rate), "adam_betas": ("betas", tuple(betas)),
+                  "adam_epsilon": ("eps", eps), "weight_decay": ("weight_decay", weight_decay if index == 0 else 0.0)}
+        for name, (key, value) in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            if old != value:
+                changes.setdefault(name, f"{name}: {old} -> {value}")
+                group[key] = value
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    # The rate of the next step, as LambdaLR would have set it had it run with these settings throughout.
+    for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    return list(changes.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------

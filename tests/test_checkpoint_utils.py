@@ -1,0 +1,58 @@
+"""Local checkpoint folders: a save that fails or a deletion cut short never leaves a partial checkpoint."""
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from utils import checkpoint_utils
+from utils.checkpoint_utils import (CheckpointError, list_checkpoints, prune_checkpoints, remove_incomplete_saves,
+                                    save_checkpoint)
+
+NAMES = ["checkpoint-epoch0-step2-files0", "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step6-files1"]
+
+
+def make_checkpoints(folder: Path) -> None:
+    for name in NAMES:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "model.safetensors").write_bytes(b"weights")
+
+
+def test_prune_keeps_the_newest(tmp_path: Path) -> None:
+    make_checkpoints(tmp_path)
+    assert prune_checkpoints(tmp_path, 1, may_delete=lambda info: info.step != 2) == [NAMES[1]]
+    assert [info.name for info in list_checkpoints(tmp_path)] == [NAMES[0], NAMES[2]]
+
+
+def test_a_deletion_cut_short_leaves_no_partial_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_checkpoints(tmp_path)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_killed_halfway(path: Path, *args: object, **kwargs: object) -> None:
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt  # a second Ctrl+C, or the process killed, mid-deletion
+
+    monkeypatch.setattr(checkpoint_utils.shutil, "rmtree", rmtree_killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, 2)
+    monkeypatch.setattr(checkpoint_utils.shutil, "rmtree", real_rmtree)
+    # What is left under a checkpoint name is whole; the half-deleted one is a .tmp- folder, cleaned later.
+    assert [info.name for info in list_checkpoints(tmp_path)] == NAMES[1:]
+    assert remove_incomplete_saves(tmp_path) == [f".tmp-{NAMES[0]}"]
+
+
+def test_a_save_that_runs_out_of_disk_is_one_error_line_and_no_checkpoint(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))  # something for save_state to write
+
+    def disk_full(path: Path, value: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_utils, "write_json_atomic", disk_full)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint-epoch0-step2-files0 in .* No space left"):
+        save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
+    assert list_checkpoints(tmp_path) == []
+    assert remove_incomplete_saves(tmp_path) == [f".tmp-{NAMES[0]}"]
