@@ -74,16 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": args.data,
-                                 "checkpoint_dir": args.checkpoint_dir, "log_dir": args.log_dir,
-                                 "gcs_credentials": args.gcs_credentials}
+    def from_here(path: str | None) -> str | None:
+        """A path typed on the command line is relative to where the command runs, as in any shell tool."""
+        return path if path is None or is_gcs_url(path) else str(Path(path).absolute())
+
+    overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": from_here(args.data),
+                                 "checkpoint_dir": from_here(args.checkpoint_dir), "log_dir": from_here(args.log_dir),
+                                 "gcs_credentials": from_here(args.gcs_credentials)}
     if args.no_background_upload:
         overrides["background_upload"] = False
     if args.skip_preflight:
         overrides["memory_preflight"] = False
     overrides["peak_tflops"] = args.peak_tflops
     config = load_config(args.config, overrides)
-    # Relative paths in a config are relative to the repo, wherever the command is run from.
+    # Relative paths in a config file are relative to the repo, wherever the command is run from.
     for name in ("data", "checkpoint_dir", "log_dir", "cache_dir"):
         if not is_gcs_url(getattr(config, name)):
             setattr(config, name, str(REPO_ROOT / getattr(config, name)))

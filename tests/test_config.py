@@ -108,3 +108,18 @@ def test_weight_decay_only_on_weight_matrices() -> None:
     assert all(n.endswith("bias") or "norm" in n or "embed_in" in n for n in spared)
     assert any("query_key_value.weight" in n for n in decayed)
     assert len(decayed) + len(spared) == len(list(model.parameters()))
+
+
+def test_command_line_paths_are_relative_to_the_current_folder_config_paths_to_the_repo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import REPO_ROOT
+    from train import config_from_args, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(parse_args(["--config", "tiny", "--checkpoint-dir", "runs/a", "--data", "shards",
+                                          "--log-dir", "/abs/logs"]))
+    assert config.checkpoint_dir == str(tmp_path / "runs" / "a")
+    assert config.data == str(tmp_path / "shards")
+    assert config.log_dir == "/abs/logs"
+    assert config.cache_dir.startswith(str(REPO_ROOT))  # from configs/tiny.json (or the default): the repo's
+    assert config_from_args(parse_args(["--config", "tiny", "--data", "gs://bucket/x"])).data == "gs://bucket/x"
