@@ -370,10 +370,13 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                                          **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            validating = evaluator is not None and (step % config.eval_steps == 0 or step == config.max_steps)
+            if validating and accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # the step's queued work belongs to training time, not to the pause
             pause_start = time.perf_counter()  # validation and saving are left out of tokens/s and MFU
 
             # --- validate: on the held-out batches, before a save so the checkpoint records it ------
-            if evaluator is not None and (step % config.eval_steps == 0 or step == config.max_steps):
+            if validating:
                 results = evaluator.evaluate(model, accelerator).as_record()
                 metrics.record_validation(step, results)
                 if main_process:
