@@ -42,8 +42,8 @@ from utils.shard_cache import open_shard_source
 from utils.storage import Storage, is_gcs_url
 from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, lr_multiplier,
                                   parameter_groups)
-from utils.uploader import (Uploader, check_fresh_destination, fetch_for_resume, locate_checkpoint, open_destination,
-                            uploader_for_run)
+from utils.uploader import (Uploader, check_fresh_destination, check_no_newer_at_destination, fetch_for_resume,
+                            locate_checkpoint, open_destination, uploader_for_run)
 
 REPO_ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("train")
@@ -153,6 +153,8 @@ def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage 
     if newer:
         raise CheckpointError(f"resuming {info.name} would overwrite newer checkpoints ({', '.join(newer)}); "
                               "move them out of the checkpoint folder first")
+    if remote is not None:
+        check_no_newer_at_destination(remote, info)
     fetch_for_resume(config.checkpoint_dir, info, remote_object, remote, accelerator)
     saved_shape = read_json(info.path / "training_config.json").get("model_shape")
     if saved_shape != shape_as_dict(config.model_shape()):
@@ -315,7 +317,7 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
         if main_process:
             tqdm.write(f"✅ Saved {name}")
             if uploader is not None:  # returns at once, unless --no-background-upload
-                uploader.submit(Path(config.checkpoint_dir) / name)
+                uploader.submit_new(Path(config.checkpoint_dir) / name)
             # With uploads on, a checkpoint is deleted only once its upload is verified.
             pruned = (uploader.prune(config.keep_checkpoints) if uploader is not None
                       else prune_checkpoints(config.checkpoint_dir, config.keep_checkpoints))

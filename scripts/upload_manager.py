@@ -60,10 +60,11 @@ class Settings:
         self.attempts = config.upload_attempts
         self.credentials = config.gcs_credentials
 
-    def uploader(self) -> Uploader:
+    def uploader(self, check_write: bool = True) -> Uploader:
+        """check_write=False for commands that only read the destination (status)."""
         if self.destination is None:
             raise UploadError("the config sets no upload_destination; pass --destination gs://BUCKET/PREFIX or a folder")
-        return Uploader(open_destination(self.destination, self.credentials), self.checkpoint_dir,
+        return Uploader(open_destination(self.destination, self.credentials, check_write), self.checkpoint_dir,
                         self.archive_format, background=False, attempts=self.attempts)
 
 
@@ -82,7 +83,7 @@ def command_list(settings: Settings) -> int:
 
 
 def command_status(settings: Settings) -> int:
-    uploader = settings.uploader()
+    uploader = settings.uploader(check_write=False)
     local = {info.name: info for info in list_checkpoints(settings.checkpoint_dir)}
     records = uploader.manifest.read()
     remote = remote_checkpoints(uploader.storage)

@@ -255,5 +255,6 @@ def test_config_fields_for_streaming() -> None:
             config_from_dict(bad, "test")
     args = parse_args(["--data", "gs://bucket/prefix", "--gcs-credentials", "key.json"])
     config = config_from_args(args)
-    assert (config.data, config.gcs_credentials) == ("gs://bucket/prefix", "key.json")  # not made a local path
+    assert config.data == "gs://bucket/prefix"  # not made a local path
+    assert config.gcs_credentials == str(Path("key.json").absolute())  # a flag's path: from the current folder
     assert Path(config.cache_dir).is_absolute()

@@ -166,3 +166,31 @@ def test_credentials_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_local_storage_reports_a_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="folder does not exist"):
         open_storage(str(tmp_path / "nowhere")).list()
+
+
+def test_a_broken_google_application_credentials_is_an_error_not_anonymous_access(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud login to fall back on
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    missing = tmp_path / "missing-key.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    # Refused before any request: there is no server to talk to here.
+    with pytest.raises(StorageError, match=f"^GOOGLE_APPLICATION_CREDENTIALS={missing}: credentials file does not "
+                                           "exist$"):
+        open_storage("gs://bucket/Checkpoints")
+
+    for broken in (b"not json at all", b'{"type": "no_such_type"}'):
+        key = write(tmp_path / "key.json", broken)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+        with pytest.raises(StorageError, match=f"^GOOGLE_APPLICATION_CREDENTIALS={key}: not usable credentials") \
+                as error:
+            make_client(None)
+        assert "\n" not in str(error.value)
+
+    if os.geteuid() != 0:  # root reads any file
+        key = write(tmp_path / "unreadable.json", b'{"type": "authorized_user"}')
+        key.chmod(0)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+        with pytest.raises(StorageError, match="GOOGLE_APPLICATION_CREDENTIALS=.*unreadable.json: not usable"):
+            make_client(None)

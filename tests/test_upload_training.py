@@ -111,6 +111,16 @@ def test_resume_from_remote_after_local_checkpoints_are_deleted_is_exact(tmp_pat
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
     assert (split / "uploads" / f"{final}.tar.zst").is_file()
 
+    # Branching off an older checkpoint would save under names already uploaded (never overwritten), so
+    # the new checkpoints could never be uploaded: refused, before anything is written.
+    for name in ("checkpoint-epoch0-step8-files0", final):  # moved away, as the local refusal tells
+        shutil.move(split / "checkpoints" / name, tmp_path / name)
+    before = sorted(path.name for path in (split / "checkpoints").iterdir())
+    older = run_train("--config", str(config), "--resume", "checkpoint-epoch0-step4-files0", "--max-steps", "16")
+    assert older.returncode == 2 and "Traceback" not in older.stderr
+    assert "would save under names that" in older.stderr and final in older.stderr
+    assert sorted(path.name for path in (split / "checkpoints").iterdir()) == before
+
 
 def test_stalled_upload_never_blocks_training_and_survives_kill_9_and_sigterm(
         tmp_path: Path, sample_data: Path, gcs_server: GCSEmulator) -> None:

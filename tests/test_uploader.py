@@ -1,6 +1,8 @@
 """utils/uploader.py and scripts/upload_manager.py against a local folder and fake-gcs-server (no training)."""
+import errno
 import filecmp
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -10,14 +12,14 @@ import numpy as np
 import pytest
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
-from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
+from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils.storage import crc32c_of_file, open_storage
-from utils.uploader import (HashingWriter, Uploader, UploadError, check_fresh_destination, download_checkpoint,
-                            extract_archive,
-                            locate_checkpoint, open_destination, write_archive)
+from utils.uploader import (HashingWriter, Uploader, UploadError, UploadManifest, check_fresh_destination,
+                            download_checkpoint, extract_archive, locate_checkpoint, open_destination, write_archive)
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
+STEP12 = "checkpoint-epoch0-step12-files0"
 
 
 def make_checkpoint(checkpoint_dir: Path, name: str, seed: int = 0, size: int = 300_000) -> Path:
@@ -299,3 +301,105 @@ def _wait_for(condition: Any, timeout: float = 30) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_a_new_checkpoint_under_an_uploaded_name_is_uploaded_or_kept_never_pruned(tmp_path: Path) -> None:
+    # Run A uploads steps 4 and 8 and prunes them locally; run B resumes from an older checkpoint and saves
+    # new checkpoints under the same names, while uploads.json still says "uploaded" for them.
+    checkpoints, dest = tmp_path / "checkpoints", tmp_path / "uploads"
+    run_a = Uploader(open_destination(str(dest)), checkpoints, "tar", background=False)
+    for seed, name in enumerate((STEP4, STEP8)):
+        run_a.submit_new(make_checkpoint(checkpoints, name, seed=seed))
+        shutil.rmtree(checkpoints / name)  # pruned, or moved away to resume from an older step
+    old_step8 = (dest / f"{STEP8}.tar").read_bytes()
+    (dest / f"{STEP4}.tar").unlink()  # gone from the destination too (deleted by hand)
+
+    run_b = Uploader(open_destination(str(dest)), checkpoints, "tar", background=False)
+    for seed, name in enumerate((STEP4, STEP8, STEP12), start=10):
+        run_b.submit_new(make_checkpoint(checkpoints, name, seed=seed))
+    assert run_b.prune(1) == [STEP4]  # uploaded anew, so it may go; STEP8 may not
+    result = records(checkpoints)
+    assert result[STEP4]["state"] == "uploaded" and result[STEP4]["attempts"] == 1
+    assert result[STEP4]["crc32c"] == crc32c_of_file(dest / f"{STEP4}.tar")
+    assert result[STEP8]["state"] == "failed" and "already exists and differs" in result[STEP8]["error"]
+    assert (checkpoints / STEP8).is_dir()  # the new weights are kept locally
+    assert (dest / f"{STEP8}.tar").read_bytes() == old_step8  # and the old ones are not overwritten
+    assert run_b.finish(1) == [STEP8]
+
+
+def _fail_recording(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Makes uploads.json unwritable (disk full) for the worker's "uploading" and "failed" records while
+    the returned flag is set; queueing still records."""
+    real_update = UploadManifest.update
+    disk_full = [True]
+
+    def update(self: UploadManifest, name: str, **changes: Any) -> Any:
+        if disk_full[0] and changes.get("state") in ("uploading", "failed"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_update(self, name, **changes)
+
+    monkeypatch.setattr(UploadManifest, "update", update)
+    return disk_full
+
+
+def test_a_worker_survives_an_unwritable_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    uploader = Uploader(open_destination(str(tmp_path / "uploads")), checkpoints, "tar", retry_delay_s=0.01)
+    disk_full = _fail_recording(monkeypatch)
+    uploader.submit_new(make_checkpoint(checkpoints, STEP4))
+    assert uploader.wait(30) == []
+    disk_full[0] = False
+    uploader.submit_new(make_checkpoint(checkpoints, STEP8, seed=1))
+    assert uploader.wait(30) == []
+    assert records(checkpoints)[STEP8]["state"] == "uploaded"  # the worker went on with the next checkpoint
+    assert uploader.prune(1) == [] and (checkpoints / STEP4).is_dir()  # never uploaded: kept
+
+
+def test_finish_reports_an_upload_whose_result_was_never_recorded(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    uploader = Uploader(open_destination(str(tmp_path / "uploads")), checkpoints, "tar", retry_delay_s=0.01)
+    _fail_recording(monkeypatch)
+    uploader.submit_new(make_checkpoint(checkpoints, STEP4))
+    assert uploader.wait(30) == []
+    assert records(checkpoints)[STEP4]["state"] == "queued"
+    assert uploader.finish(1) == [STEP4]  # reported, though its record does not say "failed"
+
+
+def test_a_read_only_gcs_destination_is_refused_at_start(gcs_server: GCSEmulator,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    gcs_server.create_bucket("ckpts")
+    proxy = FaultProxy(gcs_server.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    try:
+        proxy.add("POST /upload/", "403", times=100)  # reads work, writes are refused: a public bucket
+        with pytest.raises(UploadError, match=r"^upload destination gs://ckpts/ck: cannot write \(.*permission "
+                                              "denied") as error:
+            open_destination("gs://ckpts/ck")
+        assert "\n" not in str(error.value)
+        open_destination("gs://ckpts/ck", check_write=False)  # looking only needs reading
+    finally:
+        proxy.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_local_destination_is_refused_at_start(tmp_path: Path) -> None:
+    dest = tmp_path / "uploads"
+    dest.mkdir()
+    dest.chmod(0o555)
+    try:
+        with pytest.raises(UploadError, match=f"^upload destination {dest}: cannot write \\(.*Permission denied"):
+            open_destination(str(dest))
+    finally:
+        dest.chmod(0o755)
+    assert not list(dest.iterdir())
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path: Path, gcs_server: GCSEmulator) -> None:
+    dest = tmp_path / "uploads"
+    open_destination(str(dest))
+    assert dest.is_dir() and not list(dest.iterdir())
+    gcs_server.create_bucket("ckpts")
+    storage = open_destination("gs://ckpts/ck")
+    assert [line for line in gcs_server.requests("DELETE ") if "/o/ck%2F.write-probe-" in line]  # it was written
+    assert storage.list() == []

@@ -11,7 +11,8 @@ object's size and crc32c, and only then renamed to `dest`, so a half-downloaded 
 under its final name. Uploads never overwrite (if_generation_match=0) and are checked the same way.
 
 GCS credentials, in order: a service-account key file passed as `credentials`; Application Default
-Credentials; anonymous access (enough for public buckets). With STORAGE_EMULATOR_HOST set the client
+Credentials; anonymous access (enough for public buckets). A GOOGLE_APPLICATION_CREDENTIALS naming a
+missing or unusable file is an error, never anonymous access. With STORAGE_EMULATOR_HOST set the client
 talks to that emulator, anonymously. `storage.auth` says which one is used.
 
 Transient errors (timeouts, 429/5xx, refused or reset connections) are retried with exponential backoff
@@ -33,6 +34,7 @@ import requests
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 from google.cloud import storage as gcs
+from google.cloud.storage.exceptions import InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 GCS_SCHEME = "gs://"
@@ -230,13 +232,30 @@ def make_client(credentials: str | None) -> tuple[gcs.Client, str]:
             return gcs.Client.from_service_account_json(credentials), f"service-account key {credentials}"
         except (ValueError, KeyError, auth_exceptions.GoogleAuthError) as error:
             raise StorageError(f"{credentials}: not a usable service-account key ({error})") from None
-    try:
-        found, project = google.auth.default()
-    except auth_exceptions.DefaultCredentialsError:
-        # No ADC on this machine: public buckets can still be read.
-        return gcs.Client.create_anonymous_client(), "anonymous access (no credentials found)"
+    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key_file:
+        found, project = _default_from_key_file(key_file)
+    else:
+        try:
+            found, project = google.auth.default()
+        except auth_exceptions.DefaultCredentialsError:
+            # No ADC on this machine: public buckets can still be read.
+            return gcs.Client.create_anonymous_client(), "anonymous access (no credentials found)"
     # Reading and writing objects needs no project; "<none>" keeps the client from insisting on one.
     return gcs.Client(credentials=found, project=project or "<none>"), "Application Default Credentials"
+
+
+def _default_from_key_file(key_file: str) -> tuple[Any, str | None]:
+    """Application Default Credentials from GOOGLE_APPLICATION_CREDENTIALS, which must be usable: google.auth
+    reports a broken key file like no credentials at all, and falling back to anonymous access would turn a
+    typo into a run whose every upload is refused hours later."""
+    if not Path(key_file).is_file():
+        raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS={key_file}: credentials file does not exist")
+    try:
+        return google.auth.default()
+    except (auth_exceptions.DefaultCredentialsError, OSError, ValueError) as error:
+        message = " ".join(str(error).split())[:300]
+        raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS={key_file}: not usable credentials ({message})") from None
 
 
 class GCSStorage:
@@ -266,7 +285,9 @@ class GCSStorage:
             return NotFoundError(f"{what}: not found")
         if isinstance(error, api_exceptions.PreconditionFailed):
             return PreconditionFailedError(f"{what}: already exists; not overwriting")
-        if isinstance(error, (api_exceptions.Forbidden, api_exceptions.Unauthorized)):
+        # A resumable upload that is refused raises the transfer library's InvalidResponse, not Forbidden.
+        refused = isinstance(error, InvalidResponse) and getattr(error.response, "status_code", None) in (401, 403)
+        if refused or isinstance(error, (api_exceptions.Forbidden, api_exceptions.Unauthorized)):
             return StorageError(f"{what}: permission denied ({self.auth}); pass --gcs-credentials KEY.json "
                                 "or run `gcloud auth application-default login`")
         if isinstance(error, api_exceptions.RetryError):

@@ -17,6 +17,7 @@ import gzip
 import logging
 import os
 import queue
+import secrets
 import shutil
 import tarfile
 import threading
@@ -271,18 +272,37 @@ def remote_url(storage: Storage, object_name: str) -> str:
     return f"{storage.url.rstrip('/')}/{object_name}"
 
 
-def open_destination(url: str, credentials: str | None = None) -> Storage:
-    """The upload destination, checked once by listing it, so that a wrong bucket or missing permission
-    is a one-line error before training starts rather than after the first checkpoint. A local folder
-    is created."""
+def open_destination(url: str, credentials: str | None = None, check_write: bool = True) -> Storage:
+    """The upload destination, checked once by listing it and (check_write) by writing and deleting a small
+    probe object, so that a wrong bucket or missing permission is a one-line error before training starts
+    rather than after the first checkpoint. A local folder is created."""
     try:
         storage = open_storage(url, credentials)
         if isinstance(storage, LocalStorage):
             storage.root.mkdir(parents=True, exist_ok=True)
         storage.list("checkpoint-*")
-    except StorageError as error:
+    except (StorageError, OSError) as error:
         raise UploadError(f"upload destination {url}: {error}") from None
+    if check_write:
+        _probe_write(storage, url)
     return storage
+
+
+def _probe_write(storage: Storage, url: str) -> None:
+    """Listing succeeds on a publicly readable bucket without write permission; only a write tells."""
+    probe = f".write-probe-{secrets.token_hex(8)}"  # random: processes probing at once do not collide
+    try:
+        with storage.open_writer(probe) as writer:
+            writer.write(b"write probe; safe to delete\n")
+    except (StorageError, OSError) as error:
+        raise UploadError(f"upload destination {url}: cannot write ({error})") from None
+    try:
+        storage.delete(probe)
+    except (StorageError, OSError) as error:
+        # Writing works, which is what uploads need (a retention policy or a create-only role forbids the
+        # delete); the probe is no checkpoint archive, so nothing reads it.
+        log.warning(f"⚠️  Could not delete the write probe {remote_url(storage, probe)} ({error}); "
+                    "delete it by hand")
 
 
 def stored_object(storage: Storage, object_name: str) -> ObjectInfo | None:
@@ -343,6 +363,20 @@ def locate_checkpoint(checkpoint_dir: str | Path, name: str, storage: Storage | 
     raise UploadError(f"checkpoint {name!r} not found in {checkpoint_dir} or at {storage.url} (existing: {existing})")
 
 
+def check_no_newer_at_destination(storage: Storage, resumed: CheckpointInfo) -> None:
+    """Resuming an older checkpoint would save under the names of the newer ones already uploaded, and
+    those are never overwritten; the run would keep checkpoints it could never upload."""
+    try:
+        newer = sorted((info for info, _ in remote_checkpoints(storage).values()
+                        if _order(info) > _order(resumed)), key=_order)
+    except StorageError as error:
+        raise UploadError(f"listing checkpoints at {storage.url}: {error}") from None
+    if newer:
+        raise UploadError(f"resuming {resumed.name} would save under names that {storage.url} already holds (newer: "
+                          f"{', '.join(info.name for info in newer)}); resume latest, or set another upload_destination "
+                          "and checkpoint_dir to branch off")
+
+
 def check_fresh_destination(storage: Storage) -> None:
     """A fresh run would upload under the names of the checkpoints already there, and never overwrites them."""
     try:
@@ -383,11 +417,17 @@ def fetch_for_resume(checkpoint_dir: str | Path, info: CheckpointInfo, obj: Obje
                      accelerator: Accelerator) -> Path:
     """Makes a located checkpoint present on every machine: the first process of each machine downloads
     it when it is remote; the others wait for it."""
+    failure: Exception | None = None
     if obj is not None and storage is not None and accelerator.is_local_main_process and not info.path.is_dir():
-        download_checkpoint(storage, obj, checkpoint_dir)
+        try:
+            download_checkpoint(storage, obj, checkpoint_dir)
+        except (CheckpointError, StorageError, OSError) as error:
+            failure = error  # raised after the barrier: the other processes must not wait there forever
     accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
     if not info.path.is_dir():
-        raise UploadError(f"{info.path}: missing after download")
+        raise UploadError(f"{info.path}: missing after download (see the first process of this machine)")
     return info.path
 
 
@@ -397,6 +437,10 @@ def fetch_for_resume(checkpoint_dir: str | Path, info: CheckpointInfo, obj: Obje
 
 def _by_step(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda name: ((parse_checkpoint_name(name) or (0, 0, 0))[1], name))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:500]
 
 
 def human_size(size: float) -> str:
@@ -463,8 +507,19 @@ class Uploader:
             return prune_checkpoints(self.checkpoint_dir, keep, self.may_delete)
 
     # --- handing checkpoints over --------------------------------------------------------------
+    def submit_new(self, folder: Path) -> None:
+        """Hands over a checkpoint that was just saved. A record of its name can only be about an earlier
+        checkpoint of that name (a run resumed from an older step saves the same step names again), and an
+        "uploaded" there would let prune() delete these files unuploaded; so the record starts afresh. An
+        object of that name at the destination is then still compared: identical counts as uploaded, a
+        different one is a conflict that keeps the checkpoint local."""
+        self.manifest.update(folder.name, state="local", remote_url=None, size=None, crc32c=None, attempts=0,
+                             error=None)
+        self.submit(folder)
+
     def submit(self, folder: Path) -> None:
-        """Hands over a complete checkpoint folder for upload."""
+        """Hands over a complete checkpoint folder for upload whose record, if any, is about these files
+        (a pending upload); a freshly saved checkpoint goes through submit_new."""
         name = folder.name
         self._submitted.add(name)
         if not self.background:
@@ -493,7 +548,8 @@ class Uploader:
         """Queues checkpoints that found the queue full, oldest first, as places free up."""
         with self._changed:
             while self._overflow and not self._queue.full():
-                self._enqueue(self._overflow.pop(0))
+                self._enqueue(self._overflow[0])  # removed only once queued: a failed record update keeps it
+                self._overflow.pop(0)
 
     def submit_pending(self) -> list[str]:
         """Submits every local checkpoint whose upload is not verified (left by an earlier run), oldest first."""
@@ -528,12 +584,17 @@ class Uploader:
         """At the end of a run: waits for the uploads, then reports what is not verified (and returns it)."""
         left = self.wait(timeout_s)
         records = self.manifest.read()
-        failed = _by_step(name for name in self._submitted - set(left)
-                          if name in records and records[name].state == "failed")
+        # Any state but "uploaded" here (a worker that could not record its result leaves "queued" or
+        # "uploading") means the checkpoint exists only locally.
+        failed = _by_step(name for name in self._submitted - set(left) if not self.is_verified(name, records))
         if left:
             log.warning(f"⚠️  {len(left)} upload(s) unfinished after {timeout_s:,.0f} s: {', '.join(left)}")
         for name in failed:
-            log.error(f"❌ Upload of {name} failed: {records[name].error}")
+            record = records.get(name)
+            if record is not None and record.state == "failed":
+                log.error(f"❌ Upload of {name} failed: {record.error}")
+            else:
+                log.error(f"❌ Upload of {name} not verified (recorded state: {record.state if record else 'none'})")
         if left or failed:
             log.warning(f"   They stay local and recorded in {self.manifest.path}; the next run with --resume, or "
                         "`python scripts/upload_manager.py upload-all --config CONFIG`, uploads them")
@@ -557,17 +618,29 @@ class Uploader:
             pass
         while True:
             name = self._queue.get()
+            # Nothing may escape this loop: a dead worker would leave every later checkpoint unuploaded.
             try:
                 self._upload(name)
-            except Exception as error:  # a bug must not kill the worker silently; the record says what happened
-                log.error(f"❌ Upload of {name} stopped: {error}")
-                self.manifest.update(name, state="failed", error=str(error))
+            except Exception as error:  # a bug, or uploads.json not writable (disk full)
+                self._record_stopped(name, error)
             finally:
                 with self._changed:
                     self._unfinished.discard(name)
                     self._progress.pop(name, None)
                     self._changed.notify_all()
-                self._refill()
+                try:
+                    self._refill()
+                except Exception as error:  # the checkpoint stays in the overflow; the next refill retries
+                    log.error(f"❌ Could not queue the next upload: {_one_line(error)}")
+
+    def _record_stopped(self, name: str, error: Exception) -> None:
+        message = _one_line(error)
+        log.error(f"❌ Upload of {name} stopped: {message}")
+        try:
+            self.manifest.update(name, state="failed", error=message)
+        except Exception as record_error:  # finish() still reports it: its record does not say "uploaded"
+            log.error(f"❌ Could not record the failed upload of {name} in {self.manifest.path}: "
+                      f"{_one_line(record_error)}")
 
     def _upload(self, name: str) -> UploadRecord:
         """Uploads one checkpoint with retries; returns its final record (uploaded or failed)."""
@@ -588,7 +661,7 @@ class Uploader:
                 log.error(f"❌ {error}")
                 return self.manifest.update(name, state="failed", error=str(error))
             except Exception as error:  # network, server, disk: retried; the attempt budget bounds a lasting one
-                message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+                message = _one_line(error)
                 if attempt == self.attempts:
                     log.error(f"❌ Upload of {name} failed after {attempt} attempts: {message}; it stays local "
                               f"(retry with: python scripts/upload_manager.py upload {name})")
