@@ -30,8 +30,7 @@ from configs.model_config import build_model_config, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig, load_config
 from scripts.export_hf import ExportError, check_export_target, export_checkpoint
 from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, list_checkpoints, load_state,
-                                    prune_checkpoints, read_json, remove_incomplete_saves, save_checkpoint,
-                                    system_info)
+                                    read_json, remove_incomplete_saves, save_checkpoint, system_info)
 from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavailableError, StreamSpec, data_state,
                               position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
@@ -43,7 +42,7 @@ from utils.storage import Storage, is_gcs_url
 from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, lr_multiplier,
                                   parameter_groups)
 from utils.uploader import (Uploader, check_fresh_destination, check_no_newer_at_destination, fetch_for_resume,
-                            locate_checkpoint, open_destination, uploader_for_run)
+                            locate_checkpoint, open_destination, prune_without_uploads, uploader_for_run)
 
 REPO_ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("train")
@@ -320,7 +319,7 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                 uploader.submit_new(Path(config.checkpoint_dir) / name)
             # With uploads on, a checkpoint is deleted only once its upload is verified.
             pruned = (uploader.prune(config.keep_checkpoints) if uploader is not None
-                      else prune_checkpoints(config.checkpoint_dir, config.keep_checkpoints))
+                      else prune_without_uploads(config.checkpoint_dir, config.keep_checkpoints))
             for deleted in pruned:
                 tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {config.keep_checkpoints})")
 

@@ -16,7 +16,8 @@ from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the
 from scripts import upload_manager
 from utils.storage import crc32c_of_file, open_storage
 from utils.uploader import (HashingWriter, Uploader, UploadError, UploadManifest, check_fresh_destination,
-                            download_checkpoint, extract_archive, locate_checkpoint, open_destination, write_archive)
+                            download_checkpoint, extract_archive, locate_checkpoint, open_destination,
+                            prune_without_uploads, write_archive)
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
 STEP12 = "checkpoint-epoch0-step12-files0"
@@ -403,3 +404,14 @@ def test_the_write_probe_leaves_nothing_behind(tmp_path: Path, gcs_server: GCSEm
     storage = open_destination("gs://ckpts/ck")
     assert [line for line in gcs_server.requests("DELETE ") if "/o/ck%2F.write-probe-" in line]  # it was written
     assert storage.list() == []
+
+
+def test_a_run_without_uploads_keeps_what_an_earlier_run_left_unuploaded(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for name in (STEP4, STEP8, STEP12):
+        make_checkpoint(checkpoints, name, size=1000)
+    manifest = UploadManifest(checkpoints, str(tmp_path / "uploads"))
+    manifest.update(STEP4, state="failed", error="network down")
+    manifest.update(STEP8, state="uploaded", remote_url=str(tmp_path / "uploads" / STEP8))
+    assert prune_without_uploads(checkpoints, 1) == [STEP8]
+    assert sorted(path.name for path in checkpoints.glob("checkpoint-*")) == [STEP12, STEP4]

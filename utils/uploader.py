@@ -363,6 +363,14 @@ def locate_checkpoint(checkpoint_dir: str | Path, name: str, storage: Storage | 
     raise UploadError(f"checkpoint {name!r} not found in {checkpoint_dir} or at {storage.url} (existing: {existing})")
 
 
+def prune_without_uploads(checkpoint_dir: str | Path, keep: int) -> list[str]:
+    """Retention for a run with no upload_destination: a checkpoint that an earlier run left unuploaded
+    (recorded in uploads.json, not verified) may be the only copy upload_manager is still to upload: kept."""
+    records = UploadManifest(checkpoint_dir, "").read()
+    return prune_checkpoints(checkpoint_dir, keep,
+                             lambda info: info.name not in records or records[info.name].state == "uploaded")
+
+
 def check_no_newer_at_destination(storage: Storage, resumed: CheckpointInfo) -> None:
     """Resuming an older checkpoint would save under the names of the newer ones already uploaded, and
     those are never overwritten; the run would keep checkpoints it could never upload."""
