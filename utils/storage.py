@@ -203,6 +203,12 @@ class _LocalWriter:
             raise PreconditionFailedError(f"{self.final}: already exists; not overwriting") from None
         finally:
             self.tmp.unlink()
+        # The new name must reach the disk too: the local checkpoint may be deleted once this is verified.
+        folder = os.open(self.final.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def abort(self) -> None:
         self.closed = True
