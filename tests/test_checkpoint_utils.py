@@ -56,3 +56,10 @@ def test_a_save_that_runs_out_of_disk_is_one_error_line_and_no_checkpoint(tmp_pa
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
     assert list_checkpoints(tmp_path) == []
     assert remove_incomplete_saves(tmp_path) == [f".tmp-{NAMES[0]}"]
+
+
+def test_leftovers_of_a_download_cut_short_are_removed(tmp_path: Path) -> None:
+    make_checkpoints(tmp_path)
+    (tmp_path / f".tmp-{NAMES[2]}.tar.zst").write_bytes(b"half an archive")
+    assert remove_incomplete_saves(tmp_path) == [f".tmp-{NAMES[2]}.tar.zst"]
+    assert [info.name for info in list_checkpoints(tmp_path)] == NAMES

@@ -155,14 +155,17 @@ def load_state(accelerator: Accelerator, checkpoint: Path) -> None:
 
 
 def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
-    """Deletes .tmp-* folders that a crash left behind mid-save; they never held a complete checkpoint."""
+    """Deletes the .tmp-checkpoint-* a crash left behind: folders of a save or a deletion cut short, and
+    archives of a download cut short. None of them is a complete checkpoint."""
     folder = Path(checkpoint_dir)
     removed = []
     if folder.is_dir():
-        for path in folder.glob(f"{TMP_PREFIX}checkpoint-*"):
+        for path in sorted(folder.glob(f"{TMP_PREFIX}checkpoint-*")):
             if path.is_dir():
                 shutil.rmtree(path)
-                removed.append(path.name)
+            else:
+                path.unlink()
+            removed.append(path.name)
     return removed
 
 
