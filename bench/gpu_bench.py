@@ -180,6 +180,8 @@ def main() -> int:
     parser.add_argument("--max-micro-batch", type=int, default=32)
     parser.add_argument("--log-every", type=int, default=5, help="train.py's logging_steps (one window)")
     parser.add_argument("--skip-windows", type=int, default=2, help="first windows left out (compile, warm-up)")
+    parser.add_argument("--anchor", type=Path, help="anchor.json of ../shared/bench/gpu_anchor_bench.py on this card: "
+                                                   "train.py's rows are compared with its rows of the same micro-batch")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO_ROOT / "bench" / "gpu_results")))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -236,7 +238,24 @@ def main() -> int:
         memory = f"{row['peak_memory_gib_nvidia_smi']:.1f}" if row["peak_memory_gib_nvidia_smi"] else "-"
         print(f"| {row['variant']} | {row['micro_batch']} | {row['tokens_per_sec']:,.0f} | {mfu} | {memory} | "
               f"{row['wall_s']:.0f} |")
+    if args.anchor is not None and args.anchor.is_file():
+        print("\n" + "\n".join(compare_with_anchor(rows, json.loads(args.anchor.read_text())["rows"])))
     return 0
+
+
+def compare_with_anchor(rows: list[dict], anchor_rows: list[dict]) -> list[str]:
+    """train.py's 1.2b rows against the bare model's rows of the same micro-batch and compile setting
+    (the goal: train.py at most 3% slower)."""
+    lines = []
+    for row in rows:
+        if "error" in row or not row["variant"].startswith("1.2b") or row["activation_checkpointing"]:
+            continue
+        for bare in anchor_rows:
+            if ("error" not in bare and bare.get("shape") == "1.2b" and bare["micro_batch"] == row["micro_batch"]
+                    and bare["compile"] == bool(row["compile"])):
+                lines.append(f"{row['variant']} / anchor {bare['variant']}: {row['tokens_per_sec']:,.0f} / "
+                             f"{bare['tokens_per_sec']:,.0f} tokens/s = {row['tokens_per_sec'] / bare['tokens_per_sec']:.3f}")
+    return lines or ["no anchor row with the same micro-batch and compile setting to compare with"]
 
 
 if __name__ == "__main__":
