@@ -4,7 +4,8 @@
 #   bash run.sh production 5000 --resume latest
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_ADDRESS=10.0.0.2 bash run.sh production   # on each machine, its rank
 set -euo pipefail
-cd "$(dirname "$0")"
+# Not cd'ing there: paths given as flags stay relative to where the command runs, as with train.py.
+REPO=$(cd "$(dirname "$0")" && pwd)
 
 CONFIG=${1:-test}
 shift || true
@@ -14,9 +15,9 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
   shift
 fi
 
-[ -x venv/bin/python ] || bash setup.sh
-if [ "$CONFIG" = "tiny" ] && ! ls data/sample/tokenized_*.npz >/dev/null 2>&1; then
-  venv/bin/python scripts/prepare_data.py --sample
+[ -x "$REPO/venv/bin/python" ] || bash "$REPO/setup.sh"
+if [ "$CONFIG" = "tiny" ] && ! ls "$REPO"/data/sample/tokenized_*.npz >/dev/null 2>&1; then
+  "$REPO/venv/bin/python" "$REPO/scripts/prepare_data.py" --sample
 fi
 
 # One process per visible GPU (CUDA_VISIBLE_DEVICES picks them), on every machine; one process on a
@@ -28,9 +29,9 @@ MAIN_ADDRESS=${MAIN_ADDRESS:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 if [ -n "${WORLD_SIZE:-}" ]; then
   # Already started by a launcher (torchrun, SLURM srun): each process just runs train.py.
-  exec venv/bin/python train.py "${ARGS[@]}" "$@"
+  exec "$REPO/venv/bin/python" "$REPO/train.py" "${ARGS[@]}" "$@"
 fi
-GPUS=${GPUS_PER_MACHINE:-$(venv/bin/python -c "import torch; print(torch.cuda.device_count())")}
+GPUS=${GPUS_PER_MACHINE:-$("$REPO/venv/bin/python" -c "import torch; print(torch.cuda.device_count())")}
 if [ "$GPUS" -eq 0 ] && [ "$NUM_MACHINES" -gt 1 ]; then
   echo "error: NUM_MACHINES=$NUM_MACHINES but this machine has no visible GPU; multi-node training needs GPUs" >&2
   exit 2
@@ -41,10 +42,10 @@ if [ $((GPUS * NUM_MACHINES)) -gt 1 ]; then
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
   # train.py sets mixed precision and torch.compile itself; the two flags only silence Accelerate's
   # warnings about unset launcher defaults.
-  exec venv/bin/accelerate launch --multi_gpu --num_processes $((GPUS * NUM_MACHINES)) \
+  exec "$REPO/venv/bin/accelerate" launch --multi_gpu --num_processes $((GPUS * NUM_MACHINES)) \
     --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" \
     --main_process_ip "$MAIN_ADDRESS" --main_process_port "$MAIN_PORT" \
     --mixed_precision no --dynamo_backend no \
-    train.py "${ARGS[@]}" "$@"
+    "$REPO/train.py" "${ARGS[@]}" "$@"
 fi
-exec venv/bin/python train.py "${ARGS[@]}" "$@"
+exec "$REPO/venv/bin/python" "$REPO/train.py" "${ARGS[@]}" "$@"

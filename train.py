@@ -29,8 +29,9 @@ from transformers import GPTNeoXForCausalLM
 from configs.model_config import build_model_config, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig, load_config
 from scripts.export_hf import ExportError, check_export_target, export_checkpoint
-from utils.checkpoint_utils import (CheckpointError, build_metadata, checkpoint_name, list_checkpoints, load_state,
-                                    read_json, remove_incomplete_saves, save_checkpoint, system_info)
+from utils.checkpoint_utils import (CheckpointError, build_metadata, check_writable_folder, checkpoint_name,
+                                    list_checkpoints, load_state, read_json, remove_incomplete_saves, save_checkpoint,
+                                    system_info)
 from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavailableError, StreamSpec, data_state,
                               position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="service-account key for gs:// data; without it, Application Default Credentials "
                              "are used, else anonymous access")
     parser.add_argument("--checkpoint-dir", help="override where checkpoints are written")
+    parser.add_argument("--upload-destination", metavar="gs://BUCKET/PREFIX|DIR|none",
+                        help="override where checkpoints are uploaded; 'none' uploads nothing")
     parser.add_argument("--log-dir", help="override where metrics.jsonl and TensorBoard events go")
     parser.add_argument("--no-background-upload", action="store_true",
                         help="upload checkpoints synchronously (blocks training while uploading)")
@@ -80,12 +83,16 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": from_here(args.data),
                                  "checkpoint_dir": from_here(args.checkpoint_dir), "log_dir": from_here(args.log_dir),
                                  "gcs_credentials": from_here(args.gcs_credentials)}
+    if args.upload_destination not in (None, "none"):
+        overrides["upload_destination"] = from_here(args.upload_destination)
     if args.no_background_upload:
         overrides["background_upload"] = False
     if args.skip_preflight:
         overrides["memory_preflight"] = False
     overrides["peak_tflops"] = args.peak_tflops
     config = load_config(args.config, overrides)
+    if args.upload_destination == "none":
+        config.upload_destination = None
     # Relative paths in a config file are relative to the repo, wherever the command is run from.
     for name in ("data", "checkpoint_dir", "log_dir", "cache_dir"):
         if not is_gcs_url(getattr(config, name)):
@@ -181,6 +188,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
     shape = config.model_shape()
     if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
         check_memory(config, accelerator.device, accelerator.num_processes)
+    if main_process:
+        check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
+        check_writable_folder(config.log_dir, "log_dir")
     # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
     resume_path = check_resumable(config, resume, remote, accelerator)

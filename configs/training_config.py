@@ -165,8 +165,10 @@ class TrainingConfig:
             raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         if self.lr_decay_steps is not None:
             positive("lr_decay_steps")
-        if self.warmup_steps > self.schedule_steps:
-            raise ConfigError(f"warmup_steps {self.warmup_steps} exceeds the schedule length {self.schedule_steps}")
+            if self.warmup_steps > self.lr_decay_steps:
+                raise ConfigError(f"warmup_steps {self.warmup_steps} exceeds lr_decay_steps {self.lr_decay_steps}")
+        # Without lr_decay_steps, a run shorter than its warmup (a smoke test with --max-steps 10) just
+        # stops while the learning rate is still rising.
         if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -278,8 +280,12 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> T
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(values, str(path))
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    values.update(given)
+    # An error may come from a command-line value, so the message names those too.
+    source = str(path) + (f" with {', '.join(f'{k}={v}' for k, v in given.items())} from the command line"
+                          if given else "")
+    return config_from_dict(values, source)
 
 
 def _type_matches(value: Any, annotation: Any) -> bool:

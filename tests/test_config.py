@@ -65,7 +65,7 @@ def test_overrides_and_paths(tmp_path: Path) -> None:
     ({"learning_rate": -1.0}, "learning_rate must be positive"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
     ({"max_files": 0}, "max_files must be -1"),
-    ({"warmup_steps": 500, "max_steps": 100}, "warmup_steps 500 exceeds"),
+    ({"warmup_steps": 500, "lr_decay_steps": 100}, "warmup_steps 500 exceeds lr_decay_steps 100"),
     ({"model_preset": "7b"}, "unknown model preset '7b'"),
     ({"model": {"layers": 3}}, "unknown model field(s) layers"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "not divisible"),
@@ -123,3 +123,13 @@ def test_command_line_paths_are_relative_to_the_current_folder_config_paths_to_t
     assert config.log_dir == "/abs/logs"
     assert config.cache_dir.startswith(str(REPO_ROOT))  # from configs/tiny.json (or the default): the repo's
     assert config_from_args(parse_args(["--config", "tiny", "--data", "gs://bucket/x"])).data == "gs://bucket/x"
+    assert load_config("tiny").upload_destination is not None  # so that the overrides below are tested
+    assert config_from_args(parse_args(["--config", "tiny", "--upload-destination", "none"])).upload_destination is None
+    moved = config_from_args(parse_args(["--config", "tiny", "--upload-destination", "up"]))
+    assert moved.upload_destination == str(tmp_path / "up")
+
+
+def test_a_run_shorter_than_its_warmup_is_allowed_and_a_flag_error_names_the_flag() -> None:
+    assert load_config("tiny", {"max_steps": 10}).max_steps == 10  # tiny warms up for 20 steps: a smoke test
+    with pytest.raises(ConfigError, match=r"configs/tiny.json with max_steps=0 from the command line: max_steps"):
+        load_config("tiny", {"max_steps": 0, "data": None})

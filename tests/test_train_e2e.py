@@ -235,3 +235,13 @@ def test_processes_that_did_not_join_one_group_are_refused(monkeypatch: pytest.M
     with pytest.raises(ConfigError, match="launched as 2 processes but Accelerate sees 1"):
         check_process_group(1)
     check_process_group(2)
+
+
+def test_unwritable_output_folders_are_refused_before_training(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    (tmp_path / "a_file").write_text("not a folder")
+    for flag in ("--checkpoint-dir", "--log-dir"):
+        result = run_train("--config", str(config), flag, str(tmp_path / "a_file"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"{flag[2:].replace('-', '_')} {tmp_path / 'a_file'}: not a writable folder" in result.stderr
+        assert "Model:" not in result.stderr  # refused before the model was built

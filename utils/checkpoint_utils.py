@@ -144,6 +144,18 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     return final
 
 
+def check_writable_folder(folder: str | Path, setting: str) -> None:
+    """Creates the folder and writes a file there: a folder that cannot take a checkpoint is found at
+    start, not at the first save hundreds of steps later."""
+    probe = Path(folder) / f".write-probe-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(f"{setting} {folder}: not a writable folder ({error.strerror or error})") from None
+
+
 def load_state(accelerator: Accelerator, checkpoint: Path) -> None:
     """Loads the model, optimizer, schedule and RNG states saved by save_checkpoint."""
     try:
