@@ -133,21 +133,47 @@ def time_trainer(config: TrainingConfig, batches: list[torch.Tensor], folder: Pa
     return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
 
 
-def main() -> int:
+def min_steps(warmup: int, log_every: int) -> int:
+    """The fewest --steps that leave every loop a timed window: the windows overlapping the warmup are dropped,
+    and train.py's first window (from its start to its first metrics line) is never timed."""
+    skip = -(-warmup // log_every)
+    return (skip + 2) * log_every
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one line, or None."""
+    for name in ("batch", "steps", "log_every", "rounds", "threads"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    if args.warmup < 0:
+        return f"--warmup must be >= 0, got {args.warmup}"
+    needed = min_steps(args.warmup, args.log_every)
+    if args.steps < needed:
+        return (f"--steps {args.steps} leaves no timed window: with --warmup {args.warmup} and --log-every "
+                f"{args.log_every} it must be at least {needed} (or lower --warmup / --log-every)")
+    if not sorted(args.data.glob("tokenized_*.npz")):
+        return f"no shards in {args.data}; run: python scripts/prepare_data.py --sample"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="steps per loop and round")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps per loop and round; at least (ceil(warmup / log-every) + 2) x log-every")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
-    parser.add_argument("--log-every", type=int, default=5, help="train.py's logging_steps")
+    parser.add_argument("--log-every", type=int, default=5, help="train.py's logging_steps (timing window)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in every loop")
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data" / "sample")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    if not sorted(args.data.glob("tokenized_*.npz")):
-        raise SystemExit(f"no shards in {args.data}; run: python scripts/prepare_data.py --sample")
 
     skip = -(-args.warmup // args.log_every)  # whole logging windows that overlap the warmup
     samples: dict[str, list[float]] = {"train.py": [], "bare": [], "trainer": []}

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
+from configs.training_config import CONFIG_DIR, ConfigError, TrainingConfig, load_config  # noqa: E402
 from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
                                     parse_checkpoint_name, read_json)
 from utils.training_utils import TrainingMetrics  # noqa: E402
@@ -199,18 +199,65 @@ def trend_label(record: CheckpointRecord) -> str:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-def require_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:
+def config_naming(folder: Path) -> str | None:
+    """The name of a config in configs/ whose checkpoint_dir is `folder`, if any (for a --config hint)."""
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        try:
+            config = load_config(path.stem)
+        except ConfigError:
+            continue
+        if (REPO_ROOT / config.checkpoint_dir).resolve() == folder.resolve():
+            return path.stem
+    return None
+
+
+def no_checkpoints_message(checkpoint_dir: Path) -> str:
+    """Why there is nothing to show in an existing folder, with the subfolders that do hold checkpoints."""
+    holders = []
+    try:
+        for sub in sorted(checkpoint_dir.iterdir()):
+            try:
+                if sub.is_dir() and list_checkpoints(sub):
+                    holders.append(sub)
+            except OSError:  # an unreadable subfolder is simply not a hint
+                continue
+    except OSError as error:
+        return f"cannot read {checkpoint_dir}: {error.strerror or error}"
+    message = f"no checkpoints in {checkpoint_dir}"
+    if not holders:
+        return message + " (pass --checkpoint-dir or --config to look elsewhere)"
+    hints = []
+    for sub in holders:
+        config = config_naming(sub)
+        hints.append(f"pass --checkpoint-dir {sub}" + (f" or --config {config}" if config else ""))
+    if len(holders) == 1:
+        return f"{message}; {holders[0]} holds some: {hints[0]}"
+    return f"{message}; subfolders {', '.join(str(sub) for sub in holders)} hold some: {'; '.join(hints)}"
+
+
+def require_folder(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {checkpoint_dir} does not exist "
                               "(pass --checkpoint-dir or --config)")
-    return list_checkpoints(checkpoint_dir)
+
+
+def require_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    """The folder's checkpoints; an existing folder without any is an error too (naming subfolders that hold some)."""
+    require_folder(checkpoint_dir)
+    found = list_checkpoints(checkpoint_dir)
+    if not found:
+        raise CheckpointError(no_checkpoints_message(checkpoint_dir))
+    return found
 
 
 def cmd_list(checkpoint_dir: Path, remote: bool, credentials: str | None = None) -> int:
-    found = require_checkpoints(checkpoint_dir)
+    require_folder(checkpoint_dir)
+    found = list_checkpoints(checkpoint_dir)
     manifest = read_uploads(checkpoint_dir)
-    if not found:
-        print(f"📁 No checkpoints in {checkpoint_dir}")
+    if not found and not (remote and manifest is not None and manifest.destination):
+        raise CheckpointError(no_checkpoints_message(checkpoint_dir))
+    if not found:  # --remote: the destination may still hold this folder's checkpoints
+        print(f"📁 No local checkpoints in {checkpoint_dir}")
     else:
         print(f"📁 Found {len(found)} checkpoint{'s' if len(found) != 1 else ''} in {checkpoint_dir}:")
         print(RULE)
@@ -434,23 +481,39 @@ def resolve_checkpoint_dir(checkpoint_dir: str | None, config: TrainingConfig | 
     return Path("checkpoints")
 
 
+def folder_options(default: Any) -> argparse.ArgumentParser:
+    """--checkpoint-dir and --config, accepted before and after the command. The commands' copies default to
+    argparse.SUPPRESS, so that an option given before the command is not overwritten by their default."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--checkpoint-dir", default=default,
+                         help="folder holding the checkpoints (default: ./checkpoints, or the checkpoint_dir of "
+                              "--config)")
+    options.add_argument("--config", default=default,
+                         help="take the checkpoint folder from this training config (name or path)")
+    return options
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="List, inspect, compare and plot training checkpoints.")
-    parser.add_argument("--checkpoint-dir", help="folder holding the checkpoints (default: ./checkpoints, "
-                                                 "or the checkpoint_dir of --config)")
-    parser.add_argument("--config", help="take the checkpoint folder from this training config (name or path)")
+    parser = argparse.ArgumentParser(description="List, inspect, compare and plot training checkpoints. "
+                                                 "--checkpoint-dir and --config go before or after the command.",
+                                     parents=[folder_options(None)])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    listing = commands.add_parser("list", help="every checkpoint: step, loss, time and upload state")
+    command_options = folder_options(argparse.SUPPRESS)
+
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[command_options])
+
+    listing = add_command("list", help="every checkpoint: step, loss, time and upload state")
     listing.add_argument("--remote", action="store_true",
                          help="also list the checkpoints at the upload destination recorded in uploads.json")
     listing.add_argument("--gcs-credentials", metavar="KEY.json",
                          help="service-account key for a gs:// destination (default: the config's gcs_credentials, "
                               "else Application Default Credentials)")
-    view = commands.add_parser("view", help="the detailed summary of one checkpoint")
+    view = add_command("view", help="the detailed summary of one checkpoint")
     view.add_argument("name", help="checkpoint folder name, or 'latest'")
-    compare = commands.add_parser("compare", help="a table of several checkpoints with the change between them")
+    compare = add_command("compare", help="a table of several checkpoints with the change between them")
     compare.add_argument("names", nargs="+", metavar="NAME", help="two or more checkpoint names (or 'latest')")
-    plot = commands.add_parser("plot", help="loss and learning-rate curves")
+    plot = add_command("plot", help="loss and learning-rate curves")
     plot.add_argument("name", help="checkpoint folder name, or 'latest'")
     plot.add_argument("--save", type=Path, metavar="FILE.png",
                       help="write the plot to this file instead of opening a window")

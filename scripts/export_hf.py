@@ -57,6 +57,12 @@ class Exported:
     parameters: int
     dtype: str
     tokenizer: Path | None
+    """Where the tokenizer was taken from (may be inside a temporary unpacked checkpoint), or None."""
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The tokenizer.json in out_dir, when one was exported."""
+        return None if self.tokenizer is None else self.out_dir / TOKENIZER_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix=".export-hf-", dir=args.out_dir.parent) as workdir:
             checkpoint = locate_checkpoint(args.checkpoint, Path(workdir))
             exported = export_checkpoint(checkpoint, args.out_dir, args.dtype, args.tokenizer, args.overwrite)
+            # The tokenizer's source, unless it lies in the unpacked checkpoint deleted just below.
+            source = exported.tokenizer
+            if source is not None and Path(workdir).resolve() in source.resolve().parents:
+                source = None
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: no tokenizer found (none in the checkpoint or beside the run's shards); the folder holds the "
               "model only; pass --tokenizer to include one")
     else:
-        print(f"Tokenizer: {exported.tokenizer}")
+        print(f"Tokenizer: {exported.tokenizer_file}" + (f" (from {source})" if source is not None else ""))
     return 0
 
 

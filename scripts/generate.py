@@ -4,6 +4,10 @@
     python scripts/generate.py checkpoints/tiny/checkpoint-epoch0-step200-files8 --prompt "Return the"
     python scripts/generate.py exports/refocused-1.2b --prompt "The" --max-new-tokens 100 --temperature 0.7
     python scripts/generate.py gs://refocused-ai/Checkpoints/checkpoint-epoch0-step10000-files8 --prompt "The"
+    python scripts/generate.py checkpoint-epoch0-step10000-files8.tar.zst --prompt "The"   # an archive
+
+The model is a checkpoint folder, a checkpoint archive (.tar, .tar.zst, .tar.gz, as the uploader writes
+them), gs://bucket/prefix/<checkpoint name or archive>, or an exported Hugging Face model folder.
 
 The text is written with the run's tokenizer: the exported folder's, else the checkpoint's tokenizer.json
 (or the run's, as scripts/export_hf.py finds it), else --tokenizer. Sampling is seeded (--seed), so the
@@ -44,6 +48,34 @@ def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None,
     return model, hf_tokenizer(tokenizer_file, model.config.eos_token_id)
 
 
+def check_tokenizer_path(path: Path) -> None:
+    """--tokenizer names a tokenizer.json or a folder holding one."""
+    if not path.exists():
+        raise ExportError(f"--tokenizer {path}: no such file")
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        raise ExportError(f"--tokenizer {path}: a folder without {TOKENIZER_FILE}")
+
+
+def check_device(name: str) -> torch.device:
+    """The --device to run on: cpu, cuda, cuda:N or mps, and only one this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ExportError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ExportError(f"--device {name}: {reason}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ExportError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ExportError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise ExportError(f"--device {name}: not supported (use cpu, cuda or cuda:N)")
+    return device
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int,
              temperature: float, top_p: float, seed: int) -> str:
     """The prompt's continuation (without the prompt)."""
@@ -68,14 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Generate text from a training checkpoint or an exported Hugging Face model folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("model", metavar="CHECKPOINT_OR_DIR", help="a checkpoint folder or an exported model folder")
+    parser.add_argument("model", metavar="CHECKPOINT_OR_DIR",
+                        help="a checkpoint folder, a checkpoint archive (.tar, .tar.zst, .tar.gz), "
+                             "gs://bucket/prefix/<checkpoint name or archive>, or an exported model folder")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the top tokens of this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer.json (or a folder holding one) to use instead")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         parser.error("--max-new-tokens must be positive")
@@ -86,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # download progress of a remote checkpoint
     transformers_logging.disable_progress_bar()
     try:
+        device = check_device(args.device)  # both before the (possibly long) download and load of the model
+        if args.tokenizer is not None:
+            check_tokenizer_path(args.tokenizer)
         with tempfile.TemporaryDirectory(prefix="generate-") as workdir:
             location = locate_checkpoint(args.model, Path(workdir))
             if not location.is_dir():
                 raise ExportError(f"{args.model}: no such checkpoint or model folder")
             model, tokenizer = load_model_and_tokenizer(location, args.tokenizer)
-        model.to(args.device)
+        model.to(device)
         text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)

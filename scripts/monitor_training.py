@@ -5,9 +5,9 @@
     python scripts/monitor_training.py --once --config tiny   # one snapshot
     python scripts/monitor_training.py --logs-only            # follow the metrics log
 
-It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step),
-the checkpoint folders and <checkpoint_dir>/uploads.json. A line still being written is left for the
-next refresh.
+It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step, with
+"loss", and one per validation, with "eval_loss"), the checkpoint folders and <checkpoint_dir>/uploads.json.
+A line still being written is left for the next refresh.
 """
 import argparse
 import json
@@ -40,6 +40,16 @@ STALE_AFTER_S = 300
 # Reading metrics.jsonl while it grows
 # ---------------------------------------------------------------------------------------------
 
+def is_training(record: dict[str, Any]) -> bool:
+    """A logging step's line: {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", ...}."""
+    return "loss" in record
+
+
+def is_validation(record: dict[str, Any]) -> bool:
+    """A validation's line: {"step", "eval_loss", "eval_perplexity", "eval_tokens"}."""
+    return "eval_loss" in record and "loss" not in record
+
+
 @dataclass
 class MetricsReader:
     """Reads complete lines of metrics.jsonl from where it left off; a half-written last line waits."""
@@ -50,7 +60,7 @@ class MetricsReader:
     restarted: bool = False
     """The last read_new() found the file replaced or truncated (a new run) and read it from the start."""
     bad_lines: int = 0
-    """Complete lines that were not JSON objects (skipped and counted, never fatal)."""
+    """Complete lines that were neither a training nor a validation record (skipped and counted, never fatal)."""
 
     def read_new(self, tail_bytes: int | None = None) -> list[dict[str, Any]]:
         """Records appended since the last call; on the first call, those in the last `tail_bytes`."""
@@ -80,7 +90,8 @@ class MetricsReader:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and (is_training(record) or is_validation(record)):
                 records.append(record)
             else:
                 self.bad_lines += 1
@@ -139,6 +150,9 @@ class RunView:
     max_steps: int | None
     max_steps_source: str
     records: list[dict[str, Any]] = field(default_factory=list)
+    """Training lines only (those with "loss")."""
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    """Validation lines (those with "eval_loss")."""
     bad_lines: int = 0
     metrics_age_s: float | None = None
 
@@ -173,9 +187,20 @@ def render_run(view: RunView) -> list[str]:
             if view.metrics_age_s > STALE_AFTER_S and not finished:
                 age += "  ⚠️  no progress for a while: stopped or stalled?"
             lines.append(age)
+    if view.validations:
+        lines.append(format_validation_summary(view.validations[-1]))
     if view.bad_lines:
         lines.append(f"⚠️  {view.bad_lines} unreadable line(s) in {metrics_path} skipped")
     return lines
+
+
+def fmt_number(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def format_validation_summary(record: dict[str, Any]) -> str:
+    return (f"📏 Validation at step {record['step']:,}: loss {fmt_number(record.get('eval_loss'), '.4f')}, "
+            f"perplexity {fmt_number(record.get('eval_perplexity'), '.2f')}")
 
 
 def render_checkpoints(checkpoint_dir: Path, shown: int = 3) -> list[str]:
@@ -262,6 +287,9 @@ class GpuProbe:
 # ---------------------------------------------------------------------------------------------
 
 def format_record(record: dict[str, Any]) -> str:
+    if is_validation(record):
+        return (f"{record['step']:>8} validation: loss {fmt_number(record.get('eval_loss'), '.6f')}, "
+                f"perplexity {fmt_number(record.get('eval_perplexity'), '.2f')}")
     speed = record.get("tokens_per_sec")
     mfu = f" {fmt_mfu(record['mfu']):>6}" if has_mfu(record) else ""
     return (f"{record['step']:>8} {fmt_loss(record.get('loss')):>10} {fmt_lr(record.get('lr')):>9} "
@@ -300,7 +328,10 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
 
 def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: int = 5000) -> str:
     new_records = reader.read_new(tail_bytes=TAIL_BYTES)
-    view.records = (new_records if reader.restarted else view.records + new_records)[-max_records:]
+    if reader.restarted:
+        view.records, view.validations = [], []
+    view.records = (view.records + [record for record in new_records if is_training(record)])[-max_records:]
+    view.validations = (view.validations + [record for record in new_records if is_validation(record)])[-max_records:]
     view.bad_lines = reader.bad_lines
     try:
         view.metrics_age_s = time.time() - reader.path.stat().st_mtime
@@ -390,8 +421,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds between refreshes (default 5)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--logs-only", action="store_true",
-                        help="only the metrics log: its last lines, then new ones as they arrive")
-    parser.add_argument("--lines", type=positive_int, default=20, help="log lines shown by --logs-only (default 20)")
+                        help="only the metrics log: its last lines, then new ones as they arrive; a validation "
+                             "line shows as 'STEP validation: loss L, perplexity P'")
+    parser.add_argument("--lines", type=positive_int, default=20,
+                        help="log lines (training and validation) shown by --logs-only (default 20)")
     parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and max_steps")
     parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")
     parser.add_argument("--checkpoint-dir",

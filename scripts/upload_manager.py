@@ -6,9 +6,10 @@
     python scripts/upload_manager.py upload checkpoint-epoch0-step50-files0
     python scripts/upload_manager.py upload-all --config test      # every local checkpoint not yet verified
 
-The checkpoint folder and destination come from the config (checkpoint_dir, upload_destination) unless
---checkpoint-dir / --destination are given. The upload state lives in <checkpoint_dir>/uploads.json,
-shared with a training run that may be running at the same time.
+The checkpoint folder and destination come from the config (checkpoint_dir, upload_destination; relative
+to the repository) unless --checkpoint-dir / --destination are given (relative to the current folder). The
+upload state lives in <checkpoint_dir>/uploads.json, shared with a training run that may be running at the
+same time; status and list show only the records about the destination in use.
 """
 import argparse
 import logging
@@ -20,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config  # noqa: E402
 from utils.checkpoint_utils import CheckpointError, list_checkpoints, parse_checkpoint_name  # noqa: E402
 from utils.storage import StorageError, is_gcs_url  # noqa: E402
-from utils.uploader import (UploadError, UploadManifest, Uploader, folder_size, human_size,  # noqa: E402
-                            open_destination, remote_checkpoints)
+from utils.uploader import (UploadError, UploadManifest, UploadRecord, Uploader, folder_size,  # noqa: E402
+                            human_size, open_destination, remote_checkpoints)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +52,12 @@ class Settings:
                                            "upload_destination": args.destination,
                                            "archive_format": args.archive_format,
                                            "gcs_credentials": args.gcs_credentials})
-        self.checkpoint_dir = REPO_ROOT / config.checkpoint_dir
+        # Like train.py: paths given as flags are relative to the current folder, a config's to the repo.
+        self.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else REPO_ROOT / config.checkpoint_dir
         destination = config.upload_destination
         if destination is not None and not is_gcs_url(destination):
-            destination = str(REPO_ROOT / destination)
+            # Resolved, as the uploader names it in the records' remote URLs.
+            destination = str((Path(destination) if args.destination else REPO_ROOT / destination).resolve())
         self.destination = destination
         self.archive_format = config.archive_format
         self.attempts = config.upload_attempts
@@ -67,25 +70,62 @@ class Settings:
         return Uploader(open_destination(self.destination, self.credentials, check_write), self.checkpoint_dir,
                         self.archive_format, background=False, attempts=self.attempts)
 
+    def require_checkpoint_dir(self) -> None:
+        if not self.checkpoint_dir.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.checkpoint_dir} does not exist "
+                                  "(pass --checkpoint-dir or --config)")
+
+
+def records_for(manifest: UploadManifest, destination: str | None) -> dict[str, UploadRecord]:
+    """The records of uploads.json about `destination` (all of them when it is None). uploads.json keeps one
+    record per checkpoint, whatever the destination of its last upload; a record naming another destination
+    says nothing about this one, so it is left out. A record with no remote URL yet (never queued) is kept.
+    Reading nothing from a missing folder: the manifest would create it."""
+    if not manifest.path.parent.is_dir():
+        return {}
+    records = manifest.read()
+    if destination is None:
+        return records
+    prefix = destination.rstrip("/") + "/"
+    return {name: record for name, record in records.items()
+            if record.remote_url is None or record.remote_url.startswith(prefix)}
+
+
+def other_destination_note(manifest: UploadManifest, destination: str) -> str | None:
+    """A warning when uploads.json holds records about another destination than `destination`."""
+    if not manifest.path.parent.is_dir():
+        return None
+    others = len(manifest.read()) - len(records_for(manifest, destination))
+    if not others:
+        return None
+    return (f"note: {others} record(s) in {manifest.path} are about another destination than {destination} "
+            "(an upload with another --destination); not shown")
+
 
 def command_list(settings: Settings) -> int:
+    settings.require_checkpoint_dir()
     checkpoints = list_checkpoints(settings.checkpoint_dir)
-    records = UploadManifest(settings.checkpoint_dir, settings.destination or "").read()
+    manifest = UploadManifest(settings.checkpoint_dir, settings.destination or "")
+    records = records_for(manifest, settings.destination)
     if not checkpoints:
         print(f"No checkpoints in {settings.checkpoint_dir}")
         return 0
-    print(f"📁 {len(checkpoints)} checkpoint(s) in {settings.checkpoint_dir}:")
+    where = f" (upload state for {settings.destination})" if settings.destination else ""
+    print(f"📁 {len(checkpoints)} checkpoint(s) in {settings.checkpoint_dir}{where}:")
     for index, info in enumerate(checkpoints, 1):
         record = records.get(info.name)
         state = record.state if record else "local"
         print(f"{index:2d}. {info.name:40s} Step: {info.step:<8d} {human_size(folder_size(info.path)):>10s}  {state}")
+    note = other_destination_note(manifest, settings.destination) if settings.destination else None
+    if note:
+        print(note)
     return 0
 
 
 def command_status(settings: Settings) -> int:
     uploader = settings.uploader(check_write=False)
     local = {info.name: info for info in list_checkpoints(settings.checkpoint_dir)}
-    records = uploader.manifest.read()
+    records = records_for(uploader.manifest, uploader.destination)
     remote = remote_checkpoints(uploader.storage)
     names = sorted({*local, *records, *remote}, key=lambda name: (parse_checkpoint_name(name) or (0, 0, 0))[1:])
     print(f"Local:  {settings.checkpoint_dir}\nRemote: {uploader.destination}")
@@ -103,13 +143,22 @@ def command_status(settings: Settings) -> int:
             note = f"{record.attempts} attempt(s): {record.error}"
         elif record and record.state == "uploaded" and obj is None:
             note = "recorded as uploaded, but not found at the destination"
+        elif name in local and state != "uploaded" and obj is not None:
+            note = "at the destination, not verified from here: upload-all compares and records it"
         elif name in local and state != "uploaded":
             note = "pending: upload-all uploads it"
         print(f"{name:40s} {local_size:>10s}  {state:10s} {remote_size:>10s}  {archive:8s} {crc:10s} {note}")
+    note = other_destination_note(uploader.manifest, uploader.destination)
+    if note:
+        print(note)
     return 0
 
 
 def command_upload(settings: Settings, names: list[str] | None) -> int:
+    if not settings.checkpoint_dir.is_dir():
+        what = f"checkpoint {names[0]!r} not found in" if names else "checkpoint folder"
+        raise UploadError(f"{what} {settings.checkpoint_dir}: the folder does not exist "
+                          "(pass --checkpoint-dir or --config)")
     uploader = settings.uploader()
     local = [info.name for info in list_checkpoints(settings.checkpoint_dir)]
     if names is None:  # upload-all
@@ -122,6 +171,14 @@ def command_upload(settings: Settings, names: list[str] | None) -> int:
         if name not in local:
             raise UploadError(f"checkpoint {name!r} not found in {settings.checkpoint_dir} "
                               f"(existing: {', '.join(local) or 'none'})")
+    everything = uploader.manifest.read()
+    mine = records_for(uploader.manifest, uploader.destination)
+    for name in names:
+        if name in everything and name not in mine:
+            # uploads.json keeps one record per checkpoint (utils/uploader.py): this upload's replaces it.
+            elsewhere = str(everything[name].remote_url).rsplit("/", 1)[0]
+            print(f"note: {name}: uploads.json's record of its upload to {elsewhere} "
+                  f"({everything[name].state}) is replaced by this upload's")
     failed = []
     for name in names:
         uploader.submit(settings.checkpoint_dir / name)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_train, write_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
+from scripts import checkpoint_viewer
 from scripts.checkpoint_viewer import main
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
@@ -96,10 +97,63 @@ def test_list_marks_a_corrupt_checkpoint_and_shows_the_rest(capsys, checkpoints)
 
 
 def test_list_of_an_empty_or_missing_folder(capsys, tmp_path):
-    code, out, _ = viewer(capsys, tmp_path, "list")
-    assert code == 0 and "No checkpoints" in out
+    code, out, err = viewer(capsys, tmp_path, "list")
+    assert code == 2 and out == "" and err.startswith(f"error: no checkpoints in {tmp_path}")
+    assert len(err.strip().splitlines()) == 1
     code, _, err = viewer(capsys, tmp_path / "nowhere", "list")
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_folder_names_the_subfolders_holding_checkpoints(capsys, checkpoints, tmp_path):
+    parent = tmp_path / "all"
+    parent.mkdir()
+    shutil.move(checkpoints, parent / "tiny")
+    (parent / "other").mkdir()
+    for command in (["list"], ["view", "latest"], ["plot", "latest"], ["compare", STEP4, STEP8]):
+        code, out, err = viewer(capsys, parent, *command)
+        assert code == 2 and out == "", command
+        assert err == (f"error: no checkpoints in {parent}; {parent / 'tiny'} holds some: "
+                       f"pass --checkpoint-dir {parent / 'tiny'}\n"), command
+        assert "--resume" not in err
+
+
+def test_empty_folder_hint_names_the_config_of_a_subfolder(capsys, checkpoints, tmp_path, monkeypatch):
+    """checkpoints/ holding tiny/ (the tiny config's checkpoint_dir, relative to the repo) as a first run leaves it."""
+    monkeypatch.setattr(checkpoint_viewer, "REPO_ROOT", tmp_path)
+    shutil.move(checkpoints, tmp_path / "tiny")
+    (tmp_path / "checkpoints").mkdir()
+    shutil.move(tmp_path / "tiny", tmp_path / "checkpoints" / "tiny")
+    code, _, err = viewer(capsys, tmp_path / "checkpoints", "list")
+    assert code == 2 and err.strip().endswith(
+        f"holds some: pass --checkpoint-dir {tmp_path / 'checkpoints' / 'tiny'} or --config tiny")
+    code = main(["list", "--config", "tiny"])
+    assert code == 0 and "Found 2 checkpoints" in capsys.readouterr().out
+
+
+def test_folder_options_are_accepted_after_the_command(capsys, checkpoints, tmp_path):
+    code, out, _ = viewer(capsys, tmp_path / "nowhere", "list", "--checkpoint-dir", str(checkpoints))
+    assert code == 0 and f"Found 2 checkpoints in {checkpoints}" in out
+    code = main(["view", "latest", "--checkpoint-dir", str(checkpoints)])
+    assert code == 0 and f"Checkpoint Summary: {STEP8}" in capsys.readouterr().out
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_preset": "tiny", "checkpoint_dir": str(checkpoints)}))
+    for argv in (["list", "--config", str(config)], ["--config", str(config), "list"]):
+        code = main(argv)
+        assert code == 0 and f"Found 2 checkpoints in {checkpoints}" in capsys.readouterr().out, argv
+    # An option given before the command is kept when the command does not repeat it.
+    code = main(["--checkpoint-dir", str(checkpoints), "compare", STEP4, STEP8])
+    assert code == 0 and "Comparing 2 checkpoints" in capsys.readouterr().out
+
+
+def test_list_remote_with_no_local_checkpoints_lists_the_destination(capsys, checkpoints, tmp_path):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    (bucket / f"{STEP4}.tar.zst").write_bytes(b"x" * 100)
+    write_uploads(checkpoints, str(bucket))
+    shutil.rmtree(checkpoints / STEP4)
+    shutil.rmtree(checkpoints / STEP8)
+    code, out, _ = viewer(capsys, checkpoints, "list", "--remote")
+    assert code == 0 and "No local checkpoints" in out and f"1 remote checkpoint in {bucket}" in out
 
 
 def test_list_remote_without_a_destination_or_storage_module(capsys, checkpoints, monkeypatch):

@@ -205,3 +205,50 @@ def test_an_epoch_without_a_full_sample_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no shard holds a full sample"):
         next(loader)
     loader.close()
+
+
+# --- scripts/prepare_data.py -------------------------------------------------------------------------
+
+def test_prepare_data_writes_the_tokenizer_beside_the_shards(tmp_path: Path, sample_data: Path, capsys) -> None:
+    from configs.training_config import TrainingConfig
+    from scripts import prepare_data
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(f'{{"text": "Return the number of items in list {i}."}}' for i in range(30)) + "\n")
+    output = tmp_path / "mine"
+    assert prepare_data.main(["--input", str(corpus), "--tokenizer", str(sample_data / "tokenizer.json"),
+                              "--output", str(output), "--rows-per-shard", "10", "--row-length", "16"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    assert sorted(path.name for path in output.iterdir()) == [
+        "tokenized_00000.npz", "tokenized_00001.npz", "tokenized_00002.npz", "tokenizer.json"]
+    assert (output / "tokenizer.json").read_bytes() == (sample_data / "tokenizer.json").read_bytes()
+    # A training run on this folder finds it (and copies it into its checkpoints).
+    assert TrainingConfig(data=str(output)).tokenizer_path() == output / "tokenizer.json"
+    # Run again in place, with the folder's own copy as --tokenizer: still there, unchanged.
+    assert prepare_data.main(["--input", str(corpus), "--tokenizer", str(output / "tokenizer.json"),
+                              "--output", str(output)]) == 0
+    assert (output / "tokenizer.json").read_bytes() == (sample_data / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"body": "some text"}'], "corpus.jsonl:1: not a JSON object with a 'text' field (its fields: body)"),
+    (['{"text": "fine"}', "{not json"], "corpus.jsonl:2: not valid JSON"),
+    (['{"text": 42}'], "corpus.jsonl:1: the 'text' field is a int, not a string"),
+])
+def test_prepare_data_bad_input_is_one_line_with_exit_2(tmp_path: Path, sample_data: Path, capsys,
+                                                        lines: list[str], message: str) -> None:
+    from scripts import prepare_data
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    code = prepare_data.main(["--input", str(corpus), "--tokenizer", str(sample_data / "tokenizer.json"),
+                              "--output", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0]
+
+
+def test_prepare_data_bad_tokenizer_is_one_line_with_exit_2(tmp_path: Path, capsys) -> None:
+    from scripts import prepare_data
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "some text"}\n')
+    code = prepare_data.main(["--input", str(corpus), "--tokenizer", str(corpus), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {corpus}: not a tokenizer.json") and len(err.strip().splitlines()) == 1

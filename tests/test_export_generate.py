@@ -163,7 +163,7 @@ def test_checkpoint_without_tokenizer(trained: Path, sample_data: Path, tmp_path
 
 
 def test_export_from_local_archive_and_gcs(trained: Path, sample_data: Path, tmp_path: Path,
-                                           gcs_server) -> None:  # noqa: F811
+                                           capsys: pytest.CaptureFixture, gcs_server) -> None:  # noqa: F811
     checkpoint = checkpoint_of(trained)
     archive = tmp_path / f"{checkpoint.name}.tar.zst"
     with open(archive, "wb") as handle:
@@ -172,6 +172,9 @@ def test_export_from_local_archive_and_gcs(trained: Path, sample_data: Path, tmp
     reference = logits(training_model(checkpoint), input_ids)
 
     assert export_hf.main([str(archive), str(tmp_path / "from_archive"), "--dtype", "fp32"]) == 0
+    # The tokenizer is named where it ends up, not in the unpacked checkpoint deleted afterwards.
+    out = capsys.readouterr().out
+    assert f"Tokenizer: {tmp_path / 'from_archive' / 'tokenizer.json'}\n" in out and ".export-hf-" not in out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "from_archive")
     torch.testing.assert_close(logits(model.eval(), input_ids), reference, rtol=0, atol=0)
 
@@ -211,6 +214,45 @@ def test_generate_from_checkpoint_and_export(trained: Path, tmp_path: Path, caps
     assert "exceeds the model's context of 64" in capsys.readouterr().err
 
 
+def test_export_names_the_exported_tokenizer_and_its_source(trained: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    assert export_hf.main([str(checkpoint_of(trained)), str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert f"Tokenizer: {tmp_path / 'hf' / 'tokenizer.json'} (from {checkpoint_of(trained) / 'tokenizer.json'})" in out
+
+
+def test_generate_from_an_archive(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = checkpoint_of(trained)
+    archive = tmp_path / f"{checkpoint.name}.tar.zst"
+    with open(archive, "wb") as handle:
+        write_archive(checkpoint, handle, "tar.zst")
+    greedy = ["--prompt", PROMPT, "--max-new-tokens", "5", "--temperature", "0"]
+    assert generated([str(archive), *greedy], capsys) == generated([str(checkpoint), *greedy], capsys)
+
+
+def test_generate_help_mentions_archives(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    assert ".tar.zst" in capsys.readouterr().out
+
+
+def test_generate_bad_device_and_tokenizer_are_one_line(trained: Path, tmp_path: Path, monkeypatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    checkpoint = str(checkpoint_of(trained))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    assert generate.main([checkpoint, "--prompt", PROMPT, "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --device cuda: ") and "use --device cpu" in error
+    assert len(error.strip().splitlines()) == 1
+    assert generate.main([checkpoint, "--prompt", PROMPT, "--device", "gpu0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device gpu0: not a device")
+    missing = tmp_path / "nope.json"
+    assert generate.main([checkpoint, "--prompt", PROMPT, "--tokenizer", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: --tokenizer {missing}: no such file\n"
+    assert generate.main([checkpoint, "--prompt", PROMPT, "--tokenizer", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --tokenizer {tmp_path}: a folder without tokenizer.json\n"
+
+
 def test_generate_cli_bad_path_is_one_line() -> None:
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), "/nonexistent/ckpt",
                              "--prompt", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -225,4 +267,5 @@ def test_train_refuses_an_export_folder_it_may_not_replace_before_training(tmp_p
     result = run_train("--config", str(write_config(tmp_path, sample_data, export_hf_dir=str(precious))))
     assert result.returncode == 2
     assert "is not an exported model folder (no config.json); refusing to replace it" in result.stderr
-    assert not (tmp_path / "checkpoints").exists() and (precious / "notes.txt").read_text() == "keep"
+    # train.py creates (and probes) checkpoint_dir at start; nothing is saved in it.
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*")) and (precious / "notes.txt").read_text() == "keep"

@@ -146,6 +146,38 @@ def test_logs_only_once_prints_the_tail(capsys, run):
     assert rows[-1].split()[1] == f"{last['loss']:.6f}"
 
 
+def add_validation(copy: Path, step: int, loss: float, perplexity: float) -> dict:
+    """Appends a validation line, as train.py writes it after the training line of the same step."""
+    record = {"step": step, "eval_loss": loss, "eval_perplexity": perplexity, "eval_tokens": 512}
+    with open(copy / "logs" / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+def test_once_after_a_validation_shows_the_last_training_line_and_the_validation(capsys, copy):
+    add_validation(copy, 4, 7.5, 1808.04)
+    add_validation(copy, 8, 7.25, 1408.1)
+    last = read_metrics(copy / "logs")[-3]
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0
+    assert f"Loss: {last['loss']:.6f}" in out and f"LR: {last['lr']:.2e}" in out
+    assert f"Tokens/s: {last['tokens_per_sec']:,.0f}" in out
+    assert "n/a" not in out.split("Loss:")[1].split("\n")[0] and "nan" not in out
+    assert f"Elapsed: {monitor_training.fmt_duration(last['elapsed_s'])}" in out
+    assert "Validation at step 8: loss 7.2500, perplexity 1408.10" in out
+    assert "unreadable" not in out
+
+
+def test_logs_only_shows_validation_lines_as_validation(capsys, copy):
+    add_validation(copy, 8, 7.25, 1408.1)
+    code, out, _ = monitor(capsys, copy, "--logs-only", "--once", "--lines", "3")
+    assert code == 0
+    rows = out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["7", "8", "8"]
+    assert rows[-1].split()[1:] == ["validation:", "loss", "7.250000,", "perplexity", "1408.10"]
+    assert "nan" not in out and "n/a" not in out
+
+
 def test_gpu_lines_through_nvml(monkeypatch):
     """The NVML path, with a stand-in for the library (no GPU here)."""
     fake = types.ModuleType("pynvml")

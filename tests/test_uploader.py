@@ -415,3 +415,67 @@ def test_a_run_without_uploads_keeps_what_an_earlier_run_left_unuploaded(tmp_pat
     manifest.update(STEP8, state="uploaded", remote_url=str(tmp_path / "uploads" / STEP8))
     assert prune_without_uploads(checkpoints, 1) == [STEP8]
     assert sorted(path.name for path in checkpoints.glob("checkpoint-*")) == [STEP12, STEP4]
+
+
+def test_upload_manager_list_of_a_missing_folder_is_an_error_and_creates_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nonexist"
+    for command in (["list"], ["upload-all", "--destination", str(tmp_path / "up")]):
+        assert upload_manager.main([*command, "--checkpoint-dir", str(missing)]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(missing) in err and "does not exist" in err
+        assert len(err.strip().splitlines()) == 1
+        assert not missing.exists()
+
+
+def test_upload_manager_destination_that_is_not_a_folder_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, STEP4, size=1000)
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    for destination in (afile, afile / "sub"):
+        for command in (["status"], ["upload", STEP4]):
+            code = upload_manager.main([*command, "--checkpoint-dir", str(checkpoints),
+                                        "--destination", str(destination)])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith(f"error: upload destination {destination}: "), (command, err)
+            assert len(err.strip().splitlines()) == 1
+
+
+def test_upload_manager_status_shows_only_records_of_its_destination(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoints, real, scratch = tmp_path / "checkpoints", tmp_path / "real", tmp_path / "scratch"
+    make_checkpoint(checkpoints, STEP4, size=1000)
+    make_checkpoint(checkpoints, STEP8, size=1000)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"checkpoint_dir": str(checkpoints), "upload_destination": str(real),
+                                  "archive_format": "tar", "upload_attempts": 1}))
+    assert upload_manager.main(["upload-all", "--config", str(config)]) == 0
+    # Uploads elsewhere: STEP4 succeeds, STEP8 meets a different object under its name and fails.
+    scratch.mkdir()
+    (scratch / f"{STEP8}.tar").write_bytes(b"some other checkpoint")
+    capsys.readouterr()
+    assert upload_manager.main(["upload", STEP4, "--config", str(config), "--destination", str(scratch)]) == 0
+    assert f"{STEP4}: uploads.json's record of its upload to {real} (uploaded) is replaced" in capsys.readouterr().out
+    assert upload_manager.main(["upload", STEP8, "--config", str(config), "--destination", str(scratch)]) == 1
+    capsys.readouterr()
+
+    assert upload_manager.main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("checkpoint-")}
+    assert set(rows) == {STEP4, STEP8}
+    for row in rows.values():  # verified at the real destination, so neither failed nor pending
+        assert "failed" not in row and "pending" not in row and "at the destination, not verified" in row
+    assert "2 record(s)" in out and f"another destination than {real}" in out
+    assert upload_manager.main(["list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out and "uploaded" not in out.split("\n", 1)[1].split("note:")[0]
+    # The scratch destination's own view shows its records.
+    assert upload_manager.main(["status", "--config", str(config), "--destination", str(scratch)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint-")}
+    assert " uploaded " in rows[STEP4] and " failed " in rows[STEP8]
+    # upload-all at the real destination finds both there, identical, and records them again.
+    assert upload_manager.main(["upload-all", "--config", str(config)]) == 0
+    assert "2 uploaded, 0 failed" in capsys.readouterr().out
+    assert all(record["remote_url"].startswith(str(real)) for record in records(checkpoints).values())

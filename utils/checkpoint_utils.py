@@ -63,7 +63,7 @@ def find_checkpoint(checkpoint_dir: str | Path, name: str) -> CheckpointInfo:
     found = list_checkpoints(checkpoint_dir)
     if name == "latest":
         if not found:
-            raise CheckpointError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+            raise CheckpointError(f"latest: no checkpoint in {checkpoint_dir}")
         return found[-1]
     for info in found:
         if info.name == Path(name).name:

@@ -350,7 +350,7 @@ def locate_checkpoint(checkpoint_dir: str | Path, name: str, storage: Storage | 
     if name == "latest":
         candidates = sorted([*local.values(), *(info for info, _ in remote.values())], key=_order)
         if not candidates:
-            raise UploadError(f"--resume latest: no checkpoint in {checkpoint_dir} or at {storage.url}")
+            raise UploadError(f"latest: no checkpoint in {checkpoint_dir} or at {storage.url}")
         newest = candidates[-1]
         wanted = max((info for info in candidates if _order(info) == _order(newest)),
                      key=lambda info: info.name in local).name  # on a tie, the local copy
@@ -660,6 +660,8 @@ class Uploader:
             return self.manifest.update(name, state="failed", remote_url=url, error=f"{folder} does not exist")
         previous = self.manifest.read().get(name, UploadRecord())
         attempts = previous.attempts if previous.remote_url == url else 0  # counted per destination
+        if previous.remote_url != url:  # a size and crc32c verified elsewhere say nothing about this upload
+            self.manifest.update(name, size=None, crc32c=None)
         for attempt in range(1, self.attempts + 1):
             attempts += 1
             self.manifest.update(name, state="uploading", remote_url=url, attempts=attempts)
@@ -672,7 +674,8 @@ class Uploader:
                 message = _one_line(error)
                 if attempt == self.attempts:
                     log.error(f"❌ Upload of {name} failed after {attempt} attempts: {message}; it stays local "
-                              f"(retry with: python scripts/upload_manager.py upload {name})")
+                              f"(retry with: python scripts/upload_manager.py upload {name} --checkpoint-dir "
+                              f"{self.checkpoint_dir} --destination {self.destination})")
                     return self.manifest.update(name, state="failed", error=message)
                 delay = self.retry_delay_s * 2 ** (attempt - 1)
                 log.warning(f"⚠️  Upload of {name} failed (attempt {attempt}/{self.attempts}: {message}); "
