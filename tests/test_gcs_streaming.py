@@ -229,7 +229,8 @@ def test_missing_bucket_is_a_one_line_error_before_training(gcs_server: GCSEmula
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: gs://no-such-bucket: bucket does not exist"
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # the folder is made (and checked) at start
+    assert "Model:" not in result.stderr  # refused before training
 
 
 def test_two_processes_download_each_shard_once(gcs_server: GCSEmulator, tmp_path: Path) -> None:
