@@ -2,7 +2,6 @@
 import errno
 import filecmp
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
 from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
-from utils.storage import crc32c_of_file, open_storage
+from utils.storage import LocalStorage, crc32c_of_file, open_storage
 from utils.uploader import (HashingWriter, Uploader, UploadError, UploadManifest, check_fresh_destination,
                             download_checkpoint, extract_archive, locate_checkpoint, open_destination,
                             prune_without_uploads, write_archive)
@@ -383,16 +382,17 @@ def test_a_read_only_gcs_destination_is_refused_at_start(gcs_server: GCSEmulator
         proxy.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_local_destination_is_refused_at_start(tmp_path: Path) -> None:
+def test_a_read_only_local_destination_is_refused_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "uploads"
     dest.mkdir()
-    dest.chmod(0o555)
-    try:
-        with pytest.raises(UploadError, match=f"^upload destination {dest}: cannot write \\(.*Permission denied"):
-            open_destination(str(dest))
-    finally:
-        dest.chmod(0o755)
+
+    def refused(self: LocalStorage, name: str) -> None:  # as a read-only mount (chmod does not stop root)
+        raise PermissionError(13, "Permission denied", str(dest / name))
+
+    monkeypatch.setattr(LocalStorage, "open_writer", refused)
+    # Listing works on such a folder: only the write probe finds out, before any training.
+    with pytest.raises(UploadError, match=f"^upload destination {dest}: cannot write \\(.*Permission denied"):
+        open_destination(str(dest))
     assert not list(dest.iterdir())
 
 
