@@ -36,7 +36,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             decay.append(parameter)
         else:
             no_decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": decay_of_group}
+            for params, decay_of_group in zip((decay, no_decay), group_weight_decays(weight_decay))]
+
+
+def group_weight_decays(weight_decay: float) -> tuple[float, float]:
+    """The weight decay of parameter_groups' two groups: [weight matrices, everything else]."""
+    return weight_decay, 0.0
 
 
 def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -49,9 +55,9 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.
     The groups are parameter_groups' [decay, no decay]; the schedule's shape comes from the config anyway.
     """
     changes: dict[str, str] = {}
-    for index, group in enumerate(optimizer.param_groups):
+    for group, decay_of_group in zip(optimizer.param_groups, group_weight_decays(weight_decay)):
         wanted = {"learning_rate": ("initial_lr", learning_rate), "adam_betas": ("betas", tuple(betas)),
-                  "adam_epsilon": ("eps", eps), "weight_decay": ("weight_decay", weight_decay if index == 0 else 0.0)}
+                  "adam_epsilon": ("eps", eps), "weight_decay": ("weight_decay", decay_of_group)}
         for name, (key, value) in wanted.items():
             old = tuple(group[key]) if key == "betas" else group[key]
             if old != value:
