@@ -37,7 +37,7 @@ from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavail
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
 from utils.performance import (MfuMeter, StopVote, check_memory, describe_fast_path, dynamo_plugin,
                                enable_activation_checkpointing, enable_tf32, fsdp_plugin, make_mfu_meter,
-                               use_compile)
+                               use_compile, window_peak_memory_gib)
 from utils.shard_cache import open_shard_source
 from utils.storage import Storage, is_gcs_url
 from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, lr_multiplier,
@@ -372,13 +372,16 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                           "elapsed_s": time.perf_counter() - run_start, "epoch": position.epoch,
                           "shards_skipped": position.shards_skipped}
                 record["mfu"] = mfu_meter.mfu(record["tokens_per_sec"])  # None (null) when the peak is unknown
+                record["gpu_memory_gib"] = window_peak_memory_gib(accelerator.device)  # this process's; null on CPU
                 if main_process:
                     with open(metrics_file, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
                     accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                          tok_s=f"{record['tokens_per_sec']:,.0f}",
-                                         **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}))
+                                         **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}),
+                                         **({"mem": f"{record['gpu_memory_gib']:.1f}G"}
+                                            if record["gpu_memory_gib"] is not None else {}))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             validating = evaluator is not None and (step % config.eval_steps == 0 or step == config.max_steps)

@@ -9,7 +9,8 @@ preflight allows, plus a tiny-config smoke run of the default path.
 Every variant is a real `python train.py` run on random-token shards made here, so the numbers include
 data loading, logging and the loop; throughput is the median of train.py's own logging windows after the
 first `--skip-windows` (which hold compilation and warm-up). A run that dies of out-of-memory is tried once
-more at 3/4 of the micro-batch. Peak GPU memory comes from nvidia-smi, polled. Writes gpu_bench.json
+more at 3/4 of the micro-batch. Peak GPU memory: train.py's own (tensors, the largest of its logging
+windows, comparable with the anchor's and the preflight's) and nvidia-smi's (the whole process, polled). Writes gpu_bench.json
 (device, date, versions, one row per variant) and prints a Markdown table for bench/RESULTS.md.
 
 On a lent GPU machine, which lacks the GCS and archive packages train.py imports, run it through
@@ -169,6 +170,8 @@ def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_e
     row.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in windows),
                mfu=statistics.median(r["mfu"] for r in windows) if windows[0]["mfu"] is not None else None,
                windows=len(windows), final_loss=records[-1]["loss"],
+               peak_memory_gib_train=max((r["gpu_memory_gib"] for r in records
+                                          if r.get("gpu_memory_gib") is not None), default=None),
                speed_line=next((line for line in result.stderr.splitlines() if line.startswith("Speed:")), None))
     return row
 
@@ -229,13 +232,15 @@ def main() -> int:
     print(f"\n{info['date']}: {info['device']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
           f"{info['transformers']}, accelerate {info['accelerate']}")
     print(f"GFLOP per token: 1.2b {gflop['1.2b']:.2f}, tiny {gflop['tiny']:.4f}\n")
-    print("| variant | micro-batch | tokens/s | MFU | peak GiB (nvidia-smi) | wall s |\n|---|---:|---:|---:|---:|---:|")
+    print("| variant | micro-batch | tokens/s | MFU | peak GiB (train.py) | peak GiB (nvidia-smi) | wall s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['variant']} | {row.get('micro_batch', '-')} | {row['error'][:120]} | | | |")
+            print(f"| {row['variant']} | {row.get('micro_batch', '-')} | {row['error'][:120]} | | | | |")
             continue
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-        memory = f"{row['peak_memory_gib_nvidia_smi']:.1f}" if row["peak_memory_gib_nvidia_smi"] else "-"
+        memory = " | ".join(f"{row[key]:.1f}" if row[key] else "-"
+                            for key in ("peak_memory_gib_train", "peak_memory_gib_nvidia_smi"))
         print(f"| {row['variant']} | {row['micro_batch']} | {row['tokens_per_sec']:,.0f} | {mfu} | {memory} | "
               f"{row['wall_s']:.0f} |")
     if args.anchor is not None and args.anchor.is_file():

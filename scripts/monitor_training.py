@@ -174,8 +174,10 @@ def render_run(view: RunView) -> list[str]:
                      f"grad norm: {last.get('grad_norm', float('nan')):.3f}")
         speed = last.get("tokens_per_sec")
         mfu = f"   MFU: {fmt_mfu(last['mfu'])}" if has_mfu(last) else ""
+        memory = last.get("gpu_memory_gib")  # null on the CPU
+        memory_text = f"   GPU memory (peak): {memory:.1f} GiB" if isinstance(memory, (int, float)) else ""
         lines.append(f"⚡ Tokens/s: {f'{speed:,.0f}' if speed else 'n/a'}{mfu}   "
-                     f"tokens seen: {fmt_count(last.get('tokens_seen'))}")
+                     f"tokens seen: {fmt_count(last.get('tokens_seen'))}{memory_text}")
         eta = eta_seconds(view.records, view.max_steps)
         eta_text = "done" if finished else (fmt_duration(eta) if eta is not None else "n/a")
         source = f" (max steps from {view.max_steps_source})" if view.max_steps else " (max steps unknown: pass --config)"

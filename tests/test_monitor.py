@@ -93,7 +93,7 @@ def test_once_shows_progress_checkpoints_and_system(capsys, run):
     assert "Step: 8 / 8 (100.0%)" in out and "finished" in out and "ETA: done" in out
     assert f"Loss: {last['loss']:.6f}" in out and f"LR: {last['lr']:.2e}" in out
     assert f"Tokens/s: {last['tokens_per_sec']:,.0f}" in out and "tokens seen: 1,024" in out
-    assert "MFU" not in out  # train.py does not log it yet
+    assert "MFU" not in out and "GPU memory" not in out  # the CPU has neither
     assert "checkpoint-epoch0-step4-files0" in out and "checkpoint-epoch0-step8-files0" in out
     assert "upload: n/a" in out
     assert "CPU:" in out and "RAM:" in out and "Disk (checkpoints):" in out
@@ -104,7 +104,7 @@ def test_once_mid_run_with_mfu_eta_and_uploads(capsys, copy):
     metrics = copy / "logs" / "metrics.jsonl"
     records = read_metrics(copy / "logs")[:4]
     for index, record in enumerate(records):
-        record.update(elapsed_s=10.0 * (index + 1), mfu=0.42)
+        record.update(elapsed_s=10.0 * (index + 1), mfu=0.42, gpu_memory_gib=41.3)
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "lo')
     shutil.rmtree(copy / "checkpoints" / "checkpoint-epoch0-step8-files0")
     (copy / "checkpoints" / "uploads.json").write_text(json.dumps({"destination": "gs://b/Checkpoints", "checkpoints": {
@@ -113,7 +113,7 @@ def test_once_mid_run_with_mfu_eta_and_uploads(capsys, copy):
     code, out, _ = monitor(capsys, copy, "--once", "--max-steps", "10")
     assert code == 0
     assert "Step: 4 / 10 (40.0%)" in out and "finished" not in out
-    assert "MFU: 42.0%" in out
+    assert "MFU: 42.0%" in out and "GPU memory (peak): 41.3 GiB" in out
     assert "ETA: 0:01:00" in out  # 6 steps left at 10 s per step
     assert "upload: uploading" in out and "Uploads to gs://b/Checkpoints: 1 pending, 0 failed" in out
 

@@ -11,7 +11,8 @@ from configs.model_config import build_model_config, resolve_shape
 from configs.training_config import ConfigError, TrainingConfig, config_from_dict
 from utils import performance
 from utils.performance import (GIB, MemoryPlan, StopVote, check_memory, count_parameters, estimate_memory,
-                               flops_per_token, make_mfu_meter, peak_tflops_for, use_compile)
+                               flops_per_token, make_mfu_meter, peak_tflops_for, use_compile,
+                               window_peak_memory_gib)
 
 SHAPE_12B = resolve_shape("1.2b")
 
@@ -168,6 +169,20 @@ def test_stop_vote_counts_one_step_late_with_several_processes() -> None:
     assert StopVote(single).decide(True)  # one process stops at once
 
 
+def test_gpu_memory_is_the_peak_of_each_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    allocator = {"peak": 40 * GIB}  # the caching allocator's counters, as torch.cuda keeps them
+
+    def reset(device: torch.device) -> None:
+        allocator["peak"] = 12 * GIB  # what the tensors alive at the reset hold
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    gpu = torch.device("cuda", 0)
+    assert window_peak_memory_gib(gpu) == 40.0
+    assert window_peak_memory_gib(gpu) == 12.0  # the next window does not inherit the earlier peak
+    assert window_peak_memory_gib(torch.device("cpu")) is None
+
+
 def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, sample_data: Path) -> None:
     huge = write_config(tmp_path, sample_data, model={**MICRO_MODEL, "hidden_size": 65536, "intermediate_size": 65536})
     result = run_train("--config", str(huge))
@@ -181,6 +196,7 @@ def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, samp
     shape = resolve_shape("tiny", MICRO_MODEL)
     for record in read_metrics(tmp_path / "logs"):
         assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * flops_per_token(shape) / 1e9)
+        assert record["gpu_memory_gib"] is None  # no GPU
     assert "MFU against 0.001 TFLOP/s per process" in result.stderr
     saved = json.loads(next((tmp_path / "checkpoints").glob("checkpoint-*/training_config.json")).read_text())
     assert saved["peak_tflops"] == 0.001 and saved["memory_preflight"] is True

@@ -115,6 +115,17 @@ class MfuMeter:
         return tokens_per_sec * self.flops_per_token / (self.peak_flops_per_process * self.num_processes)
 
 
+def window_peak_memory_gib(device: torch.device) -> float | None:
+    """The most GPU memory PyTorch's tensors held since the previous call (one logging window), in GiB;
+    None on the CPU. It reads and resets the caching allocator's counters on the host: no wait for the GPU.
+    Tensors only: the allocator's cache and the CUDA context come on top (nvidia-smi shows those too)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def make_mfu_meter(shape: ModelShape, device: torch.device, num_processes: int,
                    peak_tflops: float | None) -> MfuMeter:
     """peak_tflops (the --peak-tflops flag) wins over the table; the CPU has no table entry."""
