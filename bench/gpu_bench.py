@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,45 +136,71 @@ class MemoryPoller:
         self._stop.set()
 
 
+def training_windows(metrics: Path) -> list[dict]:
+    """The complete training lines of metrics.jsonl so far (validation lines and a half-written last line left out)."""
+    if not metrics.is_file():
+        return []
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return [record for record in records if "tokens_per_sec" in record]
+
+
 def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_every: int, skip: int,
                 timeout: float) -> dict:
+    """One train.py run, stopped (SIGKILL) once it has logged `variant.steps` steps: it never reaches a
+    save, so no time goes into writing a 17 GB checkpoint that is not what is measured."""
     folder = work / f"{variant.name}-mb{micro_batch}"
     folder.mkdir()
     values = {"model_preset": variant.preset, "data": str(work / f"data-{variant.preset}"),
-              "max_steps": variant.steps, "per_device_train_batch_size": micro_batch, "warmup_steps": 5,
-              "save_steps": 100_000, "logging_steps": log_every, "compile": variant.compile,
+              "max_steps": 1_000_000, "per_device_train_batch_size": micro_batch, "warmup_steps": 5,
+              "save_steps": 1_000_000, "logging_steps": log_every, "compile": variant.compile,
               "activation_checkpointing": variant.activation_checkpointing,
               "checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs")}
-    # The end-of-run checkpoint is not what is measured; its own folder is deleted after the run.
     (folder / "config.json").write_text(json.dumps(values))
+    metrics, stderr_path = folder / "logs" / "metrics.jsonl", folder / "stderr.txt"
+    wanted_windows = variant.steps // log_every
     started = time.perf_counter()
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(folder / "config.json")]
-    with MemoryPoller() as memory:
-        try:
-            result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            result = subprocess.CompletedProcess(command, 124, "", f"timed out after {timeout:.0f} s")
+    with MemoryPoller() as memory, open(stderr_path, "w") as stderr:
+        # Its own process group: the kill reaches the compile workers too.
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   start_new_session=True)
+        while (process.poll() is None and len(training_windows(metrics)) < wanted_windows
+               and time.perf_counter() - started < timeout):
+            time.sleep(0.5)
+        finished_alone, timed_out = process.poll() is not None, time.perf_counter() - started >= timeout
+        if not finished_alone:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = stderr_path.read_text(errors="replace")
     row = {"variant": variant.name, "micro_batch": micro_batch, "compile": variant.compile,
            "activation_checkpointing": variant.activation_checkpointing, "wall_s": time.perf_counter() - started,
            "peak_memory_gib_nvidia_smi": memory.peak_mib / 1024 if memory.peak_mib else None}
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-5:]
-        row["error"] = " | ".join(tail)[-600:]
-        row["out_of_memory"] = "out of memory" in result.stderr.lower() or "OutOfMemoryError" in result.stderr
-        return row
-    records = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if "tokens_per_sec" in r][skip:]
-    if not windows:
-        row["error"] = f"only {len(records)} logging windows; raise the variant's steps"
+    records = training_windows(metrics)
+    windows = records[skip:]
+    if finished_alone or not windows:  # train.py died (it never ends by itself here), or too slow to measure
+        tail = output.strip().splitlines()[-5:]
+        row["error"] = (f"timed out after {timeout:.0f} s; " if timed_out else "") + " | ".join(tail)[-600:]
+        row["out_of_memory"] = "out of memory" in output.lower() or "OutOfMemoryError" in output
         return row
     row.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in windows),
                mfu=statistics.median(r["mfu"] for r in windows) if windows[0]["mfu"] is not None else None,
                windows=len(windows), final_loss=records[-1]["loss"],
                peak_memory_gib_train=max((r["gpu_memory_gib"] for r in records
                                           if r.get("gpu_memory_gib") is not None), default=None),
-               speed_line=next((line for line in result.stderr.splitlines() if line.startswith("Speed:")), None))
+               speed_line=next((line for line in output.splitlines() if line.startswith("Speed:")), None))
+    if timed_out:
+        row["note"] = f"stopped by the time limit after {len(records)} of {wanted_windows} windows"
     return row
+
+
+def time_left(budget_s: float, start: float) -> float:
+    """A started variant may go on up to 120 s past the budget (a 1.2b compile alone takes a minute)."""
+    return max(60.0, budget_s + 120 - (time.perf_counter() - start))
 
 
 def main() -> int:
@@ -217,12 +244,12 @@ def main() -> int:
                 continue
             values = {"model_preset": variant.preset, "activation_checkpointing": variant.activation_checkpointing}
             micro_batch = variant.micro_batch or largest_micro_batch(values, args.max_micro_batch)
-            left = max(60.0, args.budget_s + 120 - (time.perf_counter() - start))
-            row = run_variant(variant, micro_batch, work, env, args.log_every, args.skip_windows, left)
+            row = run_variant(variant, micro_batch, work, env, args.log_every, args.skip_windows,
+                              time_left(args.budget_s, start))
             if row.get("out_of_memory") and micro_batch > 1:
                 print(json.dumps(row), flush=True)
                 row = run_variant(variant, max(1, micro_batch * 3 // 4), work, env, args.log_every,
-                                  args.skip_windows, left)
+                                  args.skip_windows, time_left(args.budget_s, start))
             rows.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "gpu_bench.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
