@@ -143,8 +143,9 @@ def check_devices(found: Findings) -> None:
     if count == 0:
         return
     major = torch.cuda.get_device_properties(0).major
-    (found.ok if torch.cuda.is_bf16_supported() else found.warn)(
-        f"bf16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported: training uses fp16 with loss scaling'}")
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slow: train.py uses fp16
+    (found.ok if bf16 else found.warn)(
+        f"bf16 {'supported' if bf16 else 'not supported: training uses fp16 with loss scaling'}")
     tf32_setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
     (found.ok if major >= 8 else found.info)(
         f"TF32 {'supported' if major >= 8 else 'not supported (needs compute capability 8.0)'}"
@@ -158,7 +159,7 @@ def check_attention(found: Findings) -> None:
     """Runs scaled_dot_product_attention on each fast backend; a missing one costs speed, not correctness."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     section("Attention kernels")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     query = torch.randn(2, 16, 512, 128, device="cuda", dtype=dtype)
     reference = torch.nn.functional.scaled_dot_product_attention(query.float(), query.float(), query.float(),
                                                                   is_causal=True)
@@ -182,7 +183,7 @@ def check_attention(found: Findings) -> None:
 
 def check_matmul(found: Findings, size: int, iterations: int) -> None:
     section("Matmul")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     small_a, small_b = torch.randn(256, 256), torch.randn(256, 256)
     try:
         error = ((small_a.cuda() @ small_b.cuda()).cpu() - small_a @ small_b).abs().max().item()

@@ -39,9 +39,9 @@ from utils.performance import (MfuMeter, StopVote, check_memory, describe_fast_p
                                enable_activation_checkpointing, enable_tf32, fsdp_plugin, make_mfu_meter,
                                use_compile, window_peak_memory_gib)
 from utils.shard_cache import open_shard_source
-from utils.storage import Storage, is_gcs_url
-from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, lr_multiplier,
-                                  parameter_groups)
+from utils.storage import ObjectInfo, Storage, is_gcs_url
+from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, first_process_decides,
+                                  lr_multiplier, parameter_groups)
 from utils.uploader import (Uploader, check_fresh_destination, check_no_newer_at_destination, fetch_for_resume,
                             locate_checkpoint, open_destination, prune_without_uploads, uploader_for_run)
 
@@ -109,7 +109,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     precision = config.mixed_precision
     if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+        # Emulated bf16 (V100, T4: no bf16 tensor cores) would run many times slower than fp16 there.
+        precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "no"
     if config.fsdp and not cuda:
         raise ConfigError("fsdp needs CUDA GPUs, and none is visible")
     if cuda:
@@ -144,8 +145,25 @@ def check_process_group(seen_processes: int) -> None:
 
 def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage | None,
                     accelerator: Accelerator) -> Path | None:
-    """The checkpoint to resume from, downloaded from the upload destination when it is only there (or newer
-    there, for "latest"); refuses a fresh start or a resume that would overwrite checkpoints."""
+    """The checkpoint to resume from, the same for every process: the first process chooses (the disks of
+    several machines may hold different checkpoints) and each machine downloads it from the upload
+    destination when its disk lacks it. Refuses a fresh start or a resume that would overwrite checkpoints."""
+    choice = first_process_decides(accelerator, lambda: choose_checkpoint(config, resume, remote))
+    if choice is None:
+        return None
+    name, remote_object = choice
+    path = fetch_for_resume(config.checkpoint_dir, name, remote_object, remote, accelerator)
+    saved_shape = read_json(path / "training_config.json").get("model_shape")
+    if saved_shape != shape_as_dict(config.model_shape()):
+        raise CheckpointError(f"{name} holds a model of shape {saved_shape}, "
+                              f"not this config's {shape_as_dict(config.model_shape())}")
+    return path
+
+
+def choose_checkpoint(config: TrainingConfig, resume: str | None,
+                      remote: Storage | None) -> tuple[str, ObjectInfo | None] | None:
+    """check_resumable's choice, on the first process: the checkpoint's name, and its archive at the
+    destination if there is one; None for a fresh start."""
     existing = list_checkpoints(config.checkpoint_dir)
     if resume is None:
         if existing:
@@ -161,12 +179,7 @@ def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage 
                               "move them out of the checkpoint folder first")
     if remote is not None:
         check_no_newer_at_destination(remote, info)
-    fetch_for_resume(config.checkpoint_dir, info, remote_object, remote, accelerator)
-    saved_shape = read_json(info.path / "training_config.json").get("model_shape")
-    if saved_shape != shape_as_dict(config.model_shape()):
-        raise CheckpointError(f"{info.name} holds a model of shape {saved_shape}, "
-                              f"not this config's {shape_as_dict(config.model_shape())}")
-    return info.path
+    return info.name, remote_object
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +207,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
     # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
     resume_path = check_resumable(config, resume, remote, accelerator)
-    if main_process:
+    if accelerator.is_local_main_process:  # on every machine: its disk may be its own
         for name in remove_incomplete_saves(config.checkpoint_dir):
             log.info(f"Removed {name}: an incomplete save left by a crash")
 
@@ -225,7 +238,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
     # --- optimizer and schedule ------------------------------------------------------------------
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                  fused=accelerator.device.type == "cuda")
+                                  # Under fp16 the fused kernel is called even on an overflow (it skips inside),
+                                  # so Accelerate could not report a skipped step to hold the schedule back.
+                                  fused=accelerator.device.type == "cuda" and accelerator.mixed_precision != "fp16")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, warmup_steps=config.warmup_steps, schedule_steps=config.schedule_steps,
         min_lr_ratio=config.min_lr_ratio))
@@ -349,7 +364,8 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
             lr = optimizer.param_groups[0]["lr"]  # this step's rate (scheduler.step() sets the next one's)
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, so the schedule waits too
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1

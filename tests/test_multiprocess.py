@@ -29,6 +29,9 @@ def run_sh_env(processes: int) -> dict[str, str]:
             "MAIN_PORT": str(free_port())}
 
 
+STEP2, STEP4 = "checkpoint-epoch0-step2-files0", "checkpoint-epoch0-step4-files0"
+
+
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("step")[1].split("-")[0])
 
@@ -101,6 +104,62 @@ def test_compiled_processes_with_accumulation_match_one_eager_process(tmp_path: 
     assert weights[0].keys() == weights[1].keys()  # no "_orig_mod." from torch.compile in the checkpoint
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def run_two_machines(config: Path, folder: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """Two "machines" on this host, one CPU process each, as run.sh starts them on two nodes; each has its own
+    checkpoint disk (folder/disk0, folder/disk1) and log folder. The upload destination is the config's."""
+    port = str(free_port())
+    starts = [subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config), *args, "--checkpoint-dir",
+                                str(folder / f"disk{rank}"), "--log-dir", str(folder / f"logs{rank}")], cwd=REPO_ROOT,
+                               env={**run_sh_env(1), "NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PORT": port},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = []
+    for start in starts:
+        stdout, stderr = start.communicate(timeout=240)
+        results.append(subprocess.CompletedProcess(start.args, start.returncode, stdout, stderr))
+    return results
+
+
+def test_machines_with_their_own_disks_resume_from_the_same_checkpoint(tmp_path: Path, sample_data: Path) -> None:
+    # The first process chooses the checkpoint for all; another machine's disk lacks it, so that machine
+    # downloads it from the upload destination, or every process stops when the destination lacks it too.
+    uploads = tmp_path / "uploads"
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2, per_device_train_batch_size=1,
+                          upload_destination=str(uploads), lr_decay_steps=6)  # one schedule for 4 and 6 steps
+    for result in run_two_machines(config, tmp_path):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "disk0").glob("checkpoint-*")) == [STEP2, STEP4]
+    assert not any((tmp_path / "disk1").iterdir())  # machine 1's RNG-only save folders are not left behind
+
+    archive = uploads / f"{STEP4}.tar.zst"
+    archive.rename(tmp_path / "step4-archive")  # now only machine 0 holds step 4: machine 1 cannot resume it
+    machine0, machine1 = run_two_machines(config, tmp_path, "6", "--resume", "latest")
+    assert machine0.returncode != 0 and machine1.returncode != 0
+    assert f"error: {STEP4}: another process could not get this checkpoint" in machine0.stderr
+    assert (f"error: {tmp_path}/disk1/{STEP4}: the checkpoint to resume is not on this machine nor at the upload "
+            "destination") in machine1.stderr
+    assert read_metrics(tmp_path / "logs0")[-1]["step"] == 4  # nobody trained on
+
+    (tmp_path / "step4-archive").rename(archive)
+    for result in run_two_machines(config, tmp_path, "6", "--resume", "latest"):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "Unpacked checkpoint-epoch0-step4-files0" in results_text(result)  # machine 1 downloaded it
+    resumed = read_metrics(tmp_path / "logs0")
+
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    result = run_train("--config", str(write_config(straight, sample_data, max_steps=6, save_steps=6,
+                                                    per_device_train_batch_size=2, lr_decay_steps=6)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = read_metrics(straight / "logs")
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, resumed):  # what one process trains straight through with the same global batch
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def results_text(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
 
 
 def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sample_data: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -141,6 +142,11 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     except OSError as error:  # a full disk, say: the half-written .tmp- folder is removed at the next start
         raise CheckpointError(f"saving {name} in {folder} failed: {error}") from None
     accelerator.wait_for_everyone()
+    if (tmp.is_dir() and accelerator.is_local_main_process and not accelerator.is_main_process
+            and accelerator.distributed_type != DistributedType.FSDP):
+        # A machine whose disk the first process does not share: its DDP processes wrote only their RNG
+        # states here, which training does not use (no dropout) and resume does without.
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -173,10 +179,11 @@ def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
     removed = []
     if folder.is_dir():
         for path in sorted(folder.glob(f"{TMP_PREFIX}checkpoint-*")):
+            # Tolerant: on a filesystem several machines share, the first process of each cleans up at once.
             if path.is_dir():
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)
             else:
-                path.unlink()
+                path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
 

@@ -1,12 +1,21 @@
-"""Small pieces of the training loop: learning-rate schedule, optimizer groups, metrics, stop signals."""
+"""Small pieces of the training loop: learning-rate schedule, optimizer groups, agreeing across processes,
+metrics, stop signals."""
 import math
 import signal
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from configs.training_config import ConfigError
+from utils.checkpoint_utils import CheckpointError
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +77,25 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.
     for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * multiplier(scheduler.last_epoch)
     return list(changes.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreeing
+# ---------------------------------------------------------------------------------------------
+
+def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """decide() runs on the first process only; every process returns its result, or raises its error (a
+    CheckpointError or ConfigError): no process is left waiting for a decision that never comes."""
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = decide()
+        except (CheckpointError, ConfigError) as error:
+            outcome[0] = error
+    broadcast_object_list(outcome)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import google_crc32c
+import torch
 import zstandard
 from accelerate import Accelerator
 
@@ -336,8 +337,9 @@ def locate_checkpoint(checkpoint_dir: str | Path, name: str, storage: Storage | 
                       ) -> tuple[CheckpointInfo, ObjectInfo | None]:
     """`name` or "latest" among the local checkpoints and, when a destination is set, the remote ones.
 
-    Returns the checkpoint (its path under checkpoint_dir) and, when it exists only remotely, the object
-    to download. "latest" takes a remote checkpoint only when it is newer than every local one.
+    Returns the checkpoint (its path under checkpoint_dir) and, when the destination holds it, its archive:
+    to download here when it is only there, or on another machine whose disk lacks it. "latest" takes a
+    remote checkpoint only when it is newer than every local one.
     """
     if storage is None:
         return find_checkpoint(checkpoint_dir, name), None
@@ -355,7 +357,7 @@ def locate_checkpoint(checkpoint_dir: str | Path, name: str, storage: Storage | 
         wanted = max((info for info in candidates if _order(info) == _order(newest)),
                      key=lambda info: info.name in local).name  # on a tie, the local copy
     if wanted in local:
-        return local[wanted], None
+        return local[wanted], remote[wanted][1] if wanted in remote else None
     if wanted in remote:
         info, obj = remote[wanted]
         return CheckpointInfo(info.name, Path(checkpoint_dir) / info.name, info.epoch, info.step, info.files), obj
@@ -421,22 +423,32 @@ def download_checkpoint(storage: Storage, obj: ObjectInfo, checkpoint_dir: str |
     return path
 
 
-def fetch_for_resume(checkpoint_dir: str | Path, info: CheckpointInfo, obj: ObjectInfo | None, storage: Storage | None,
+def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | None, storage: Storage | None,
                      accelerator: Accelerator) -> Path:
-    """Makes a located checkpoint present on every machine: the first process of each machine downloads
-    it when it is remote; the others wait for it."""
-    failure: Exception | None = None
-    if obj is not None and storage is not None and accelerator.is_local_main_process and not info.path.is_dir():
-        try:
-            download_checkpoint(storage, obj, checkpoint_dir)
-        except (CheckpointError, StorageError, OSError) as error:
-            failure = error  # raised after the barrier: the other processes must not wait there forever
-    accelerator.wait_for_everyone()
-    if failure is not None:
-        raise failure
-    if not info.path.is_dir():
-        raise UploadError(f"{info.path}: missing after download (see the first process of this machine)")
-    return info.path
+    """Makes the checkpoint every process resumes from present on every machine. The first process downloads
+    it if its disk lacks it; then the first process of each other machine, unless the copy is there by then
+    (a filesystem the machines share). Collective: when one process cannot have it, all of them raise."""
+    path = Path(checkpoint_dir) / name
+    problem: Exception | None = None
+    for first_turn in (True, False):
+        my_turn = (accelerator.is_main_process if first_turn
+                   else accelerator.is_local_main_process and not accelerator.is_main_process)
+        if my_turn and problem is None and obj is not None and storage is not None and not path.is_dir():
+            try:
+                download_checkpoint(storage, obj, checkpoint_dir)
+            except (CheckpointError, StorageError, OSError) as error:
+                problem = error  # raised after the barriers: the other processes must not wait there forever
+        accelerator.wait_for_everyone()
+    if problem is None and not path.is_dir():
+        where = "" if obj is not None else " nor at the upload destination"
+        problem = UploadError(f"{path}: the checkpoint to resume is not on this machine{where}; on several machines "
+                              "use a checkpoint_dir they share, or let its upload finish (scripts/upload_manager.py)")
+    failed = accelerator.reduce(torch.tensor(float(problem is not None), device=accelerator.device), reduction="sum")
+    if problem is not None:
+        raise problem
+    if failed.item() > 0:
+        raise UploadError(f"{name}: another process could not get this checkpoint (its error says why)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
