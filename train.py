@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GPTNeoXForCausalLM
@@ -125,7 +125,9 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         project_dir=config.log_dir,
         # prepare() compiles the model after wrapping it, so checkpoints keep the plain parameter names.
         dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp),
-        fsdp_plugin=fsdp_plugin(config.activation_checkpointing) if config.fsdp else None,
+        fsdp_plugin=fsdp_plugin(config.activation_checkpointing, precision) if config.fsdp else None,
+        # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
     check_process_group(accelerator.num_processes)
     if config.fsdp and accelerator.distributed_type != DistributedType.FSDP:
@@ -354,8 +356,9 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             for micro_step in range(accumulation):
                 batch = next(loader)
                 input_ids = batch.input_ids.to(accelerator.device, non_blocking=True)
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = micro_step == accumulation - 1
+                # DDP all-reduces gradients only on the last micro-batch of the step. FSDP reduce-scatters
+                # every micro-batch: skipping it would keep whole unsharded gradients, summed in bf16.
+                sync = micro_step == accumulation - 1 or config.fsdp
                 with nullcontext() if sync else accelerator.no_sync(model):
                     loss = model(input_ids=input_ids, labels=input_ids).loss
                     accelerator.backward(loss / accumulation)

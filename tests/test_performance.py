@@ -202,6 +202,15 @@ def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, samp
     assert saved["peak_tflops"] == 0.001 and saved["memory_preflight"] is True
 
 
+def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32() -> None:
+    plugin = performance.fsdp_plugin(activation_checkpointing=True, mixed_precision="bf16")
+    plugin.set_mixed_precision("bf16")  # what Accelerate does with the plugin: it must keep our policy
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert plugin.activation_checkpointing and plugin.fsdp_version == 2
+    assert performance.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
+
+
 def test_fsdp_is_refused_without_gpus() -> None:
     from train import make_accelerator
     with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):

@@ -19,6 +19,7 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from configs.model_config import ModelShape, padded_vocab_size
 from configs.training_config import ConfigError, TrainingConfig
@@ -288,13 +289,18 @@ def dynamo_plugin(compile_model: bool, fsdp: bool) -> TorchDynamoPlugin:
     return TorchDynamoPlugin(backend="inductor", mode="default", use_regional_compilation=fsdp)
 
 
-def fsdp_plugin(activation_checkpointing: bool) -> FullyShardedDataParallelPlugin:
+def fsdp_plugin(activation_checkpointing: bool, mixed_precision: str) -> FullyShardedDataParallelPlugin:
     """FSDP2 full sharding of weights, gradients and optimizer state, one unit per transformer layer.
 
     Checkpoints are saved sharded (each process writes its part; no gather of the full model on one
     GPU) and Accelerate reshards them on load. Activation checkpointing is applied here per layer rather
-    than through Hugging Face, as FSDP needs it inside its wrapping.
+    than through Hugging Face, as FSDP needs it inside its wrapping. Mixed precision: layers compute in
+    bf16/fp16 from fp32 sharded weights, and gradients are reduced in fp32 (Accelerate's default policy
+    would reduce them in bf16, less exact than DDP's fp32 all-reduce).
     """
+    low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = None if low_precision is None else MixedPrecisionPolicy(
+        param_dtype=low_precision, reduce_dtype=torch.float32, output_dtype=low_precision)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=True,
@@ -302,6 +308,7 @@ def fsdp_plugin(activation_checkpointing: bool) -> FullyShardedDataParallelPlugi
         transformer_cls_names_to_wrap=["GPTNeoXLayer"],
         state_dict_type="SHARDED_STATE_DICT",
         activation_checkpointing=activation_checkpointing,
+        mixed_precision_policy=policy,
     )
 
 
