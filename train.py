@@ -276,13 +276,14 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
         Path(config.log_dir).mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("tensorboard")
 
-    if step >= config.max_steps:
-        log.info(f"Nothing to do: step {step} has reached max_steps {config.max_steps}")
-        accelerator.end_training()
-        return 0
-
     uploader = uploader_for_run(config, remote) if remote is not None and main_process else None
-    uploads_left: list[str] = []
+    if step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
+        log.info(f"Nothing to train: step {step} has reached max_steps {config.max_steps}")
+        uploads_left = uploader.finish(config.upload_timeout_s) if uploader is not None else []
+        accelerator.end_training()
+        return 1 if uploads_left else 0
+
+    uploads_left = []
     loader = BatchLoader(source, spec, config.per_device_train_batch_size, accelerator.process_index,
                          accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
                          prefetch_batches=config.prefetch_batches, prefetch_shards=config.prefetch_shards,

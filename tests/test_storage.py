@@ -168,6 +168,25 @@ def test_local_storage_reports_a_missing_folder(tmp_path: Path) -> None:
         open_storage(str(tmp_path / "nowhere")).list()
 
 
+def test_local_destination_that_drops_out_is_not_recreated_on_the_boot_disk(tmp_path: Path) -> None:
+    mounted = tmp_path / "mnt" / "checkpoints"
+    mounted.mkdir(parents=True)
+    storage = open_storage(str(mounted))
+    storage.upload_file(write(tmp_path / "a.bin", b"first"), "a.bin")  # the run's first upload
+    for path in mounted.iterdir():
+        path.unlink()
+    mounted.rmdir()  # what unmounting the filesystem that held it looks like from here
+    with pytest.raises(NotFoundError, match="destination folder is gone"):
+        storage.upload_file(write(tmp_path / "b.bin", b"second"), "b.bin")
+    assert not mounted.exists()
+
+    mounted.mkdir()  # an empty mount point left behind: a folder again, on this test's filesystem
+    storage._root_device = os.stat(tmp_path).st_dev + 1  # as if the first upload had gone to a mounted filesystem
+    with pytest.raises(StorageError, match="another filesystem"):
+        storage.upload_file(write(tmp_path / "b.bin", b"second"), "b.bin")
+    assert list(mounted.iterdir()) == []
+
+
 def test_a_broken_google_application_credentials_is_an_error_not_anonymous_access(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)

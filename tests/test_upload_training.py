@@ -87,6 +87,18 @@ def test_background_uploads_verify_prune_and_report(tmp_path: Path, sample_data:
     assert sorted(rows) == sorted(names) and all("uploaded" in rows[name] for name in names)
     assert rows[names[-1]].split()[1:3] != ["-"]  # the newest is also local, with its size
 
+    # The final upload did not make it (say the destination was down at the end): a rerun with nothing
+    # left to train still uploads it, and only then reports success.
+    manifest = json.loads((tmp_path / "checkpoints" / "uploads.json").read_text())
+    manifest["checkpoints"][names[-1]]["state"] = "failed"
+    (tmp_path / "checkpoints" / "uploads.json").write_text(json.dumps(manifest))
+    (dest / f"{names[-1]}.tar.zst").unlink()
+    rerun = run_train("--config", str(config), "--resume", "latest")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Nothing to train: step 8 has reached max_steps 8" in rerun.stderr
+    assert records(tmp_path / "checkpoints")[names[-1]]["state"] == "uploaded"
+    assert (dest / f"{names[-1]}.tar.zst").is_file()
+
 
 def test_resume_from_remote_after_local_checkpoints_are_deleted_is_exact(tmp_path: Path, sample_data: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"

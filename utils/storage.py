@@ -125,6 +125,7 @@ class LocalStorage:
         self.root = Path(folder).resolve()
         self.url = str(self.root)
         self.auth = "local folder"
+        self._root_device: int | None = None  # the filesystem of root at the first write; later writes need the same
 
     def _path(self, name: str) -> Path:
         return self.root / name
@@ -162,7 +163,20 @@ class LocalStorage:
         return ObjectInfo(name, Path(src).stat().st_size, crc32c_of_file(src), None)
 
     def open_writer(self, name: str) -> BinaryIO:
+        self._check_root()
         return _LocalWriter(self._path(name))  # type: ignore[return-value]
+
+    def _check_root(self) -> None:
+        """A mounted destination that drops out leaves its folder missing, or an empty mount point on the boot
+        disk: writing there would record checkpoints as uploaded that go down with the machine."""
+        try:
+            device = self.root.stat().st_dev
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.root}: the destination folder is gone (unmounted?); not recreating it") from None
+        if self._root_device is None:
+            self._root_device = device
+        elif device != self._root_device:
+            raise StorageError(f"{self.root}: now on another filesystem than at the first upload (unmounted?)")
 
     def delete(self, name: str) -> None:
         try:
@@ -176,7 +190,7 @@ class _LocalWriter:
 
     def __init__(self, final: Path) -> None:
         self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)  # a subfolder of the root, which open_writer checked
         self.tmp = final.parent / f".tmp-upload-{os.getpid()}-{final.name}"
         self.handle = open(self.tmp, "wb")
         self.closed = False
