@@ -30,8 +30,8 @@ from configs.model_config import build_model_config, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig, load_config
 from scripts.export_hf import ExportError, check_export_target, export_checkpoint
 from utils.checkpoint_utils import (CheckpointError, build_metadata, check_writable_folder, checkpoint_name,
-                                    list_checkpoints, load_state, read_json, remove_incomplete_saves, save_checkpoint,
-                                    system_info)
+                                    list_checkpoints, load_state, lock_for_this_run, read_json, remove_incomplete_saves,
+                                    save_checkpoint, system_info)
 from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavailableError, StreamSpec, data_state,
                               position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
@@ -149,8 +149,13 @@ def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage 
                     accelerator: Accelerator) -> Path | None:
     """The checkpoint to resume from, the same for every process: the first process chooses (the disks of
     several machines may hold different checkpoints) and each machine downloads it from the upload
-    destination when its disk lacks it. Refuses a fresh start or a resume that would overwrite checkpoints."""
-    choice = first_process_decides(accelerator, lambda: choose_checkpoint(config, resume, remote))
+    destination when its disk lacks it. Refuses a fresh start or a resume that would overwrite checkpoints,
+    and a checkpoint_dir another run is using."""
+    def decide() -> tuple[str, ObjectInfo | None] | None:
+        lock_for_this_run(config.checkpoint_dir)  # held by the first process until it exits
+        return choose_checkpoint(config, resume, remote)
+
+    choice = first_process_decides(accelerator, decide)
     if choice is None:
         return None
     name, remote_object = choice
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during start-up; once training runs, Ctrl+C saves a checkpoint instead
+        print("\ninterrupted before training started: nothing to save", file=sys.stderr)
+        return 130
 
 
 def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) -> int:
@@ -288,7 +296,8 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
                          accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
                          prefetch_batches=config.prefetch_batches, prefetch_shards=config.prefetch_shards,
                          pin_memory=accelerator.device.type == "cuda")
-    stop = StopRequest()
+    # torchrun (and accelerate launch) marks its workers with TORCHELASTIC_RUN_ID; their parent is the launcher.
+    stop = StopRequest(launcher_pid=os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None)
     stop.install()
     try:
         exit_code = fit(config, accelerator, model, optimizer, scheduler, loader, spec, step, position, metrics,

@@ -58,6 +58,18 @@ def test_a_save_that_runs_out_of_disk_is_one_error_line_and_no_checkpoint(tmp_pa
     assert remove_incomplete_saves(tmp_path) == [f".tmp-{NAMES[0]}"]
 
 
+def test_torch_running_out_of_disk_is_one_error_line_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accelerator = Accelerator(cpu=True)
+
+    def disk_full(output_dir: str) -> None:  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 512")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint-epoch0-step2-files0 in .* unexpected pos"):
+        save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_leftovers_of_a_download_cut_short_are_removed(tmp_path: Path) -> None:
     make_checkpoints(tmp_path)
     (tmp_path / f".tmp-{NAMES[2]}.tar.zst").write_bytes(b"half an archive")

@@ -190,6 +190,36 @@ def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sampl
     assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"] < 100_000
 
 
+def test_workers_save_and_stop_when_the_launcher_is_killed(tmp_path: Path, sample_data: Path) -> None:
+    # kill -9 of the launcher alone (a supervisor, `timeout -s KILL`) leaves its workers running: unseen,
+    # they would race the user's next run in the same folder. They notice, save together and stop.
+    config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1)
+    launcher = subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT, env=run_sh_env(2),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # run.sh execs the launcher
+    workers: list[psutil.Process] = []
+    try:
+        metrics = tmp_path / "logs" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = [child for child in psutil.Process(launcher.pid).children(recursive=True)
+                   if "train.py" in " ".join(child.cmdline())]
+        assert len(workers) == 2
+        launcher.kill()
+        _, stderr = launcher.communicate(timeout=120)  # the pipes close when the workers are gone too
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    assert stderr.count(f"The launcher (pid {launcher.pid}) is gone") == 2
+    saved = final_checkpoint(tmp_path)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in saved.iterdir()}
+    assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"]  # nothing trained after the save
+
+
 def test_a_shard_one_process_cannot_fetch_stops_the_run_instead_of_hanging(tmp_path: Path,
                                                                           sample_data: Path) -> None:
     # The other process cannot know: a collective save would wait for it forever. The failing process

@@ -162,6 +162,9 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path: Path, sample_data
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
+    second = run_train("--config", str(config), "--resume", "latest")  # started again by mistake, say
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1].startswith(f"error: another training run (pid {process.pid} on ")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]

@@ -5,15 +5,18 @@ A checkpoint is the folder checkpoints/checkpoint-epoch{E}-step{S}-files{F}/ hol
 training_config.json, metadata.json, training_metrics.json and data_state.json. It is written as
 .tmp-<name>/ and renamed when complete, so a folder under a checkpoint name is always whole.
 """
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from accelerate import Accelerator
@@ -22,6 +25,7 @@ from accelerate.utils import DistributedType
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 TMP_PREFIX = ".tmp-"
 JSON_FILES = ("training_config.json", "metadata.json", "training_metrics.json", "data_state.json")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -139,8 +143,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
             _fsync_tree(tmp)
             os.rename(tmp, final)
             _fsync_dir(folder)  # the rename itself survives a power loss
-    except OSError as error:  # a full disk, say: the half-written .tmp- folder is removed at the next start
-        raise CheckpointError(f"saving {name} in {folder} failed: {error}") from None
+    except (OSError, RuntimeError) as error:  # a full disk, say (torch's writer raises RuntimeError): the
+        # half-written .tmp- folder is removed at the next start
+        raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
     accelerator.wait_for_everyone()
     if (tmp.is_dir() and accelerator.is_local_main_process and not accelerator.is_main_process
             and accelerator.distributed_type != DistributedType.FSDP):
@@ -148,6 +153,37 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
         # states here, which training does not use (no dropout) and resume does without.
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+RUN_LOCK = ".run.lock"
+_held_run_locks: list[TextIO] = []  # open for the life of the process; the OS lets go when it ends, even on kill -9
+
+
+def lock_for_this_run(checkpoint_dir: str | Path) -> None:
+    """One run at a time per checkpoint folder: a second one (started twice by mistake, or workers left
+    behind by a killed launcher) would save, upload and prune in the same folder. The first process holds
+    an exclusive lock on checkpoint_dir/.run.lock until it exits."""
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(f"another training run ({holder}) is using {folder}; stop it first, "
+                              "or set --checkpoint-dir for a new run") from None
+    except OSError as error:  # a filesystem without locks (some FUSE mounts): say so, and go on
+        log.warning(f"⚠️  Cannot lock {folder / RUN_LOCK} ({error.strerror or error}): make sure no other run "
+                    "uses this checkpoint_dir")
+        handle.close()
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    handle.flush()
+    _held_run_locks.append(handle)
 
 
 def check_writable_folder(folder: str | Path, setting: str) -> None:

@@ -1,6 +1,7 @@
 """Small pieces of the training loop: learning-rate schedule, optimizer groups, agreeing across processes,
 metrics, stop signals."""
 import math
+import os
 import signal
 import statistics
 import sys
@@ -179,10 +180,16 @@ class TrainingMetrics:
 # ---------------------------------------------------------------------------------------------
 
 class StopRequest:
-    """First Ctrl+C or SIGTERM: ask the loop to finish its step, save and exit. Second Ctrl+C: exit now."""
+    """First Ctrl+C or SIGTERM: ask the loop to finish its step, save and exit. Second Ctrl+C: exit now.
 
-    def __init__(self) -> None:
+    Under a launcher (torchrun, accelerate launch: `launcher_pid`), the launcher's death asks the same: the
+    workers it leaves behind would otherwise train on unseen, racing the user's next run in the same folder.
+    """
+
+    def __init__(self, launcher_pid: int | None = None) -> None:
         self.signal_number: int | None = None
+        self.launcher_pid = launcher_pid
+        self.launcher_gone = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
@@ -198,7 +205,11 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signal_number is not None
+        if self.launcher_pid is not None and not self.launcher_gone and os.getppid() != self.launcher_pid:
+            self.launcher_gone = True  # this process was handed to another parent: the launcher died
+            print(f"\nThe launcher (pid {self.launcher_pid}) is gone: finishing this step, then saving a checkpoint.",
+                  file=sys.stderr, flush=True)
+        return self.signal_number is not None or self.launcher_gone
 
     @property
     def exit_code(self) -> int:
