@@ -36,8 +36,8 @@ from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavail
                               position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
 from utils.performance import (MfuMeter, StopVote, check_memory, describe_fast_path, dynamo_plugin,
-                               enable_activation_checkpointing, enable_tf32, fsdp_plugin, make_mfu_meter,
-                               use_compile, window_peak_memory_gib)
+                               enable_activation_checkpointing, enable_tf32, fsdp_plugin, keep_logits_in_low_precision,
+                               make_mfu_meter, use_compile, window_peak_memory_gib)
 from utils.shard_cache import open_shard_source
 from utils.storage import ObjectInfo, Storage, is_gcs_url
 from utils.training_utils import (StopRequest, TrainingMetrics, apply_optimizer_settings, first_process_decides,
@@ -255,6 +255,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
         lr_multiplier, warmup_steps=config.warmup_steps, schedule_steps=config.schedule_steps,
         min_lr_ratio=config.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    keep_logits_in_low_precision(model, accelerator)
 
     # --- resume ----------------------------------------------------------------------------------
     step, position = 0, DataPosition()

@@ -190,9 +190,11 @@ def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, samp
     assert result.stderr.strip().splitlines()[-1].startswith("error: memory preflight: the tiny model")
     assert not (tmp_path / "checkpoints").exists()
 
-    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    # bf16 autocast on the CPU: the precision path GPUs take by default, logits kept in bf16
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, mixed_precision="bf16")
     result = run_train("--config", str(config), "--peak-tflops", "0.001")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "mixed precision bf16" in result.stderr
     shape = resolve_shape("tiny", MICRO_MODEL)
     for record in read_metrics(tmp_path / "logs"):
         assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * flops_per_token(shape) / 1e9)
@@ -209,6 +211,20 @@ def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32() -> None:
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert plugin.activation_checkpointing and plugin.fsdp_version == 2
     assert performance.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
+
+
+def test_mixed_precision_keeps_autocast_without_an_fp32_copy_of_the_logits() -> None:
+    from accelerate import Accelerator
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")  # autocast on the CPU, as on a GPU
+    model = accelerator.prepare(GPTNeoXForCausalLM(build_model_config(resolve_shape("tiny", MICRO_MODEL))))
+    tokens = torch.randint(0, 4096, (2, 64))
+    wrapped = model(input_ids=tokens, labels=tokens)
+    assert wrapped.logits.dtype == torch.float32  # Accelerate's copy
+    performance.keep_logits_in_low_precision(model, accelerator)
+    kept = model(input_ids=tokens, labels=tokens)
+    assert kept.logits.dtype == torch.bfloat16  # still computed under autocast, and not copied
+    assert kept.loss.dtype == torch.float32 and kept.loss.item() == wrapped.loss.item()
 
 
 def test_fsdp_is_refused_without_gpus() -> None:
