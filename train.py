@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from configs.training_config import ConfigError, TrainingConfig, load_config
 from scripts.export_hf import ExportError, check_export_target, export_checkpoint
 from utils.checkpoint_utils import (CheckpointError, build_metadata, check_writable_folder, checkpoint_name,
                                     list_checkpoints, load_state, lock_for_this_run, read_json, remove_incomplete_saves,
-                                    save_checkpoint, system_info)
+                                    save_checkpoint, shares_checkpoint_disk, system_info)
 from utils.data_utils import (BatchLoader, DataError, DataPosition, ShardUnavailableError, StreamSpec, data_state,
                               position_from_state, select_shards)
 from utils.evaluation import Evaluator, read_validation_batches, split_validation
@@ -145,26 +146,30 @@ def check_process_group(seen_processes: int) -> None:
                           "each would train alone and overwrite the others' checkpoints")
 
 
-def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage | None,
-                    accelerator: Accelerator) -> Path | None:
-    """The checkpoint to resume from, the same for every process: the first process chooses (the disks of
-    several machines may hold different checkpoints) and each machine downloads it from the upload
-    destination when its disk lacks it. Refuses a fresh start or a resume that would overwrite checkpoints,
-    and a checkpoint_dir another run is using."""
-    def decide() -> tuple[str, ObjectInfo | None] | None:
-        lock_for_this_run(config.checkpoint_dir)  # held by the first process until it exits
-        return choose_checkpoint(config, resume, remote)
+def claim_output_folders(config: TrainingConfig) -> None:
+    """On the first process: the output folders can be written, and no other run uses checkpoint_dir."""
+    check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
+    check_writable_folder(config.log_dir, "log_dir")
+    lock_for_this_run(config.checkpoint_dir)  # held until the process exits
 
-    choice = first_process_decides(accelerator, decide)
+
+def check_resumable(config: TrainingConfig, resume: str | None, remote: Storage | None, accelerator: Accelerator,
+                    shares_first_process_disk: bool) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, the same for every process: the first process chooses (the disks of
+    several machines may hold different checkpoints) and a machine with a disk of its own downloads it from
+    the upload destination. Refuses a fresh start or a resume that would overwrite checkpoints. Returns the
+    path, and whether this machine downloaded a copy of its own (deleted once loaded)."""
+    choice = first_process_decides(accelerator, lambda: choose_checkpoint(config, resume, remote))
     if choice is None:
-        return None
+        return None, False
     name, remote_object = choice
-    path = fetch_for_resume(config.checkpoint_dir, name, remote_object, remote, accelerator)
+    path, own_copy = fetch_for_resume(config.checkpoint_dir, name, remote_object, remote, accelerator,
+                                      shares_first_process_disk)
     saved_shape = read_json(path / "training_config.json").get("model_shape")
     if saved_shape != shape_as_dict(config.model_shape()):
         raise CheckpointError(f"{name} holds a model of shape {saved_shape}, "
                               f"not this config's {shape_as_dict(config.model_shape())}")
-    return path
+    return path, own_copy
 
 
 def choose_checkpoint(config: TrainingConfig, resume: str | None,
@@ -190,6 +195,9 @@ def choose_checkpoint(config: TrainingConfig, resume: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun (and accelerate launch) marks its workers with TORCHELASTIC_RUN_ID; their parent is the launcher.
+    # Taken first: if the launcher dies during start-up (a long resume download), its death still shows.
+    launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         accelerator = make_accelerator(config)
         with logging_redirect_tqdm():
-            return train(config, accelerator, args.resume)
+            return train(config, accelerator, args.resume, launcher_pid)
     except (ConfigError, DataError, CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -206,18 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) -> int:
+def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, launcher_pid: int | None) -> int:
     main_process = accelerator.is_main_process
     shape = config.model_shape()
     if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
         check_memory(config, accelerator.device, accelerator.num_processes)
-    if main_process:
-        check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
-        check_writable_folder(config.log_dir, "log_dir")
+    first_process_decides(accelerator, lambda: claim_output_folders(config))
+    # Several machines may each have a checkpoint disk of their own, or share one.
+    shared_disk = shares_checkpoint_disk(accelerator, config.checkpoint_dir)
     # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
-    resume_path = check_resumable(config, resume, remote, accelerator)
-    if accelerator.is_local_main_process:  # on every machine: its disk may be its own
+    resume_path, own_resume_copy = check_resumable(config, resume, remote, accelerator, shared_disk)
+    if main_process or (accelerator.is_local_main_process and not shared_disk):
         for name in remove_incomplete_saves(config.checkpoint_dir):
             log.info(f"Removed {name}: an incomplete save left by a crash")
 
@@ -272,6 +280,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
         metrics.load_state_dict(read_json(resume_path / "training_metrics.json"))
         log.info(f"Resumed from {resume_path.name}: step {step}, epoch {position.epoch}, "
                  f"{position.samples_consumed} samples consumed")
+        accelerator.wait_for_everyone()  # all have read it: a machine's own downloaded copy can go
+        if own_resume_copy:
+            shutil.rmtree(resume_path, ignore_errors=True)
 
     if main_process:
         log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
@@ -297,12 +308,11 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
                          accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
                          prefetch_batches=config.prefetch_batches, prefetch_shards=config.prefetch_shards,
                          pin_memory=accelerator.device.type == "cuda")
-    # torchrun (and accelerate launch) marks its workers with TORCHELASTIC_RUN_ID; their parent is the launcher.
-    stop = StopRequest(launcher_pid=os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None)
+    stop = StopRequest(launcher_pid)
     stop.install()
     try:
         exit_code = fit(config, accelerator, model, optimizer, scheduler, loader, spec, step, position, metrics,
-                        tokens_per_step, stop, evaluator, tokenizer, uploader, mfu_meter)
+                        tokens_per_step, stop, evaluator, tokenizer, uploader, mfu_meter, shared_disk)
     finally:
         loader.close()
         if uploader is not None:  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
@@ -322,9 +332,10 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None) 
 def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
         loader: BatchLoader, spec: StreamSpec, step: int, position: DataPosition, metrics: TrainingMetrics,
         tokens_per_step: int, stop: StopRequest, evaluator: Evaluator | None, tokenizer: Path | None,
-        uploader: Uploader | None, mfu_meter: MfuMeter) -> int:
+        uploader: Uploader | None, mfu_meter: MfuMeter, shared_disk: bool) -> int:
     main_process = accelerator.is_main_process
     accumulation = config.gradient_accumulation_steps
+    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     metrics_file = Path(config.log_dir) / "metrics.jsonl"
     progress = tqdm(total=config.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not main_process)
@@ -349,7 +360,8 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
                                             summary, system_info(accelerator)),
             "training_metrics.json": metrics.state_dict(),
             "data_state.json": data_state(spec, position),
-        }, copied_files={"tokenizer.json": tokenizer} if tokenizer is not None else None)
+        }, copied_files={"tokenizer.json": tokenizer} if tokenizer is not None else None,
+            shares_first_process_disk=shared_disk)
         last_saved_step = step
         if main_process:
             tqdm.write(f"✅ Saved {name}")
@@ -380,7 +392,9 @@ def fit(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, so the schedule waits too
                 scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, they stay so.
+            # Set to None, the no_sync micro-batches would make a second set beside the buckets.
+            optimizer.zero_grad(set_to_none=not ddp)
             step += 1
             window_steps += 1
             position = pending_position

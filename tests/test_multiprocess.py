@@ -106,12 +106,15 @@ def test_compiled_processes_with_accumulation_match_one_eager_process(tmp_path: 
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def run_two_machines(config: Path, folder: Path, *args: str) -> list[subprocess.CompletedProcess]:
+def run_two_machines(config: Path, folder: Path, *args: str, shared_disk: bool = False
+                     ) -> list[subprocess.CompletedProcess]:
     """Two "machines" on this host, one CPU process each, as run.sh starts them on two nodes; each has its own
-    checkpoint disk (folder/disk0, folder/disk1) and log folder. The upload destination is the config's."""
+    checkpoint disk (folder/disk0, folder/disk1), or both use folder/disk0 (shared_disk), and its own log
+    folder. The upload destination is the config's."""
     port = str(free_port())
     starts = [subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config), *args, "--checkpoint-dir",
-                                str(folder / f"disk{rank}"), "--log-dir", str(folder / f"logs{rank}")], cwd=REPO_ROOT,
+                                str(folder / f"disk{0 if shared_disk else rank}"), "--log-dir",
+                                str(folder / f"logs{rank}")], cwd=REPO_ROOT,
                                env={**run_sh_env(1), "NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PORT": port},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = []
@@ -144,7 +147,8 @@ def test_machines_with_their_own_disks_resume_from_the_same_checkpoint(tmp_path:
     (tmp_path / "step4-archive").rename(archive)
     for result in run_two_machines(config, tmp_path, "6", "--resume", "latest"):
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "Unpacked checkpoint-epoch0-step4-files0" in results_text(result)  # machine 1 downloaded it
+    assert "Unpacked checkpoint-epoch0-step4-files0" in results_text(result)  # machine 1 downloaded it,
+    assert not list((tmp_path / "disk1").glob("*checkpoint-*"))  # and deleted its copy once loaded
     resumed = read_metrics(tmp_path / "logs0")
 
     straight = tmp_path / "straight"
@@ -156,6 +160,16 @@ def test_machines_with_their_own_disks_resume_from_the_same_checkpoint(tmp_path:
     assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(expected, resumed):  # what one process trains straight through with the same global batch
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_machines_sharing_a_disk_save_one_checkpoint_together(tmp_path: Path, sample_data: Path) -> None:
+    # On a shared filesystem every process's part lands in the one checkpoint, and nothing of it is deleted.
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, per_device_train_batch_size=1)
+    for result in run_two_machines(config, tmp_path, shared_disk=True):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "disk0").glob("*checkpoint-*")] == [STEP2]
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {
+        path.name for path in (tmp_path / "disk0" / STEP2).iterdir()}
 
 
 def results_text(result: subprocess.CompletedProcess) -> str:

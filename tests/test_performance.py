@@ -209,6 +209,7 @@ def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32() -> None:
     plugin.set_mixed_precision("bf16")  # what Accelerate does with the plugin: it must keep our policy
     policy = plugin.mixed_precision_policy
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy.output_dtype is None  # the loss stays fp32
     assert plugin.activation_checkpointing and plugin.fsdp_version == 2
     assert performance.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
 

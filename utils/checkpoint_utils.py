@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any, TextIO
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -116,12 +117,14 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
-                    json_files: dict[str, Any], copied_files: dict[str, Path] | None = None) -> Path:
+                    json_files: dict[str, Any], copied_files: dict[str, Path] | None = None,
+                    shares_first_process_disk: bool = True) -> Path:
     """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
     source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
 
     Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
-    of the same name is never overwritten.
+    of the same name is never overwritten. shares_first_process_disk (shares_checkpoint_disk): False on a
+    machine with a disk of its own, which then keeps nothing of the save.
     """
     folder = Path(checkpoint_dir)
     final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
@@ -147,10 +150,11 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
         # half-written .tmp- folder is removed at the next start
         raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
     accelerator.wait_for_everyone()
-    if (tmp.is_dir() and accelerator.is_local_main_process and not accelerator.is_main_process
+    if (not shares_first_process_disk and accelerator.is_local_main_process
             and accelerator.distributed_type != DistributedType.FSDP):
-        # A machine whose disk the first process does not share: its DDP processes wrote only their RNG
-        # states here, which training does not use (no dropout) and resume does without.
+        # A disk of this machine's own: its DDP processes wrote only their RNG states here, which training
+        # does not use (no dropout) and resume does without. (Never on a shared disk, where .tmp-<name> may
+        # still resolve, through a client's cache, to the checkpoint just renamed.)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
@@ -164,8 +168,11 @@ def lock_for_this_run(checkpoint_dir: str | Path) -> None:
     behind by a killed launcher) would save, upload and prune in the same folder. The first process holds
     an exclusive lock on checkpoint_dir/.run.lock until it exits."""
     folder = Path(checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / RUN_LOCK, "a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / RUN_LOCK, "a+")
+    except OSError as error:
+        raise CheckpointError(f"{folder / RUN_LOCK}: cannot open the run lock ({error.strerror or error})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -184,6 +191,23 @@ def lock_for_this_run(checkpoint_dir: str | Path) -> None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
     handle.flush()
     _held_run_locks.append(handle)
+
+
+def shares_checkpoint_disk(accelerator: Accelerator, checkpoint_dir: str | Path) -> bool:
+    """Whether this process sees the files the first process writes in checkpoint_dir: always on one machine;
+    on several, only when checkpoint_dir is on a filesystem they share. Collective. The probe's name is new,
+    so no client cache of a network filesystem can answer for it."""
+    token = [secrets.token_hex(8)]
+    broadcast_object_list(token)
+    probe = Path(checkpoint_dir) / f".shared-probe-{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_bytes(b"")
+    accelerator.wait_for_everyone()
+    shared = probe.exists()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    return shared
 
 
 def check_writable_folder(folder: str | Path, setting: str) -> None:

@@ -311,8 +311,9 @@ def fsdp_plugin(activation_checkpointing: bool, mixed_precision: str) -> FullySh
     would reduce them in bf16, less exact than DDP's fp32 all-reduce).
     """
     low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    policy = None if low_precision is None else MixedPrecisionPolicy(
-        param_dtype=low_precision, reduce_dtype=torch.float32, output_dtype=low_precision)
+    # output_dtype stays unset: the model's loss is fp32, and casting it would round every logged loss.
+    policy = None if low_precision is None else MixedPrecisionPolicy(param_dtype=low_precision,
+                                                                     reduce_dtype=torch.float32)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=True,

@@ -85,15 +85,21 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.
 # ---------------------------------------------------------------------------------------------
 
 def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
-    """decide() runs on the first process only; every process returns its result, or raises its error (a
-    CheckpointError or ConfigError): no process is left waiting for a decision that never comes."""
+    """decide() runs on the first process only; every process returns its result, or raises: the first process
+    its own error, the others a CheckpointError or ConfigError (as it is) or a CheckpointError saying what
+    failed. No process is left waiting for a decision that never comes."""
     outcome: list[Any] = [None]
+    failure: Exception | None = None
     if accelerator.is_main_process:
         try:
             outcome[0] = decide()
-        except (CheckpointError, ConfigError) as error:
-            outcome[0] = error
+        except Exception as error:  # noqa: BLE001  (passed on, then raised again below)
+            failure = error
+            outcome[0] = error if isinstance(error, (CheckpointError, ConfigError)) else CheckpointError(
+                f"the first process failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})")
     broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]

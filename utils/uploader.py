@@ -424,21 +424,23 @@ def download_checkpoint(storage: Storage, obj: ObjectInfo, checkpoint_dir: str |
 
 
 def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | None, storage: Storage | None,
-                     accelerator: Accelerator) -> Path:
-    """Makes the checkpoint every process resumes from present on every machine. The first process downloads
-    it if its disk lacks it; then the first process of each other machine, unless the copy is there by then
-    (a filesystem the machines share). Collective: when one process cannot have it, all of them raise."""
+                     accelerator: Accelerator, shares_first_process_disk: bool) -> tuple[Path, bool]:
+    """Makes the checkpoint every process resumes from present on every machine: the first process downloads
+    it if its disk lacks it, and so does the first process of each machine with a disk of its own
+    (shares_first_process_disk False). Collective: when one process cannot have it, all of them raise.
+    Returns its path, and whether this machine downloaded a copy of its own (to delete once loaded)."""
     path = Path(checkpoint_dir) / name
     problem: Exception | None = None
-    for first_turn in (True, False):
-        my_turn = (accelerator.is_main_process if first_turn
-                   else accelerator.is_local_main_process and not accelerator.is_main_process)
-        if my_turn and problem is None and obj is not None and storage is not None and not path.is_dir():
-            try:
-                download_checkpoint(storage, obj, checkpoint_dir)
-            except (CheckpointError, StorageError, OSError) as error:
-                problem = error  # raised after the barriers: the other processes must not wait there forever
-        accelerator.wait_for_everyone()
+    own_copy = not accelerator.is_main_process and not shares_first_process_disk
+    downloads = accelerator.is_main_process or (own_copy and accelerator.is_local_main_process)
+    downloaded = False
+    if downloads and obj is not None and storage is not None and not path.is_dir():
+        try:
+            download_checkpoint(storage, obj, checkpoint_dir)
+            downloaded = True
+        except (CheckpointError, StorageError, OSError) as error:
+            problem = error  # raised after the barrier: the other processes must not wait there forever
+    accelerator.wait_for_everyone()
     if problem is None and not path.is_dir():
         where = "" if obj is not None else " nor at the upload destination"
         problem = UploadError(f"{path}: the checkpoint to resume is not on this machine{where}; on several machines "
@@ -448,7 +450,7 @@ def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | No
         raise problem
     if failed.item() > 0:
         raise UploadError(f"{name}: another process could not get this checkpoint (its error says why)")
-    return path
+    return path, downloaded and own_copy
 
 
 # ---------------------------------------------------------------------------------------------
