@@ -1,9 +1,12 @@
 """FLOPs and MFU arithmetic, the memory preflight, and the fast-path switches (utils/performance.py)."""
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import GPTNeoXForCausalLM
 
 from conftest import MICRO_MODEL, read_metrics, run_train, write_config
@@ -214,8 +217,15 @@ def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32() -> None:
     assert performance.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
 
 
-def test_mixed_precision_keeps_autocast_without_an_fp32_copy_of_the_logits() -> None:
-    from accelerate import Accelerator
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps one state per process; a test that needs other settings than earlier tests starts anew."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_mixed_precision_keeps_autocast_without_an_fp32_copy_of_the_logits(fresh_accelerate_state: None) -> None:
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")  # autocast on the CPU, as on a GPU
     model = accelerator.prepare(GPTNeoXForCausalLM(build_model_config(resolve_shape("tiny", MICRO_MODEL))))
