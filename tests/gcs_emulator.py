@@ -55,10 +55,15 @@ class GCSEmulator:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = folder / "server.log"
         self.process: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # a test may restart the server from a timer thread while another stops it
         self.env = {"STORAGE_EMULATOR_HOST": self.url, "GCS_TIMEOUT_S": TEST_TIMEOUT_S,
                     "GCS_RETRY_DEADLINE_S": TEST_RETRY_DEADLINE_S}
 
     def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
         if self.process is not None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -78,10 +83,14 @@ class GCSEmulator:
                     return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+        self._stop()
         raise RuntimeError("fake-gcs-server did not answer within 15 s")
 
     def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.process is None:
             return
         self.process.terminate()
