@@ -176,19 +176,30 @@ def results_text(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 
 
+def start_run_sh(config: Path) -> subprocess.Popen:
+    """A long run on two CPU processes, started as a user starts it."""
+    return subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT, env=run_sh_env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def training_workers(launcher: subprocess.Popen, log_dir: Path) -> list[psutil.Process]:
+    """Once the run has logged three steps: its two train.py processes."""
+    metrics = log_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    workers = [child for child in psutil.Process(launcher.pid).children(recursive=True)
+               if "train.py" in " ".join(child.cmdline())]
+    assert len(workers) == 2
+    return workers
+
+
 def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sample_data: Path) -> None:
     config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1)
-    process = subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT, env=run_sh_env(2),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_run_sh(config)
     try:
-        metrics = tmp_path / "logs" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-                   if "train.py" in " ".join(child.cmdline())]
-        assert len(workers) == 2
+        workers = training_workers(process, tmp_path / "logs")
         workers[-1].send_signal(signal.SIGTERM)  # only one worker hears it, as when one node is preempted
         stdout, stderr = process.communicate(timeout=120)
     finally:
@@ -208,18 +219,10 @@ def test_workers_save_and_stop_when_the_launcher_is_killed(tmp_path: Path, sampl
     # kill -9 of the launcher alone (a supervisor, `timeout -s KILL`) leaves its workers running: unseen,
     # they would race the user's next run in the same folder. They notice, save together and stop.
     config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1)
-    launcher = subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), str(config)], cwd=REPO_ROOT, env=run_sh_env(2),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # run.sh execs the launcher
+    launcher = start_run_sh(config)  # run.sh execs the launcher
     workers: list[psutil.Process] = []
     try:
-        metrics = tmp_path / "logs" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        workers = [child for child in psutil.Process(launcher.pid).children(recursive=True)
-                   if "train.py" in " ".join(child.cmdline())]
-        assert len(workers) == 2
+        workers = training_workers(launcher, tmp_path / "logs")
         launcher.kill()
         _, stderr = launcher.communicate(timeout=120)  # the pipes close when the workers are gone too
         _, alive = psutil.wait_procs(workers, timeout=60)

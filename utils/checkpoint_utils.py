@@ -239,11 +239,10 @@ def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
     removed = []
     if folder.is_dir():
         for path in sorted(folder.glob(f"{TMP_PREFIX}checkpoint-*")):
-            # Tolerant: on a filesystem several machines share, the first process of each cleans up at once.
             if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path)
             else:
-                path.unlink(missing_ok=True)
+                path.unlink()
             removed.append(path.name)
     return removed
 

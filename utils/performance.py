@@ -272,6 +272,9 @@ def describe_fast_path(config: TrainingConfig, accelerator: Accelerator, meter: 
             f"{meter.flops_per_token / 1e9:.3g} GFLOP per token, {peak}")
 
 
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by Accelerate's mixed_precision
+
+
 def keep_logits_in_low_precision(model: torch.nn.Module, accelerator: Accelerator) -> None:
     """Accelerate's mixed precision runs forward under autocast, then copies every bf16/fp16 output to fp32:
     for a causal LM, all the logits (micro-batch x seq x vocab: 4.5 GB at micro-batch 11 of the 1.2b preset),
@@ -280,7 +283,7 @@ def keep_logits_in_low_precision(model: torch.nn.Module, accelerator: Accelerato
     original = inner.__dict__.get("_original_forward")  # the forward Accelerate wrapped (accelerate 1.15)
     if original is None:  # fp32 training, or FSDP (which casts through its mixed-precision policy)
         return
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision]
+    dtype = LOW_PRECISION_DTYPES[accelerator.mixed_precision]
     inner.forward = torch.autocast(device_type=accelerator.device.type, dtype=dtype)(original)
 
 
@@ -310,7 +313,7 @@ def fsdp_plugin(activation_checkpointing: bool, mixed_precision: str) -> FullySh
     bf16/fp16 from fp32 sharded weights, and gradients are reduced in fp32 (Accelerate's default policy
     would reduce them in bf16, less exact than DDP's fp32 all-reduce).
     """
-    low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    low_precision = LOW_PRECISION_DTYPES.get(mixed_precision)
     # output_dtype stays unset: the model's loss is fp32, and casting it would round every logged loss.
     policy = None if low_precision is None else MixedPrecisionPolicy(param_dtype=low_precision,
                                                                      reduce_dtype=torch.float32)
