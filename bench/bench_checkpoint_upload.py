@@ -33,8 +33,11 @@ from transformers import GPTNeoXForCausalLM  # noqa: E402
 
 from configs.model_config import build_model_config, resolve_shape  # noqa: E402
 from configs.training_config import ARCHIVE_FORMATS  # noqa: E402
-from utils.checkpoint_utils import checkpoint_name, save_checkpoint  # noqa: E402
-from utils.uploader import HashingWriter, Uploader, folder_size, open_destination, write_archive  # noqa: E402
+from utils.archive import HashingWriter, folder_size, write_archive  # noqa: E402
+from utils.checkpoint_utils import checkpoint_name  # noqa: E402
+from utils.checkpointer import save_checkpoint  # noqa: E402
+from utils.destination import open_destination  # noqa: E402
+from utils.uploader import Uploader  # noqa: E402
 
 
 def synthetic_checkpoint(folder: Path, size_mb: int) -> Path:

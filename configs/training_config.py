@@ -5,17 +5,20 @@ save_steps, logging_steps) beside the others. An unknown key or a bad value is a
 message names it in one line.
 """
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from configs.model_config import ModelConfigError, ModelShape, resolve_shape
+from utils.archive import ARCHIVE_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent
+REPO_ROOT = CONFIG_DIR.parent
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("bf16", "fp32")
-ARCHIVE_FORMATS = ("tar.zst", "tar", "tar.gz")
-"""Archive formats of uploaded checkpoints (utils/uploader.py writes and reads all three)."""
+PATH_FIELDS = ("data", "checkpoint_dir", "log_dir", "cache_dir", "eval_data", "tokenizer", "export_hf_dir",
+               "upload_destination")
+"""Fields that may name a local path (or a gs:// URL)."""
 
 
 class ConfigError(ValueError):
@@ -243,6 +246,18 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_repo_paths(self) -> "TrainingConfig":
+        """This config with its relative local paths taken from the repository root (absolute paths and gs://
+        URLs as they are): a config file names the same folders wherever a command runs."""
+        return replace(self, **{name: str(REPO_ROOT / value) for name in PATH_FIELDS
+                                if (value := getattr(self, name)) is not None and not value.startswith("gs://")})
+
+
+def path_from_here(path: str | None) -> str | None:
+    """A path typed on the command line is relative to where the command runs, as in any shell tool: made
+    absolute before it joins a config, whose own relative paths are taken from the repository root."""
+    return path if path is None or path.startswith("gs://") else str(Path(path).absolute())
 
 
 def config_path(name_or_path: str) -> Path:

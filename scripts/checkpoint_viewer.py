@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.training_config import CONFIG_DIR, ConfigError, TrainingConfig, load_config  # noqa: E402
 from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
                                     parse_checkpoint_name, read_json)
-from utils.training_utils import TrainingMetrics  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UPLOADS_FILE = "uploads.json"
+from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value,  # noqa: E402
+                           upload_label)
+from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noqa: E402
+from utils.metrics import TrainingMetrics  # noqa: E402
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
 RULE = "=" * 78
 
@@ -99,92 +99,9 @@ def load_record(info: CheckpointInfo) -> CheckpointRecord:
     return CheckpointRecord(info, metadata, metrics, problem)
 
 
-@dataclass(frozen=True)
-class UploadManifest:
-    """<checkpoint_dir>/uploads.json as the uploader writes it (see utils/uploader.py)."""
-
-    destination: str | None
-    checkpoints: dict[str, dict[str, Any]]
-    problem: str | None = None
-    """Why the file could not be read; every state then shows as unknown."""
-
-
-def read_uploads(checkpoint_dir: Path) -> UploadManifest | None:
-    """The upload state, or None when nothing was ever uploaded from this folder (no uploads.json)."""
-    path = checkpoint_dir / UPLOADS_FILE
-    if not path.exists():
-        return None
-    try:
-        data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("checkpoints", {}), dict):
-            raise CheckpointError(f"{path}: not an upload manifest")
-    except CheckpointError as error:
-        return UploadManifest(None, {}, str(error))
-    return UploadManifest(data.get("destination"), data.get("checkpoints", {}))
-
-
-def upload_label(manifest: UploadManifest | None, name: str, detailed: bool = False) -> str:
-    """One checkpoint's upload state in words: "uploaded", "failed (...)", "n/a" when nothing records it."""
-    if manifest is None:
-        return "n/a"
-    if manifest.problem:
-        return f"unknown ({manifest.problem})" if detailed else "unknown"
-    entry = manifest.checkpoints.get(name)
-    if not isinstance(entry, dict):
-        return "not recorded"
-    label = str(entry.get("state", "unknown"))
-    if detailed:
-        if label == "failed" and entry.get("error"):
-            label += f" ({entry['error']})"
-        if entry.get("remote_url"):
-            label += f" -> {entry['remote_url']}"
-        if entry.get("attempts"):
-            label += f", {entry['attempts']} attempt(s)"
-        if entry.get("updated"):
-            label += f", updated {entry['updated']}"
-    return label
-
-
 # ---------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------
-
-def fmt_loss(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6f}"
-
-
-def fmt_lr(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
-
-
-def fmt_count(value: int | None) -> str:
-    return "n/a" if value is None else f"{value:,}"
-
-
-def fmt_time(value: datetime | None) -> str:
-    """Local wall-clock time, to the second."""
-    return "n/a" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def fmt_duration(seconds: float) -> str:
-    sign, seconds = ("-" if seconds < 0 else ""), abs(int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return f"{sign}{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def fmt_bytes(size: float) -> str:
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} TB"
-
-
-def fmt_value(value: Any) -> str:
-    return f"{value:.6f}" if isinstance(value, float) else str(value)
-
 
 def trend_label(record: CheckpointRecord) -> str:
     if record.metrics is not None:
@@ -206,7 +123,7 @@ def config_naming(folder: Path) -> str | None:
             config = load_config(path.stem)
         except ConfigError:
             continue
-        if (REPO_ROOT / config.checkpoint_dir).resolve() == folder.resolve():
+        if Path(config.with_repo_paths().checkpoint_dir).resolve() == folder.resolve():
             return path.stem
     return None
 
@@ -253,7 +170,7 @@ def require_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:
 def cmd_list(checkpoint_dir: Path, remote: bool, credentials: str | None = None) -> int:
     require_folder(checkpoint_dir)
     found = list_checkpoints(checkpoint_dir)
-    manifest = read_uploads(checkpoint_dir)
+    manifest = read_snapshot(checkpoint_dir)
     if not found and not (remote and manifest is not None and manifest.destination):
         raise CheckpointError(no_checkpoints_message(checkpoint_dir))
     if not found:  # --remote: the destination may still hold this folder's checkpoints
@@ -274,12 +191,12 @@ def cmd_list(checkpoint_dir: Path, remote: bool, credentials: str | None = None)
     return list_remote(checkpoint_dir, manifest, {info.name for info in found}, credentials) if remote else 0
 
 
-def list_remote(checkpoint_dir: Path, manifest: UploadManifest | None, local_names: set[str],
+def list_remote(checkpoint_dir: Path, manifest: ManifestSnapshot | None, local_names: set[str],
                 credentials: str | None) -> int:
     """The checkpoints at the upload destination recorded in uploads.json."""
     if manifest is None or not manifest.destination:
         reason = manifest.problem if manifest is not None and manifest.problem else \
-            f"{checkpoint_dir / UPLOADS_FILE} does not exist yet; the uploader writes it at the first upload"
+            f"{checkpoint_dir / MANIFEST_NAME} does not exist yet; the uploader writes it at the first upload"
         raise CheckpointError(f"--remote: no upload destination known ({reason})")
     try:
         from utils.storage import StorageError, open_storage
@@ -330,7 +247,7 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     print(f"🎮 GPU Count: {system.get('device_count', 'n/a')} ({system.get('device_name', 'n/a')}, "
           f"{system.get('num_processes', 'n/a')} process(es))")
     print(f"⚡ Mixed Precision: {system.get('mixed_precision', 'n/a')}")
-    print(f"☁️  Upload: {upload_label(read_uploads(checkpoint_dir), record.info.name, detailed=True)}")
+    print(f"☁️  Upload: {upload_label(read_snapshot(checkpoint_dir), record.info.name, detailed=True)}")
 
     print("\n📈 Training Metrics:")
     print("-" * 30)
@@ -477,7 +394,7 @@ def resolve_checkpoint_dir(checkpoint_dir: str | None, config: TrainingConfig | 
     if checkpoint_dir is not None:
         return Path(checkpoint_dir)
     if config is not None:
-        return REPO_ROOT / config.checkpoint_dir
+        return Path(config.with_repo_paths().checkpoint_dir)
     return Path("checkpoints")
 
 

@@ -10,7 +10,7 @@ The model is a checkpoint folder, a checkpoint archive (.tar, .tar.zst, .tar.gz,
 them), gs://bucket/prefix/<checkpoint name or archive>, or an exported Hugging Face model folder.
 
 The text is written with the run's tokenizer: the exported folder's, else the checkpoint's tokenizer.json
-(or the run's, as scripts/export_hf.py finds it), else --tokenizer. Sampling is seeded (--seed), so the
+(or the run's, as utils/export.py finds it), else --tokenizer. Sampling is seeded (--seed), so the
 same command prints the same text; --temperature 0 decodes greedily.
 """
 import argparse
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from scripts.export_hf import (TOKENIZER_FILE, ExportError, checkpoint_tokenizer, hf_tokenizer,  # noqa: E402
-                               load_checkpoint_model, locate_checkpoint)
+from utils.export import (TOKENIZER_FILE, ExportError, checkpoint_tokenizer, hf_tokenizer,  # noqa: E402
+                          load_checkpoint_model, materialize_checkpoint)
 
 
 def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer is not None:
             check_tokenizer_path(args.tokenizer)
         with tempfile.TemporaryDirectory(prefix="generate-") as workdir:
-            location = locate_checkpoint(args.model, Path(workdir))
+            location = materialize_checkpoint(args.model, Path(workdir))
             if not location.is_dir():
                 raise ExportError(f"{args.model}: no such checkpoint or model folder")
             model, tokenizer = load_model_and_tokenizer(location, args.tokenizer)

@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from configs.training_config import ConfigError, load_config  # noqa: E402
-from scripts.checkpoint_viewer import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr,  # noqa: E402
-                                       read_uploads, upload_label)
 from utils.checkpoint_utils import CheckpointError, list_checkpoints, read_json  # noqa: E402
+from utils.display import fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, upload_label  # noqa: E402
+from utils.manifest import read_snapshot  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "metrics.jsonl"
 TAIL_BYTES = 256 * 1024
 """How much of the end of metrics.jsonl a snapshot reads: thousands of lines, enough for any rate estimate."""
@@ -209,17 +208,14 @@ def render_checkpoints(checkpoint_dir: Path, shown: int = 3) -> list[str]:
     found = list_checkpoints(checkpoint_dir)
     if not found:
         return [f"💾 No checkpoints yet in {checkpoint_dir}"]
-    manifest = read_uploads(checkpoint_dir)
+    manifest = read_snapshot(checkpoint_dir)
     lines = [f"💾 Checkpoints: {len(found)} in {checkpoint_dir}, newest last"]
     for info in found[-shown:]:
         lines.append(f"   {info.name:<40} upload: {upload_label(manifest, info.name)}")
     if manifest is not None and manifest.problem:
         lines.append(f"⚠️  Upload state unknown: {manifest.problem}")
     elif manifest is not None:
-        pending = [name for name, entry in manifest.checkpoints.items()
-                   if isinstance(entry, dict) and entry.get("state") in ("queued", "uploading")]
-        failed = [name for name, entry in manifest.checkpoints.items()
-                  if isinstance(entry, dict) and entry.get("state") == "failed"]
+        pending, failed = manifest.names_in("queued", "uploading"), manifest.names_in("failed")
         lines.append(f"☁️  Uploads to {manifest.destination}: {len(pending)} pending, {len(failed)} failed"
                      + (f" ({', '.join(failed)})" if failed else ""))
     return lines
@@ -387,9 +383,8 @@ def latest_max_steps(checkpoint_dir: Path) -> tuple[int | None, str]:
 def build_view(args: argparse.Namespace) -> RunView:
     log_dir, checkpoint_dir, max_steps, source = Path("logs"), Path("checkpoints"), None, "unknown"
     if args.config is not None:
-        config = load_config(args.config)
-        # Like train.py: a config's relative paths are relative to the repo root.
-        log_dir, checkpoint_dir = REPO_ROOT / config.log_dir, REPO_ROOT / config.checkpoint_dir
+        config = load_config(args.config).with_repo_paths()  # like train.py: relative to the repo root
+        log_dir, checkpoint_dir = Path(config.log_dir), Path(config.checkpoint_dir)
         max_steps, source = config.max_steps, f"config {args.config}"
     log_dir = Path(args.log_dir) if args.log_dir else log_dir
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else checkpoint_dir

@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config  # noqa: E402
-from utils.checkpoint_utils import CheckpointError, list_checkpoints, parse_checkpoint_name  # noqa: E402
+from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config, path_from_here  # noqa: E402
+from utils.archive import folder_size, human_size  # noqa: E402
+from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, parse_checkpoint_name  # noqa: E402
+from utils.destination import open_destination, remote_checkpoints  # noqa: E402
+from utils.manifest import UploadManifest, UploadRecord  # noqa: E402
 from utils.storage import StorageError, is_gcs_url  # noqa: E402
-from utils.uploader import (UploadError, UploadManifest, UploadRecord, Uploader, folder_size,  # noqa: E402
-                            human_size, open_destination, remote_checkpoints)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from utils.uploader import Uploader  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,19 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Settings:
-    """What the commands need from the config and flags; relative paths are taken from the repo root."""
+    """What the commands need from the config and flags: paths given as flags are relative to the current
+    folder, a config's to the repo root (as for train.py)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         config = load_config(args.config, {"checkpoint_dir": args.checkpoint_dir,
-                                           "upload_destination": args.destination,
+                                           "upload_destination": path_from_here(args.destination),
                                            "archive_format": args.archive_format,
-                                           "gcs_credentials": args.gcs_credentials})
-        # Like train.py: paths given as flags are relative to the current folder, a config's to the repo.
-        self.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else REPO_ROOT / config.checkpoint_dir
+                                           "gcs_credentials": args.gcs_credentials}).with_repo_paths()
+        # --checkpoint-dir as typed: messages name the folder the way the user did.
+        self.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(config.checkpoint_dir)
         destination = config.upload_destination
         if destination is not None and not is_gcs_url(destination):
-            # Resolved, as the uploader names it in the records' remote URLs.
-            destination = str((Path(destination) if args.destination else REPO_ROOT / destination).resolve())
+            destination = str(Path(destination).resolve())  # as the uploader names it in the records' remote URLs
         self.destination = destination
         self.archive_format = config.archive_format
         self.attempts = config.upload_attempts

@@ -7,9 +7,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from utils import checkpoint_utils
-from utils.checkpoint_utils import (CheckpointError, list_checkpoints, prune_checkpoints, remove_incomplete_saves,
-                                    save_checkpoint)
+from utils import checkpoint_utils, checkpointer
+from utils.checkpoint_utils import CheckpointError, list_checkpoints, prune_checkpoints, remove_incomplete_saves
+from utils.checkpointer import save_checkpoint
 
 NAMES = ["checkpoint-epoch0-step2-files0", "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step6-files1"]
 
@@ -51,7 +51,7 @@ def test_a_save_that_runs_out_of_disk_is_one_error_line_and_no_checkpoint(tmp_pa
     def disk_full(path: Path, value: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_utils, "write_json_atomic", disk_full)
+    monkeypatch.setattr(checkpointer, "write_json_atomic", disk_full)
     with pytest.raises(CheckpointError, match=r"saving checkpoint-epoch0-step2-files0 in .* No space left"):
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
     assert list_checkpoints(tmp_path) == []

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_train, write_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
-from scripts import checkpoint_viewer
+from configs import training_config
 from scripts.checkpoint_viewer import main
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
@@ -119,7 +119,7 @@ def test_empty_folder_names_the_subfolders_holding_checkpoints(capsys, checkpoin
 
 def test_empty_folder_hint_names_the_config_of_a_subfolder(capsys, checkpoints, tmp_path, monkeypatch):
     """checkpoints/ holding tiny/ (the tiny config's checkpoint_dir, relative to the repo) as a first run leaves it."""
-    monkeypatch.setattr(checkpoint_viewer, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(training_config, "REPO_ROOT", tmp_path)  # where a config's relative paths start
     shutil.move(checkpoints, tmp_path / "tiny")
     (tmp_path / "checkpoints").mkdir()
     shutil.move(tmp_path / "tiny", tmp_path / "checkpoints" / "tiny")

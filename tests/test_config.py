@@ -113,7 +113,7 @@ def test_weight_decay_only_on_weight_matrices() -> None:
 def test_command_line_paths_are_relative_to_the_current_folder_config_paths_to_the_repo(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import REPO_ROOT
-    from train import config_from_args, parse_args
+    from configs.command_line import config_from_args, parse_args
 
     monkeypatch.chdir(tmp_path)
     config = config_from_args(parse_args(["--config", "tiny", "--checkpoint-dir", "runs/a", "--data", "shards",

@@ -17,7 +17,7 @@ from configs.model_config import build_model_config, resolve_shape
 from configs.training_config import ConfigError, TrainingConfig
 from utils.data_utils import DataError, LocalShardSource, StreamSpec
 from utils.evaluation import Evaluator, ValidationData, holdout_split, read_validation_batches, split_validation
-from utils.training_utils import TrainingMetrics
+from utils.metrics import TrainingMetrics
 
 
 def final_checkpoint(folder: Path) -> Path:

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, run_train, write_config
 from configs.model_config import ModelShape, build_model_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from scripts import export_hf, generate
-from utils.uploader import write_archive
+from utils.archive import write_archive
 
 PROMPT = "Return the number of"
 

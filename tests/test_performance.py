@@ -12,10 +12,11 @@ from transformers import GPTNeoXForCausalLM
 from conftest import MICRO_MODEL, read_metrics, run_train, write_config
 from configs.model_config import build_model_config, resolve_shape
 from configs.training_config import ConfigError, TrainingConfig, config_from_dict
+from utils import accelerator as accelerator_setup
 from utils import performance
+from utils.accelerator import use_compile
 from utils.performance import (GIB, MemoryPlan, StopVote, check_memory, count_parameters, estimate_memory,
-                               flops_per_token, make_mfu_meter, peak_tflops_for, use_compile,
-                               window_peak_memory_gib)
+                               flops_per_token, make_mfu_meter, peak_tflops_for, window_peak_memory_gib)
 
 SHAPE_12B = resolve_shape("1.2b")
 
@@ -130,9 +131,9 @@ def test_preflight_suggests_fsdp_when_the_optimizer_state_does_not_fit(monkeypat
 def test_fast_path_switches() -> None:
     assert use_compile("auto", cuda=True) and not use_compile("auto", cuda=False)
     assert use_compile(True, cuda=False) and not use_compile(False, cuda=True)
-    assert performance.dynamo_plugin(True, fsdp=False).backend.value == "INDUCTOR"
-    assert performance.dynamo_plugin(True, fsdp=True).use_regional_compilation
-    assert performance.dynamo_plugin(False, fsdp=False).backend.value == "NO"
+    assert accelerator_setup.dynamo_plugin(True, fsdp=False).backend.value == "INDUCTOR"
+    assert accelerator_setup.dynamo_plugin(True, fsdp=True).use_regional_compilation
+    assert accelerator_setup.dynamo_plugin(False, fsdp=False).backend.value == "NO"
     with pytest.raises(ConfigError, match="compile must be"):
         config_for(compile="always")
     with pytest.raises(ConfigError, match="peak_tflops must be"):
@@ -147,7 +148,7 @@ def test_activation_checkpointing_keeps_the_gradients() -> None:
         torch.manual_seed(0)
         model = GPTNeoXForCausalLM(build_model_config(shape)).train()
         if checkpointing:
-            performance.enable_activation_checkpointing(model)
+            accelerator_setup.enable_activation_checkpointing(model)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert model.gpt_neox.gradient_checkpointing
@@ -208,13 +209,13 @@ def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, samp
 
 
 def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32() -> None:
-    plugin = performance.fsdp_plugin(activation_checkpointing=True, mixed_precision="bf16")
+    plugin = accelerator_setup.fsdp_plugin(activation_checkpointing=True, mixed_precision="bf16")
     plugin.set_mixed_precision("bf16")  # what Accelerate does with the plugin: it must keep our policy
     policy = plugin.mixed_precision_policy
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert policy.output_dtype is None  # the loss stays fp32
     assert plugin.activation_checkpointing and plugin.fsdp_version == 2
-    assert performance.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
+    assert accelerator_setup.fsdp_plugin(False, "no").mixed_precision_policy is None  # fp32 throughout
 
 
 @pytest.fixture
@@ -232,13 +233,13 @@ def test_mixed_precision_keeps_autocast_without_an_fp32_copy_of_the_logits(fresh
     tokens = torch.randint(0, 4096, (2, 64))
     wrapped = model(input_ids=tokens, labels=tokens)
     assert wrapped.logits.dtype == torch.float32  # Accelerate's copy
-    performance.keep_logits_in_low_precision(model, accelerator)
+    accelerator_setup.keep_logits_in_low_precision(model, accelerator)
     kept = model(input_ids=tokens, labels=tokens)
     assert kept.logits.dtype == torch.bfloat16  # still computed under autocast, and not copied
     assert kept.loss.dtype == torch.float32 and kept.loss.item() == wrapped.loss.item()
 
 
 def test_fsdp_is_refused_without_gpus() -> None:
-    from train import make_accelerator
+    from utils.accelerator import make_accelerator
     with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
         make_accelerator(config_for(fsdp=True))

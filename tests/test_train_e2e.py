@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import REPO_ROOT, read_metrics, run_train, write_config
-from train import check_process_group
+from utils.accelerator import check_process_group
 from configs.training_config import ConfigError
 from utils.data_utils import epoch_shard_order
 from utils.training_utils import lr_multiplier

@@ -14,9 +14,12 @@ from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
 from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils.storage import LocalStorage, crc32c_of_file, open_storage
-from utils.uploader import (HashingWriter, Uploader, UploadError, UploadManifest, check_fresh_destination,
-                            download_checkpoint, extract_archive, locate_checkpoint, open_destination,
-                            prune_without_uploads, write_archive)
+from utils.archive import HashingWriter, extract_archive, write_archive
+from utils.checkpoint_utils import UploadError
+from utils.checkpointer import prune_without_uploads
+from utils.destination import check_fresh_destination, download_checkpoint, find_local_or_remote, open_destination
+from utils.manifest import UploadManifest
+from utils.uploader import Uploader
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
 STEP12 = "checkpoint-epoch0-step12-files0"
@@ -100,13 +103,13 @@ def test_local_folder_round_trip_and_resume_lookup(tmp_path: Path) -> None:
     assert json.loads((checkpoints / "uploads.json").read_text())["destination"] == str(dest)
 
     elsewhere = tmp_path / "other-machine"
-    info, obj = locate_checkpoint(elsewhere, "latest", uploader.storage)
+    info, obj = find_local_or_remote(elsewhere, "latest", uploader.storage)
     assert info.step == 4 and obj is not None and not info.path.exists()
     download_checkpoint(uploader.storage, obj, elsewhere)
     assert same_tree(folder, elsewhere / STEP4)
     assert records(elsewhere)[STEP4]["state"] == "uploaded"  # not uploaded again from there
     with pytest.raises(UploadError, match="not found .*existing: " + STEP4):
-        locate_checkpoint(elsewhere, STEP8, uploader.storage)
+        find_local_or_remote(elsewhere, STEP8, uploader.storage)
 
 
 def test_gcs_round_trip_with_crc32c(tmp_path: Path, gcs_server: GCSEmulator) -> None:
@@ -123,7 +126,7 @@ def test_gcs_round_trip_with_crc32c(tmp_path: Path, gcs_server: GCSEmulator) -> 
     assert record["remote_url"] == f"gs://ckpts/Checkpoints/{STEP4}.tar"
 
     shutil.rmtree(folder)
-    info, obj = locate_checkpoint(checkpoints, "latest", uploader.storage)
+    info, obj = find_local_or_remote(checkpoints, "latest", uploader.storage)
     assert obj is not None
     download_checkpoint(uploader.storage, obj, checkpoints)
     with open(tmp_path / "again.tar", "wb") as handle:

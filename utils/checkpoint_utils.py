@@ -1,16 +1,16 @@
-"""Checkpoints on local disk: names, atomic saves, lookup for --resume, retention.
+"""Checkpoints on local disk: names, listing and lookup, JSON files, retention, and the run's folders.
 
 A checkpoint is the folder checkpoints/checkpoint-epoch{E}-step{S}-files{F}/ holding Accelerate's state
 (model.safetensors, optimizer.bin, scheduler.bin, random_states_*.pkl) and our JSON files:
 training_config.json, metadata.json, training_metrics.json and data_state.json. It is written as
-.tmp-<name>/ and renamed when complete, so a folder under a checkpoint name is always whole.
+.tmp-<name>/ and renamed when complete (utils/checkpointer.py), so a folder under a checkpoint name is
+always whole. Nothing here needs torch: the tools read checkpoints with this module alone.
 """
 import fcntl
 import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import socket
 from collections.abc import Callable
@@ -19,18 +19,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
-
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 TMP_PREFIX = ".tmp-"
-JSON_FILES = ("training_config.json", "metadata.json", "training_metrics.json", "data_state.json")
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be found, read or written; the message is one line."""
+
+
+class UploadError(CheckpointError):
+    """An upload or download that cannot be done; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -105,58 +104,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Files and folders (FSDP writes sharded state in subfolders) reach the disk before the rename."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
-                    json_files: dict[str, Any], copied_files: dict[str, Path] | None = None,
-                    shares_first_process_disk: bool = True) -> Path:
-    """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
-    source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
-
-    Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
-    of the same name is never overwritten. shares_first_process_disk (shares_checkpoint_disk): False on a
-    machine with a disk of its own, which then keeps nothing of the save.
-    """
-    folder = Path(checkpoint_dir)
-    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
-    if final.exists():
-        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
-    try:
-        if accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for filename, value in json_files.items():
-                write_json_atomic(tmp / filename, value)
-            for filename, source in (copied_files or {}).items():
-                shutil.copyfile(source, tmp / filename)
-            _fsync_tree(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(folder)  # the rename itself survives a power loss
-    except (OSError, RuntimeError) as error:  # a full disk, say (torch's writer raises RuntimeError): the
-        # half-written .tmp- folder is removed at the next start
-        raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
-    accelerator.wait_for_everyone()
-    if (not shares_first_process_disk and accelerator.is_local_main_process
-            and accelerator.distributed_type != DistributedType.FSDP):
-        # A disk of this machine's own: its DDP processes wrote only their RNG states here, which training
-        # does not use (no dropout) and resume does without. (Never on a shared disk, where .tmp-<name> may
-        # still resolve, through a client's cache, to the checkpoint just renamed.)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            fsync_dir(path)
+    fsync_dir(folder)
 
 
 RUN_LOCK = ".run.lock"
@@ -193,23 +149,6 @@ def lock_for_this_run(checkpoint_dir: str | Path) -> None:
     _held_run_locks.append(handle)
 
 
-def shares_checkpoint_disk(accelerator: Accelerator, checkpoint_dir: str | Path) -> bool:
-    """Whether this process sees the files the first process writes in checkpoint_dir: always on one machine;
-    on several, only when checkpoint_dir is on a filesystem they share. Collective. The probe's name is new,
-    so no client cache of a network filesystem can answer for it."""
-    token = [secrets.token_hex(8)]
-    broadcast_object_list(token)
-    probe = Path(checkpoint_dir) / f".shared-probe-{token[0]}"
-    if accelerator.is_main_process:
-        probe.write_bytes(b"")
-    accelerator.wait_for_everyone()
-    shared = probe.exists()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        probe.unlink()
-    return shared
-
-
 def check_writable_folder(folder: str | Path, setting: str) -> None:
     """Creates the folder and writes a file there: a folder that cannot take a checkpoint is found at
     start, not at the first save hundreds of steps later."""
@@ -220,16 +159,6 @@ def check_writable_folder(folder: str | Path, setting: str) -> None:
         probe.unlink()
     except OSError as error:
         raise CheckpointError(f"{setting} {folder}: not a writable folder ({error.strerror or error})") from None
-
-
-def load_state(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Loads the model, optimizer, schedule and RNG states saved by save_checkpoint."""
-    try:
-        accelerator.load_state(str(checkpoint))
-    except Exception as error:  # truncated or corrupt files raise anything from EOFError to RuntimeError
-        detail = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{checkpoint}: unreadable checkpoint ({type(error).__name__}: {detail}); resume "
-                              "from another one (python scripts/checkpoint_viewer.py list)") from None
 
 
 def remove_incomplete_saves(checkpoint_dir: str | Path) -> list[str]:
@@ -260,18 +189,6 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep: int,
             shutil.rmtree(doomed)
             deleted.append(info.name)
     return deleted
-
-
-def system_info(accelerator: Accelerator) -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {
-        "cuda_available": cuda,
-        "device_count": torch.cuda.device_count() if cuda else 0,
-        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-        "mixed_precision": accelerator.mixed_precision,
-        "num_processes": accelerator.num_processes,
-        "torch_version": torch.__version__,
-    }
 
 
 def build_metadata(step: int, epoch: int, files_processed: int, tokens_seen: int, metrics: dict[str, Any],

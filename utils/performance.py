@@ -1,4 +1,4 @@
-"""Speed and scale: FLOPs and MFU, the memory preflight, and the CUDA fast-path settings.
+"""Speed and scale: FLOPs and MFU, the memory preflight, and the stop vote that never waits for the GPU.
 
 MFU (model FLOPs utilisation) follows PaLM appendix B: a trained token costs 6*N + 12*L*H*Q*T FLOPs,
 N the parameters without the input embedding (a lookup, not a matmul), L layers, H*Q = hidden size,
@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 import psutil
 import torch
 from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin
-from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from configs.model_config import ModelShape, padded_vocab_size
 from configs.training_config import ConfigError, TrainingConfig
+from utils.accelerator import use_compile
 
 GIB = 2**30
 
@@ -251,13 +250,8 @@ def check_memory(config: TrainingConfig, device: torch.device, num_processes: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast path: TF32, torch.compile, activation checkpointing, FSDP
+# What the run does for speed, in one line
 # ---------------------------------------------------------------------------------------------
-
-def use_compile(setting: bool | str, cuda: bool) -> bool:
-    """config.compile: "auto" compiles on CUDA only (on CPU the compile time outweighs the gain)."""
-    return cuda if setting == "auto" else bool(setting)
-
 
 def describe_fast_path(config: TrainingConfig, accelerator: Accelerator, meter: MfuMeter) -> str:
     """One log line: what the run does for speed, and how MFU is measured."""
@@ -270,68 +264,6 @@ def describe_fast_path(config: TrainingConfig, accelerator: Accelerator, meter: 
             f"activation checkpointing {'on' if config.activation_checkpointing else 'off'}, "
             f"FSDP {'on' if config.fsdp else 'off'}, TF32 {'on' if cuda else 'n/a'} | "
             f"{meter.flops_per_token / 1e9:.3g} GFLOP per token, {peak}")
-
-
-LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by Accelerate's mixed_precision
-
-
-def keep_logits_in_low_precision(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """Accelerate's mixed precision runs forward under autocast, then copies every bf16/fp16 output to fp32:
-    for a causal LM, all the logits (micro-batch x seq x vocab: 4.5 GB at micro-batch 11 of the 1.2b preset),
-    made at the memory peak, for a loss that is fp32 already. This keeps the autocast and drops the copy."""
-    inner = accelerator.unwrap_model(model, keep_torch_compile=False)
-    original = inner.__dict__.get("_original_forward")  # the forward Accelerate wrapped (accelerate 1.15)
-    if original is None:  # fp32 training, or FSDP (which casts through its mixed-precision policy)
-        return
-    dtype = LOW_PRECISION_DTYPES[accelerator.mixed_precision]
-    inner.forward = torch.autocast(device_type=accelerator.device.type, dtype=dtype)(original)
-
-
-def enable_tf32() -> None:
-    """fp32 matmuls outside autocast (the optimizer's, the fp32 loss) may use TF32 tensor cores."""
-    torch.set_float32_matmul_precision("high")
-
-
-def dynamo_plugin(compile_model: bool, fsdp: bool) -> TorchDynamoPlugin:
-    """How Accelerate compiles the model in prepare(), after wrapping it, so checkpoints keep plain names.
-
-    Under FSDP each transformer layer is compiled in place (Accelerate's regional compilation), so that
-    FSDP's per-layer hooks keep firing. The backend is always given so that a launcher's
-    ACCELERATE_DYNAMO_BACKEND cannot silently change the run.
-    """
-    if not compile_model:
-        return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend="inductor", mode="default", use_regional_compilation=fsdp)
-
-
-def fsdp_plugin(activation_checkpointing: bool, mixed_precision: str) -> FullyShardedDataParallelPlugin:
-    """FSDP2 full sharding of weights, gradients and optimizer state, one unit per transformer layer.
-
-    Checkpoints are saved sharded (each process writes its part; no gather of the full model on one
-    GPU) and Accelerate reshards them on load. Activation checkpointing is applied here per layer rather
-    than through Hugging Face, as FSDP needs it inside its wrapping. Mixed precision: layers compute in
-    bf16/fp16 from fp32 sharded weights, and gradients are reduced in fp32 (Accelerate's default policy
-    would reduce them in bf16, less exact than DDP's fp32 all-reduce).
-    """
-    low_precision = LOW_PRECISION_DTYPES.get(mixed_precision)
-    # output_dtype stays unset: the model's loss is fp32, and casting it would round every logged loss.
-    policy = None if low_precision is None else MixedPrecisionPolicy(param_dtype=low_precision,
-                                                                     reduce_dtype=torch.float32)
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        reshard_after_forward=True,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["GPTNeoXLayer"],
-        state_dict_type="SHARDED_STATE_DICT",
-        activation_checkpointing=activation_checkpointing,
-        mixed_precision_policy=policy,
-    )
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Keep only each layer's input in forward and recompute the layer in backward (non-reentrant,
-    which works with torch.compile and DDP)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---------------------------------------------------------------------------------------------

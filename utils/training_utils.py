@@ -1,19 +1,18 @@
 """Small pieces of the training loop: learning-rate schedule, optimizer groups, agreeing across processes,
-metrics, stop signals."""
+stop signals."""
 import math
 import os
 import signal
-import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from configs.training_config import ConfigError
+from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError
 
 T = TypeVar("T")
@@ -55,19 +54,30 @@ def group_weight_decays(weight_decay: float) -> tuple[float, float]:
     return weight_decay, 0.0
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig, fused: bool
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over parameter_groups, and the warmup-cosine schedule as a function of the optimizer step."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_multiplier, warmup_steps=config.warmup_steps, schedule_steps=config.schedule_steps,
+        min_lr_ratio=config.min_lr_ratio))
+    return optimizer, scheduler
+
+
 def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                             learning_rate: float, betas: tuple[float, float], eps: float,
-                             weight_decay: float) -> list[str]:
+                             config: TrainingConfig) -> list[str]:
     """After a checkpoint is loaded: the config's peak learning rate, betas, eps and weight decay replace
     those of the run that saved it (loading restores them with the optimizer and schedule state), so a
     resume with a changed config trains with what it says. Returns the changes, one "name: old -> new" each.
 
     The groups are parameter_groups' [decay, no decay]; the schedule's shape comes from the config anyway.
     """
+    learning_rate, betas = config.learning_rate, (config.adam_beta1, config.adam_beta2)
     changes: dict[str, str] = {}
-    for group, decay_of_group in zip(optimizer.param_groups, group_weight_decays(weight_decay)):
-        wanted = {"learning_rate": ("initial_lr", learning_rate), "adam_betas": ("betas", tuple(betas)),
-                  "adam_epsilon": ("eps", eps), "weight_decay": ("weight_decay", decay_of_group)}
+    for group, decay_of_group in zip(optimizer.param_groups, group_weight_decays(config.weight_decay)):
+        wanted = {"learning_rate": ("initial_lr", learning_rate), "adam_betas": ("betas", betas),
+                  "adam_epsilon": ("eps", config.adam_epsilon), "weight_decay": ("weight_decay", decay_of_group)}
         for name, (key, value) in wanted.items():
             old = tuple(group[key]) if key == "betas" else group[key]
             if old != value:
@@ -103,82 +113,6 @@ def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> 
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainingMetrics:
-    """What the run has learned about itself; checkpointed so that history survives a resume."""
-
-    history_length: int = 1000
-    loss_history: list[dict[str, float]] = field(default_factory=list)
-    """Logged losses: [{"step", "loss"}], the newest history_length of them."""
-    learning_rates: list[dict[str, float]] = field(default_factory=list)
-    best_loss: float | None = None
-    best_step: int | None = None
-    tokens_seen: int = 0
-    shards_skipped: int = 0
-    validation_metrics: dict[str, Any] = field(default_factory=dict)
-    """The latest validation (eval_loss, eval_perplexity, eval_tokens, eval_step) and the best one so far."""
-    best_from_validation: bool = False
-    """Set when the run validates: best_loss/best_step then follow the validation loss, not the training loss."""
-
-    def record(self, step: int, loss: float, lr: float) -> None:
-        self.loss_history = (self.loss_history + [{"step": step, "loss": loss}])[-self.history_length:]
-        self.learning_rates = (self.learning_rates + [{"step": step, "lr": lr}])[-self.history_length:]
-        if (not self.best_from_validation and math.isfinite(loss)
-                and (self.best_loss is None or loss < self.best_loss)):
-            self.best_loss, self.best_step = loss, step
-
-    def record_validation(self, step: int, results: dict[str, Any]) -> None:
-        """Stores a validation's results (keys eval_loss, ...); best_loss becomes the best eval_loss."""
-        loss = results["eval_loss"]
-        best = self.validation_metrics.get("best_eval_loss")
-        best_step = self.validation_metrics.get("best_eval_step")
-        if math.isfinite(loss) and (best is None or loss < best):
-            best, best_step = loss, step
-        self.validation_metrics = {**results, "eval_step": step, "best_eval_loss": best, "best_eval_step": best_step}
-        if self.best_from_validation and best is not None:
-            self.best_loss, self.best_step = best, best_step
-
-    @property
-    def current_loss(self) -> float | None:
-        return self.loss_history[-1]["loss"] if self.loss_history else None
-
-    def loss_trend(self, window: int = 5) -> str:
-        """improving / worsening / flat, from the mean of the last `window` losses against the window before."""
-        losses = [entry["loss"] for entry in self.loss_history]
-        if len(losses) < 2 * window:
-            return "insufficient data"
-        recent, before = statistics.fmean(losses[-window:]), statistics.fmean(losses[-2 * window:-window])
-        if recent < before * 0.995:
-            return "improving"
-        if recent > before * 1.005:
-            return "worsening"
-        return "flat"
-
-    def summary(self, step: int) -> dict[str, Any]:
-        """The validation_metrics block of metadata.json: training-loss statistics."""
-        losses = [entry["loss"] for entry in self.loss_history]
-        return {
-            "current_avg_loss": statistics.fmean(losses[-10:]) if losses else None,
-            "steps_since_best": (step - self.best_step) if self.best_step is not None else None,
-            "loss_trend": self.loss_trend(),
-            **self.validation_metrics,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loss_history": self.loss_history, "learning_rates": self.learning_rates,
-                "best_loss": self.best_loss, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
-                "shards_skipped": self.shards_skipped, "validation_metrics": self.validation_metrics}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if hasattr(self, key):
-                setattr(self, key, value)
 
 
 # ---------------------------------------------------------------------------------------------

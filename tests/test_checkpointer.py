@@ -1,0 +1,198 @@
+"""The Checkpointer in process, with a small fake Accelerator: what a save writes, retention, the upload
+hand-off, the resume choice and its refusals, and the train state it restores. (Exact resume, signals and
+several processes are end-to-end tests: test_train_e2e.py, test_multiprocess.py.)"""
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from configs.training_config import TrainingConfig
+from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints
+from utils.checkpointer import Checkpointer
+from utils.data_utils import DataError, DataPosition, StreamSpec
+from utils.destination import open_destination
+from utils.manifest import UploadManifest
+from utils.metrics import TrainingMetrics
+from utils.train_state import TrainState
+
+SPEC = StreamSpec(("tokenized_a.npz", "tokenized_b.npz"), 64, 1234, 4096, 0)
+WEIGHTS = "model.safetensors"
+
+
+class FakeAccelerator:
+    """The parts of Accelerator a Checkpointer uses, for one process: save_state writes small files."""
+
+    is_main_process = is_local_main_process = True
+    num_processes, process_index = 1, 0
+    mixed_precision = "no"
+    device = torch.device("cpu")
+    distributed_type = "NO"
+
+    def __init__(self) -> None:
+        self.loaded: list[Path] = []
+        self.step = 0
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / WEIGHTS).write_bytes(b"weights of " + Path(folder).name.encode())
+        (Path(folder) / "random_states_0.pkl").write_bytes(b"rng")
+
+    def load_state(self, folder: str) -> None:
+        if not (Path(folder) / WEIGHTS).read_bytes().startswith(b"weights"):
+            raise RuntimeError("corrupt")
+        self.loaded.append(Path(folder))
+        self.step = 7  # what Accelerate restores; the checkpointer keeps its own accumulation counter neutral
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> TrainingConfig:
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "tokenizer.json").write_text('{"a tokenizer": true}')
+    values: dict[str, Any] = dict(model_preset="tiny", data=str(data), checkpoint_dir=str(tmp_path / "checkpoints"),
+                                  log_dir=str(tmp_path / "logs"), max_steps=20, save_steps=4, keep_checkpoints=2)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def make_checkpointer(config: TrainingConfig, accelerator: FakeAccelerator | None = None) -> Checkpointer:
+    remote = open_destination(config.upload_destination) if config.upload_destination else None
+    checkpointer = Checkpointer(config, config.model_shape(), accelerator or FakeAccelerator(), remote,
+                                shared_disk=True)
+    checkpointer.start_uploads()
+    return checkpointer
+
+
+def state_at(step: int, epoch: int = 0, shard_cursor: int = 0) -> TrainState:
+    state = TrainState(SPEC, TrainingMetrics())
+    state.step = step
+    state.position = DataPosition(epoch, shard_cursor, 3, step * 2, 0)
+    state.metrics.tokens_seen = step * 128
+    state.metrics.record(step, 5.0 - step / 10, 1e-3)
+    return state
+
+
+def names(folder: str) -> list[str]:
+    return [info.name for info in list_checkpoints(folder)]
+
+
+def test_a_save_writes_a_whole_named_folder_and_keeps_the_newest(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    checkpointer = make_checkpointer(config)
+    for step in (4, 8, 12):
+        checkpointer.save(state_at(step, shard_cursor=1), "scheduled")
+    assert names(config.checkpoint_dir) == ["checkpoint-epoch0-step8-files1", "checkpoint-epoch0-step12-files1"]
+    final = Path(config.checkpoint_dir) / "checkpoint-epoch0-step12-files1"
+    assert {p.name for p in final.iterdir()} == {WEIGHTS, "random_states_0.pkl", "tokenizer.json", "metadata.json",
+                                                  "training_config.json", "training_metrics.json", "data_state.json"}
+    metadata = json.loads((final / "metadata.json").read_text())
+    assert metadata["step"] == 12 and metadata["training_progress"]["files_processed"] == 1
+    assert metadata["training_progress"]["tokens_seen"] == 12 * 128
+    assert json.loads((final / "training_config.json").read_text())["model_shape"]["hidden_size"] == 128
+    assert json.loads((final / "data_state.json").read_text())["position"]["sample_cursor"] == 3
+    assert (final / "tokenizer.json").read_text() == '{"a tokenizer": true}'
+    assert checkpointer.last_saved_step == 12
+    assert not [p for p in Path(config.checkpoint_dir).iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(CheckpointError, match="already exists"):
+        checkpointer.save(state_at(12, shard_cursor=1), "scheduled")  # a name is never overwritten
+
+
+def test_without_uploads_a_checkpoint_an_earlier_run_left_unuploaded_is_kept(tmp_path: Path) -> None:
+    config = make_config(tmp_path, keep_checkpoints=1)
+    checkpointer = make_checkpointer(config)
+    checkpointer.save(state_at(4), "scheduled")
+    UploadManifest(config.checkpoint_dir, "gs://elsewhere").update("checkpoint-epoch0-step4-files0", state="failed")
+    checkpointer.save(state_at(8), "scheduled")
+    checkpointer.save(state_at(12), "scheduled")
+    assert names(config.checkpoint_dir) == ["checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step12-files0"]
+
+
+def test_saves_are_handed_to_the_uploader_and_only_verified_ones_are_pruned(tmp_path: Path) -> None:
+    config = make_config(tmp_path, upload_destination=str(tmp_path / "uploads"), background_upload=False,
+                         keep_checkpoints=1, archive_format="tar")
+    checkpointer = make_checkpointer(config)
+    checkpointer.save(state_at(4), "scheduled")
+    remote = tmp_path / "uploads"
+    (remote / "checkpoint-epoch0-step8-files0.tar").write_bytes(b"another run's archive")  # a conflict
+    checkpointer.save(state_at(8), "scheduled")
+    checkpointer.save(state_at(12), "scheduled")
+    records = UploadManifest(config.checkpoint_dir, "").read()
+    assert {name: record.state for name, record in records.items()} == {
+        "checkpoint-epoch0-step4-files0": "uploaded", "checkpoint-epoch0-step8-files0": "failed",
+        "checkpoint-epoch0-step12-files0": "uploaded"}
+    # step 4 was verified: pruned; step 8 failed (never overwritten remotely): kept, whatever keep_checkpoints says
+    assert names(config.checkpoint_dir) == ["checkpoint-epoch0-step8-files0", "checkpoint-epoch0-step12-files0"]
+    assert checkpointer.finish() == ["checkpoint-epoch0-step8-files0"]
+
+
+def test_should_save_at_the_cadence_the_last_step_and_a_stop(tmp_path: Path) -> None:
+    checkpointer = make_checkpointer(make_config(tmp_path, save_steps=4, max_steps=10))
+    assert [step for step in range(1, 11) if checkpointer.should_save(step, stopping=False)] == [4, 8, 10]
+    assert checkpointer.should_save(3, stopping=True)
+
+
+def test_resume_choice_refuses_what_would_lose_or_overwrite_checkpoints(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    checkpointer = make_checkpointer(config)
+    assert checkpointer.find_resume(None) is None  # empty folders: a fresh start
+    for step in (4, 8):
+        checkpointer.save(state_at(step), "scheduled")
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume latest"):
+        checkpointer.find_resume(None)
+    with pytest.raises(CheckpointError, match="would overwrite newer checkpoints"):
+        checkpointer.find_resume("checkpoint-epoch0-step4-files0")
+    with pytest.raises(CheckpointError, match="not found .*existing: checkpoint-epoch0-step4-files0, "):
+        checkpointer.find_resume("checkpoint-epoch0-step99-files0")
+    assert checkpointer.find_resume("latest").name == "checkpoint-epoch0-step8-files0"
+    other_shape = replace(config, model={"hidden_size": 64})
+    with pytest.raises(CheckpointError, match="holds a model of shape"):
+        make_checkpointer(other_shape).find_resume("latest")
+
+
+def test_resume_looks_at_the_destination_too(tmp_path: Path) -> None:
+    uploads = str(tmp_path / "uploads")
+    first = make_config(tmp_path / "a", upload_destination=uploads, background_upload=False, archive_format="tar")
+    writer = make_checkpointer(first)
+    for step in (4, 8):
+        writer.save(state_at(step), "scheduled")
+    # A fresh machine: nothing local, both checkpoints at the destination.
+    fresh = make_config(tmp_path / "b", upload_destination=uploads, background_upload=False, archive_format="tar")
+    with pytest.raises(UploadError, match="already holds checkpoints"):
+        make_checkpointer(fresh).find_resume(None)
+    with pytest.raises(UploadError, match="would save under names that .* already holds"):
+        make_checkpointer(fresh).find_resume("checkpoint-epoch0-step4-files0")
+    target = make_checkpointer(fresh).find_resume("latest")
+    assert target.name == "checkpoint-epoch0-step8-files0" and not target.own_copy
+    assert (target.path / WEIGHTS).read_bytes() == b"weights of .tmp-checkpoint-epoch0-step8-files0"
+    assert UploadManifest(fresh.checkpoint_dir, "").read()[target.name].state == "uploaded"  # not uploaded again
+
+
+def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    accelerator = FakeAccelerator()
+    checkpointer = make_checkpointer(config, accelerator)
+    saved = state_at(8, epoch=1, shard_cursor=1)
+    checkpointer.save(saved, "scheduled")
+    target = checkpointer.find_resume("latest")
+
+    restored = TrainState(SPEC, TrainingMetrics())
+    checkpointer.load(target, restored)
+    assert accelerator.loaded == [target.path] and accelerator.step == 0
+    assert (restored.step, restored.position) == (8, saved.position)
+    assert restored.metrics.state_dict() == saved.metrics.state_dict()
+    assert restored.checkpoint_name == target.name and checkpointer.last_saved_step == 8
+
+    other_stream = TrainState(replace(SPEC, seed=1), TrainingMetrics())
+    with pytest.raises(DataError, match="trained with seed=1234"):
+        checkpointer.load(target, other_stream)
+    (target.path / WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))

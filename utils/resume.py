@@ -1,0 +1,113 @@
+"""Which checkpoint a run resumes from, the same one on every process, and its copy on every machine.
+
+The first process chooses (the disks of several machines may hold different checkpoints) among the local
+checkpoints and those at the upload destination, refusing a fresh start where checkpoints exist and a
+resume that would overwrite newer ones, locally or at the destination. A machine whose disk lacks the
+chosen checkpoint downloads it; when one process cannot have it, every process stops with that error.
+"""
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from configs.model_config import ModelShape, shape_as_dict
+from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, read_json
+from utils.destination import (check_fresh_destination, check_no_newer_at_destination, download_checkpoint,
+                               find_local_or_remote)
+from utils.storage import ObjectInfo, Storage, StorageError
+from utils.training_utils import first_process_decides
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    """The checkpoint every process resumes from, present on this machine."""
+
+    path: Path
+    own_copy: bool
+    """Downloaded by this machine for itself (a disk of its own): deleted once every process has loaded it."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def release(self, accelerator: Accelerator) -> None:
+        """After loading: once every process has read it, a machine's own downloaded copy goes."""
+        accelerator.wait_for_everyone()
+        if self.own_copy:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def choose_checkpoint(checkpoint_dir: str, resume: str | None,
+                      remote: Storage | None) -> tuple[str, ObjectInfo | None] | None:
+    """On the first process: the checkpoint's name, and its archive at the destination if there is one;
+    None for a fresh start. Refuses a fresh start or a resume that would overwrite checkpoints."""
+    existing = list_checkpoints(checkpoint_dir)
+    if resume is None:
+        if existing:
+            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints (newest {existing[-1].name}); "
+                                  "pass --resume latest to continue, or set --checkpoint-dir for a new run")
+        if remote is not None:
+            check_fresh_destination(remote)
+        return None
+    info, remote_object = find_local_or_remote(checkpoint_dir, resume, remote)
+    newer = [other.name for other in existing if other.step > info.step]
+    if newer:
+        raise CheckpointError(f"resuming {info.name} would overwrite newer checkpoints ({', '.join(newer)}); "
+                              "move them out of the checkpoint folder first")
+    if remote is not None:
+        check_no_newer_at_destination(remote, info)
+    return info.name, remote_object
+
+
+def resume_target(checkpoint_dir: str, resume: str | None, remote: Storage | None, accelerator: Accelerator,
+                  shares_first_process_disk: bool) -> ResumeTarget | None:
+    """The checkpoint to resume from, the same for every process (collective); None for a fresh start."""
+    choice = first_process_decides(accelerator, lambda: choose_checkpoint(checkpoint_dir, resume, remote))
+    if choice is None:
+        return None
+    name, remote_object = choice
+    path, own_copy = fetch_for_resume(checkpoint_dir, name, remote_object, remote, accelerator,
+                                      shares_first_process_disk)
+    return ResumeTarget(path, own_copy)
+
+
+def check_same_model(target: ResumeTarget, shape: ModelShape) -> None:
+    saved_shape = read_json(target.path / "training_config.json").get("model_shape")
+    if saved_shape != shape_as_dict(shape):
+        raise CheckpointError(f"{target.name} holds a model of shape {saved_shape}, not this config's "
+                              f"{shape_as_dict(shape)}")
+
+
+def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | None, storage: Storage | None,
+                     accelerator: Accelerator, shares_first_process_disk: bool) -> tuple[Path, bool]:
+    """Makes the checkpoint every process resumes from present on every machine: the first process downloads
+    it if its disk lacks it, and so does the first process of each machine with a disk of its own
+    (shares_first_process_disk False). Collective: when one process cannot have it, all of them raise.
+    Returns its path, and whether this machine downloaded a copy of its own (to delete once loaded)."""
+    path = Path(checkpoint_dir) / name
+    problem: Exception | None = None
+    own_copy = not accelerator.is_main_process and not shares_first_process_disk
+    downloads = accelerator.is_main_process or (own_copy and accelerator.is_local_main_process)
+    downloaded = False
+    if downloads and obj is not None and storage is not None and not path.is_dir():
+        try:
+            download_checkpoint(storage, obj, checkpoint_dir)
+            downloaded = True
+        except (CheckpointError, StorageError, OSError) as error:
+            problem = error  # raised after the barrier: the other processes must not wait there forever
+    accelerator.wait_for_everyone()
+    if problem is None and not path.is_dir():
+        where = "" if obj is not None else " nor at the upload destination"
+        problem = UploadError(f"{path}: the checkpoint to resume is not on this machine{where}; on several machines "
+                              "use a checkpoint_dir they share, or let its upload finish (scripts/upload_manager.py)")
+    failed = accelerator.reduce(torch.tensor(float(problem is not None), device=accelerator.device), reduction="sum")
+    if problem is not None:
+        raise problem
+    if failed.item() > 0:
+        raise UploadError(f"{name}: another process could not get this checkpoint (its error says why)")
+    return path, downloaded and own_copy

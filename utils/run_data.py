@@ -1,0 +1,53 @@
+"""The data of a run, set up from its config and model shape in one call (litgpt's get_dataloaders): the shard
+source, the training stream and the loader that continues it from a position, and the validation batches."""
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+
+from configs.model_config import ModelShape
+from configs.training_config import TrainingConfig
+from utils.data_utils import BatchLoader, DataPosition, ShardSource, StreamSpec, select_shards
+from utils.evaluation import Evaluator, ValidationData, read_validation_batches, split_validation
+from utils.shard_cache import open_shard_source
+
+
+@dataclass(frozen=True)
+class RunData:
+    config: TrainingConfig
+    source: ShardSource
+    spec: StreamSpec
+    """The global sample stream: shards, sequence length, seed, vocabulary, end-of-text id."""
+    validation: ValidationData | None
+    evaluator: Evaluator | None
+    """The held-out batches of this process, read once and kept so every validation sees the same ones."""
+
+    def loader(self, position: DataPosition, accelerator: Accelerator) -> BatchLoader:
+        """This process's micro-batches from `position` on, read by a background thread."""
+        config = self.config
+        return BatchLoader(self.source, self.spec, config.per_device_train_batch_size, accelerator.process_index,
+                           accelerator.num_processes, position, skip_bad_shards=config.skip_bad_shards,
+                           prefetch_batches=config.prefetch_batches, prefetch_shards=config.prefetch_shards,
+                           pin_memory=accelerator.device.type == "cuda")
+
+    def describe(self, tokens_per_step: int) -> list[str]:
+        """The start-up log lines about the data."""
+        lines = [f"Data: {len(self.spec.shards)} shards from {self.source.description} | "
+                 f"{tokens_per_step:,} tokens per step"]
+        if self.validation is not None and self.evaluator is not None:
+            lines.append(f"Validation: {len(self.validation.shards)} held-out shards from "
+                         f"{self.validation.source.description}, {len(self.evaluator.batches)} batches per process "
+                         f"every {self.config.eval_steps} steps")
+        return lines
+
+
+def open_data(config: TrainingConfig, shape: ModelShape, accelerator: Accelerator) -> RunData:
+    """The shards config.data holds (a local folder, or gs:// through a prefetching disk cache), the max_files
+    of them picked by the seed, less any held out for validation."""
+    source = open_shard_source(config)
+    shards, validation = split_validation(config, source, select_shards(source.list_shards(), config.max_files,
+                                                                        config.seed))
+    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
+    evaluator = None if validation is None else Evaluator(read_validation_batches(
+        validation, spec, config.per_device_train_batch_size, accelerator.process_index, accelerator.num_processes,
+        config.eval_batches))
+    return RunData(config, source, spec, validation, evaluator)

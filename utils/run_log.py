@@ -1,0 +1,89 @@
+"""What a run reports as it goes: the progress bar, one JSON line per logging step and per validation in
+<log_dir>/metrics.jsonl, and the same values in TensorBoard. Only the main process writes.
+
+LogWindow keeps the steps since the last logging step: their summed loss stays on the device, so the loop
+waits for the GPU only at a logging step, and their training time leaves out validation and saving.
+"""
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+
+class LogWindow:
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        """A micro-batch's loss (detached): summed on the device, no sync."""
+        self.loss += loss
+
+    def pause(self, seconds: float) -> None:
+        """Time spent validating or saving: not training time."""
+        self.start += seconds
+
+    def close(self, accelerator: Accelerator, accumulation: int) -> tuple[float, float, int]:
+        """The window's mean loss over its micro-batches and all processes (the only wait for the device),
+        its training seconds and its steps; the next window starts now."""
+        loss = (accelerator.reduce(self.loss, reduction="mean") / (self.steps * accumulation)).item()
+        summary = loss, time.perf_counter() - self.start, self.steps
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return summary
+
+
+class RunLog:
+    def __init__(self, accelerator: Accelerator, log_dir: str) -> None:
+        self.accelerator = accelerator
+        self.main_process = accelerator.is_main_process
+        self.log_dir = Path(log_dir)
+        self.metrics_file = self.log_dir / "metrics.jsonl"
+        self.progress: tqdm | None = None
+
+    def start_trackers(self) -> None:
+        if self.main_process:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.accelerator.init_trackers("tensorboard")
+
+    def start_progress(self, max_steps: int, step: int) -> None:
+        self.progress = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                             disable=not self.main_process)
+
+    def step_done(self) -> None:
+        assert self.progress is not None
+        self.progress.update(1)
+
+    def training(self, record: dict[str, Any]) -> None:
+        """A logging step's metrics line (all processes pass it; the main process writes it)."""
+        if not self.main_process:
+            return
+        self._append(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        assert self.progress is not None
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_sec']:,.0f}",
+                                  **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}),
+                                  **({"mem": f"{record['gpu_memory_gib']:.1f}G"}
+                                     if record["gpu_memory_gib"] is not None else {}))
+
+    def validation(self, step: int, results: dict[str, Any]) -> None:
+        if not self.main_process:
+            return
+        self._append({"step": step, **results})
+        self.accelerator.log(results, step=step)
+        tqdm.write(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
+                   f"perplexity {results['eval_perplexity']:.2f}")
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
