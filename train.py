@@ -21,10 +21,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import GPTNeoXForCausalLM
 
 from configs.command_line import config_from_args, parse_args
-from configs.model_config import build_model_config
 from configs.training_config import ConfigError, TrainingConfig
 from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
 from utils.checkpoint_utils import CheckpointError, check_writable_folder, list_checkpoints, lock_for_this_run
@@ -34,8 +32,10 @@ from utils.destination import open_destination
 from utils.evaluation import Evaluator
 from utils.export import ExportError, check_export_target, export_checkpoint
 from utils.metrics import TrainingMetrics
+from utils.model import build_model
 from utils.performance import MfuMeter, StopVote, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
 from utils.run_data import RunData, open_data
+from utils.resume import schedule_changes
 from utils.run_log import LogWindow, RunLog
 from utils.train_state import TrainState
 from utils.training_utils import StopRequest, apply_optimizer_settings, first_process_decides, make_optimizer
@@ -125,8 +125,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
 
     # --- model -----------------------------------------------------------------------------------
     set_seed(config.seed)
-    with torch.device(accelerator.device):
-        model = GPTNeoXForCausalLM(build_model_config(shape))
+    model = build_model(shape, config.init, accelerator.device)  # a resumed run loads its weights below
     n_params = sum(p.numel() for p in model.parameters())
     if config.activation_checkpointing and not config.fsdp:  # under FSDP, its plugin checkpoints each layer
         enable_activation_checkpointing(model)
@@ -149,7 +148,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
                                                   best_from_validation=data.evaluator is not None))
     if resume_from is not None:
         checkpointer.load(resume_from, state)
-        for change in apply_optimizer_settings(optimizer, scheduler, config):
+        for change in schedule_changes(resume_from, config) + apply_optimizer_settings(optimizer, scheduler, config):
             log.info(f"Changed since {resume_from.name}: {change}")
         log.info(f"Resumed from {resume_from.name}: step {state.step}, epoch {state.position.epoch}, "
                  f"{state.position.samples_consumed} samples consumed")

@@ -10,6 +10,9 @@ from transformers import GPTNeoXConfig
 
 # Embedding tables padded to a multiple of this many rows run faster on tensor cores.
 VOCAB_PAD_MULTIPLE = 128
+INIT_METHODS = ("pythia", "hf")
+"""Initialisations utils/model.build_model knows: "pythia" (small_init + wang_init, as gpt-neox trained Pythia)
+or "hf" (Hugging Face's N(0, 0.02) for every weight)."""
 
 
 @dataclass(frozen=True)

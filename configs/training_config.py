@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from configs.model_config import ModelConfigError, ModelShape, resolve_shape
+from configs.model_config import INIT_METHODS, ModelConfigError, ModelShape, resolve_shape
 from utils.archive import ARCHIVE_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -32,6 +32,10 @@ class TrainingConfig:
     """A preset of configs/model_config.py: "1.2b" or "tiny"."""
     model: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset's fields, e.g. {"vocab_size": 32000, "seq_len": 1024}."""
+    init: str = "pythia"
+    """How a fresh model's weights are drawn (a resumed run loads them): "pythia" = gpt-neox's small_init,
+    N(0, sqrt(2/(5 d))), for every weight and wang_init, N(0, 2/(L sqrt(d))), for attention.dense and
+    mlp.dense_4h_to_h, as Pythia was trained; "hf" = Hugging Face's N(0, 0.02) for every weight."""
 
     # --- data ----------------------------------------------------------------------------------
     data: str = "data/sample"
@@ -182,6 +186,8 @@ class TrainingConfig:
         for name in ("adam_epsilon", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
                               f"got {self.mixed_precision!r}")

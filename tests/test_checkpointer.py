@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from configs.training_config import TrainingConfig
+from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints
 from utils.checkpointer import Checkpointer
 from utils.data_utils import DataError, DataPosition, StreamSpec
 from utils.destination import open_destination
 from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics
+from utils.resume import schedule_changes
 from utils.train_state import TrainState
 
 SPEC = StreamSpec(("tokenized_a.npz", "tokenized_b.npz"), 64, 1234, 4096, 0)
@@ -33,7 +34,6 @@ class FakeAccelerator:
 
     def __init__(self) -> None:
         self.loaded: list[Path] = []
-        self.step = 0
 
     def save_state(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,6 @@ class FakeAccelerator:
         if not (Path(folder) / WEIGHTS).read_bytes().startswith(b"weights"):
             raise RuntimeError("corrupt")
         self.loaded.append(Path(folder))
-        self.step = 7  # what Accelerate restores; the checkpointer keeps its own accumulation counter neutral
 
     def wait_for_everyone(self) -> None:
         pass
@@ -185,7 +184,7 @@ def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path
 
     restored = TrainState(SPEC, TrainingMetrics())
     checkpointer.load(target, restored)
-    assert accelerator.loaded == [target.path] and accelerator.step == 0
+    assert accelerator.loaded == [target.path]
     assert (restored.step, restored.position) == (8, saved.position)
     assert restored.metrics.state_dict() == saved.metrics.state_dict()
     assert restored.checkpoint_name == target.name and checkpointer.last_saved_step == 8
@@ -196,3 +195,16 @@ def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path
     (target.path / WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+
+
+def test_a_resume_that_would_reshape_the_schedule_unasked_is_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path, max_steps=8, warmup_steps=2)
+    make_checkpointer(config).save(state_at(8), "scheduled")
+    longer = replace(config, max_steps=12)  # lr_decay_steps unset: the cosine would stretch from 8 to 12 steps
+    with pytest.raises(ConfigError, match="from 8 to 12 steps .*lr_decay_steps 8 to keep it.*lr_decay_steps 12"):
+        make_checkpointer(longer).find_resume("latest")
+    for kept in (replace(longer, lr_decay_steps=8), replace(config, lr_decay_steps=8)):
+        assert schedule_changes(make_checkpointer(kept).find_resume("latest"), kept) == []
+    stretched = replace(longer, lr_decay_steps=12, warmup_steps=5, min_lr_ratio=0.2)
+    assert schedule_changes(make_checkpointer(stretched).find_resume("latest"), stretched) == [
+        "lr_decay_steps: 8 -> 12", "warmup_steps: 2 -> 5", "min_lr_ratio: 0.1 -> 0.2"]

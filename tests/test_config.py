@@ -69,6 +69,7 @@ def test_overrides_and_paths(tmp_path: Path) -> None:
     ({"model_preset": "7b"}, "unknown model preset '7b'"),
     ({"model": {"layers": 3}}, "unknown model field(s) layers"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "not divisible"),
+    ({"init": "xavier"}, "init must be one of pythia, hf"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(tmp_path: Path, values: dict, message: str) -> None:
     path = tmp_path / "bad.json"

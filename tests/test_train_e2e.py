@@ -61,6 +61,23 @@ def test_tiny_run_writes_complete_checkpoints_and_learns(tmp_path: Path, sample_
     assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("init, output_std, other_std", [("pythia", 2 / (2 * 64 ** 0.5), (2 / (5 * 64)) ** 0.5),
+                                                         ("hf", 0.02, 0.02)])
+def test_a_fresh_model_starts_from_the_configured_init(tmp_path: Path, sample_data: Path, init: str,
+                                                       output_std: float, other_std: float) -> None:
+    # One step at a negligible rate: the saved weights are the initial ones to ~1e-9.
+    config = write_config(tmp_path, sample_data, max_steps=1, save_steps=1, learning_rate=1e-9, warmup_steps=0,
+                          init=init)
+    result = run_train("--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = weights(tmp_path / "checkpoints" / checkpoints(tmp_path)[-1])
+    for name, tensor in saved.items():
+        if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+            assert tensor.std() == pytest.approx(output_std, rel=0.1), name
+        elif name.endswith(("query_key_value.weight", "dense_h_to_4h.weight", "embed_in.weight")):
+            assert tensor.std() == pytest.approx(other_std, rel=0.1), name
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, sample_data: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     for folder in (straight, split):
@@ -106,8 +123,34 @@ def test_logged_learning_rate_is_the_one_each_step_used_and_a_resume_applies_a_c
     assert [group["initial_lr"] for group in saved["param_groups"]] == [5e-4, 5e-4]
 
 
+def test_a_resume_never_reshapes_the_schedule_unasked(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=6, save_steps=6, warmup_steps=2)
+    assert run_train("--config", str(config)).returncode == 0
+    # lr_decay_steps unset: the cosine ran over max_steps 6, and --max-steps 9 would stretch what is left of it.
+    refused = run_train("--config", str(config), "--resume", "latest", "--max-steps", "9")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: resuming checkpoint-epoch0-step6-files0 would "
+                                                               "change the learning-rate schedule from 6 to 9 steps")
+    assert "lr_decay_steps 6 to keep it" in refused.stderr and "lr_decay_steps 9 to decay" in refused.stderr
+    # The first way out: keep the schedule; the extra steps run at the final rate.
+    kept = write_config(tmp_path, sample_data, max_steps=9, save_steps=9, warmup_steps=2, lr_decay_steps=6)
+    result = run_train("--config", str(kept), "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Changed since" not in result.stderr
+    rates = [line["lr"] for line in read_metrics(tmp_path / "logs")]
+    assert rates == pytest.approx([1e-3 * lr_multiplier(i, 2, 6, 0.1) for i in range(9)], rel=1e-12)
+    assert rates[-3:] == pytest.approx([1e-4] * 3)
+    # The second: an explicit new length applies from the resumed step on, and says so.
+    longer = write_config(tmp_path, sample_data, max_steps=12, save_steps=12, warmup_steps=2, lr_decay_steps=12)
+    result = run_train("--config", str(longer), "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Changed since checkpoint-epoch0-step9-files0: lr_decay_steps: 6 -> 12" in result.stderr
+    assert [line["lr"] for line in read_metrics(tmp_path / "logs")][9:] == pytest.approx(
+        [1e-3 * lr_multiplier(i, 2, 12, 0.1) for i in range(9, 12)], rel=1e-12)
+
+
 def test_a_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data: Path) -> None:
-    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, lr_decay_steps=4)
     assert run_train("--config", str(config)).returncode == 0
     optimizer_file = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1] / "optimizer.bin"
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated, as by a full disk
@@ -143,7 +186,7 @@ def test_resume_refusals_never_start_fresh_or_overwrite(tmp_path: Path, sample_d
 
 
 def test_incomplete_save_is_ignored_and_cleaned(tmp_path: Path, sample_data: Path) -> None:
-    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, lr_decay_steps=4)
     assert run_train("--config", str(config)).returncode == 0
     crashed = tmp_path / "checkpoints" / ".tmp-checkpoint-epoch0-step4-files0"
     crashed.mkdir()
@@ -155,7 +198,8 @@ def test_incomplete_save_is_ignored_and_cleaned(tmp_path: Path, sample_data: Pat
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path: Path, sample_data: Path) -> None:
-    config = write_config(tmp_path, sample_data, max_steps=100000, save_steps=100000, warmup_steps=2)
+    config = write_config(tmp_path, sample_data, max_steps=100000, save_steps=100000, warmup_steps=2,
+                          lr_decay_steps=100000)
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(config)],
                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "logs" / "metrics.jsonl"

@@ -139,7 +139,8 @@ def test_stalled_upload_never_blocks_training_and_survives_kill_9_and_sigterm(
     gcs_server.create_bucket("ckpts")
     checkpoint_dir = tmp_path / "checkpoints"
     config = write_config(tmp_path, sample_data, max_steps=100000, save_steps=4, keep_checkpoints=1,
-                          upload_destination="gs://ckpts/Checkpoints", archive_format="tar", upload_timeout_s=120)
+                          upload_destination="gs://ckpts/Checkpoints", archive_format="tar", upload_timeout_s=120,
+                          lr_decay_steps=100000)
     impatient = tmp_path / "impatient.json"  # the same run, waiting only 2 s for uploads at exit
     impatient.write_text(json.dumps({**json.loads(config.read_text()), "upload_timeout_s": 2}))
     remote = open_storage("gs://ckpts/Checkpoints")
@@ -218,7 +219,8 @@ def test_two_processes_upload_once_and_resume_from_remote(tmp_path: Path, sample
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(port)]
     dest = tmp_path / "uploads"
-    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2, upload_destination=str(dest))
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2, upload_destination=str(dest),
+                          lr_decay_steps=6)
     first = run_train("--config", str(config), launcher=launcher)
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(p.name for p in dest.iterdir()) == [f"checkpoint-epoch0-step{s}-files0.tar.zst" for s in (2, 4)]

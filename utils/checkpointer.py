@@ -24,7 +24,7 @@ from configs.training_config import TrainingConfig
 from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
                                     prune_checkpoints, read_json, remove_incomplete_saves, write_json_atomic)
 from utils.manifest import UploadManifest
-from utils.resume import ResumeTarget, check_same_model, resume_target
+from utils.resume import ResumeTarget, check_resumable, resume_target
 from utils.storage import Storage
 from utils.train_state import TrainState
 from utils.uploader import Uploader
@@ -54,10 +54,10 @@ class Checkpointer:
     def find_resume(self, resume: str | None) -> ResumeTarget | None:
         """The checkpoint every process resumes from (`resume`: a name or "latest"), or None for a fresh start.
         Collective; refusals (a fresh start over checkpoints, a resume that would overwrite newer ones, another
-        model shape) are CheckpointErrors."""
+        model shape) are CheckpointErrors, a schedule that would change unasked a ConfigError."""
         target = resume_target(self.config.checkpoint_dir, resume, self.remote, self.accelerator, self.shared_disk)
         if target is not None:
-            check_same_model(target, self.shape)
+            check_resumable(target, self.config, self.shape)
         return target
 
     def remove_incomplete_saves(self) -> None:
@@ -74,8 +74,6 @@ class Checkpointer:
             detail = " ".join(str(error).split())[:300]
             raise CheckpointError(f"{target.path}: unreadable checkpoint ({type(error).__name__}: {detail}); resume "
                                   "from another one (python scripts/checkpoint_viewer.py list)") from None
-        # Accelerate counts micro-steps for its own accumulation, which this loop does not use: kept neutral.
-        self.accelerator.step = 0
         state.load_state_dict(read_state_files(target.path), target.name)
         self.last_saved_step = state.step
 

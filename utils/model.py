@@ -23,12 +23,7 @@ import torch
 from torch import nn
 from transformers import GPTNeoXForCausalLM
 
-from configs.model_config import ModelShape, build_model_config
-
-INIT_METHODS = ("pythia", "hf")
-"""Initialisations build_model knows: "pythia" (small_init + wang_init, as gpt-neox trained Pythia) or "hf"
-(Hugging Face's N(0, 0.02) for every weight)."""
-
+from configs.model_config import INIT_METHODS, ModelShape, build_model_config
 
 def small_init_std(hidden_size: int) -> float:
     """gpt-neox's small_init (Nguyen & Salazar, Transformers without Tears): sqrt(2 / (5 d))."""

@@ -9,11 +9,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from configs.model_config import ModelShape, shape_as_dict
+from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, read_json
 from utils.destination import (check_fresh_destination, check_no_newer_at_destination, download_checkpoint,
                                find_local_or_remote)
@@ -30,6 +32,8 @@ class ResumeTarget:
     path: Path
     own_copy: bool
     """Downloaded by this machine for itself (a disk of its own): deleted once every process has loaded it."""
+    saved_config: dict[str, Any]
+    """The training_config.json of the run that saved it (with its model_shape)."""
 
     @property
     def name(self) -> str:
@@ -73,14 +77,41 @@ def resume_target(checkpoint_dir: str, resume: str | None, remote: Storage | Non
     name, remote_object = choice
     path, own_copy = fetch_for_resume(checkpoint_dir, name, remote_object, remote, accelerator,
                                       shares_first_process_disk)
-    return ResumeTarget(path, own_copy)
+    return ResumeTarget(path, own_copy, read_json(path / "training_config.json"))
 
 
-def check_same_model(target: ResumeTarget, shape: ModelShape) -> None:
-    saved_shape = read_json(target.path / "training_config.json").get("model_shape")
+def check_resumable(target: ResumeTarget, config: TrainingConfig, shape: ModelShape) -> None:
+    """Refuses a checkpoint of another model shape, and a schedule that would change without being asked to."""
+    saved_shape = target.saved_config.get("model_shape")
     if saved_shape != shape_as_dict(shape):
         raise CheckpointError(f"{target.name} holds a model of shape {saved_shape}, not this config's "
                               f"{shape_as_dict(shape)}")
+    saved_length = saved_schedule_steps(target.saved_config)
+    if config.lr_decay_steps is None and saved_length is not None and saved_length != config.max_steps:
+        # Without lr_decay_steps the cosine runs over max_steps: a new --max-steps would reshape the rest of it.
+        raise ConfigError(f"resuming {target.name} would change the learning-rate schedule from {saved_length} to "
+                          f"{config.max_steps} steps (lr_decay_steps is unset, so it follows max_steps): set "
+                          f"lr_decay_steps {saved_length} to keep it (steps past {saved_length} then run at the "
+                          f"final rate), or lr_decay_steps {config.max_steps} to decay over the new length")
+
+
+def saved_schedule_steps(saved_config: dict[str, Any]) -> int | None:
+    """The schedule length of the run that saved a checkpoint (None for a config that does not say)."""
+    length = saved_config.get("lr_decay_steps") or saved_config.get("max_steps")
+    return length if isinstance(length, int) else None
+
+
+def schedule_changes(target: ResumeTarget, config: TrainingConfig) -> list[str]:
+    """The schedule settings that differ from the saving run's, one "name: old -> new" each: they apply from the
+    resumed step on (the schedule is a function of the optimizer step and the config)."""
+    changes = []
+    saved = target.saved_config
+    if saved_schedule_steps(saved) != config.schedule_steps:
+        changes.append(f"lr_decay_steps: {saved_schedule_steps(saved)} -> {config.schedule_steps}")
+    for name in ("warmup_steps", "min_lr_ratio"):
+        if name in saved and saved[name] != getattr(config, name):
+            changes.append(f"{name}: {saved[name]} -> {getattr(config, name)}")
+    return changes
 
 
 def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | None, storage: Storage | None,
