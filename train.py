@@ -166,7 +166,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
             log.info(line)
     run_log = RunLog(accelerator, config.log_dir)
     run_log.start_trackers()
-    checkpointer.start_uploads()
+    checkpointer.start(run_log.event, model, prepared_optimizer, prepared_scheduler)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
                 run_log, mfu_meter, tokens_per_step), data, state)
 
@@ -188,9 +188,9 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
         while state.step < config.max_steps:
             lr, grad_norm = train_step(run, loader, state, window)
             run.log.step_done()
-            # Every process must stop at the same step, or a collective save would hang.
-            stop_now = stop_vote.decide(stop.requested)
-            should_save = run.checkpointer.should_save(state.step, stop_now)
+            # Every process must stop (and save) at the same step, or a collective save would hang.
+            stop_now, save_due = stop_vote.decide(stop.requested, run.checkpointer.time_due())
+            should_save = run.checkpointer.should_save(state.step, stop_now, save_due)
             if state.step % config.logging_steps == 0 or should_save:  # the only place the loop waits for the device
                 run.log.training(training_record(run, state, window, lr, grad_norm, run_start))
             validating = run.evaluator is not None and (state.step % config.eval_steps == 0

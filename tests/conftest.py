@@ -48,4 +48,14 @@ def run_train(*args: str, timeout: float = 240, env: dict[str, str] | None = Non
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, Any]]:
+    """The training and validation lines of metrics.jsonl (not the save and upload events)."""
+    return [line for line in read_log(log_dir) if "event" not in line]
+
+
+def read_events(log_dir: Path, event: str) -> list[dict[str, Any]]:
+    """The metrics.jsonl lines of one kind of event: "save" or "upload"."""
+    return [line for line in read_log(log_dir) if line.get("event") == event]
+
+
+def read_log(log_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -167,10 +167,12 @@ class FakeAccelerator:
 
 def test_stop_vote_counts_one_step_late_with_several_processes() -> None:
     vote = StopVote(FakeAccelerator())
-    assert [vote.decide(requested) for requested in (False, True, False)] == [False, False, True]
+    votes = [(False, False), (True, False), (False, True), (False, False)]
+    assert [vote.decide(*flags) for flags in votes] == [(False, False), (False, False), (True, False), (False, True)]
     single = FakeAccelerator()
     single.num_processes = 1
-    assert StopVote(single).decide(True)  # one process stops at once
+    assert StopVote(single).decide(True, False) == (True, False)  # one process decides at once
+    assert StopVote(single).decide(False, True) == (False, True)
 
 
 def test_gpu_memory_is_the_peak_of_each_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:

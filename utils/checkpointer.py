@@ -11,6 +11,9 @@ import logging
 import os
 import secrets
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from tqdm import tqdm
 
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
+from utils.archive import folder_size
+from utils.async_save import BackgroundWriter, HostBuffers, StateSnapshot, write_rng_state
 from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
                                     prune_checkpoints, read_json, remove_incomplete_saves, write_json_atomic)
 from utils.manifest import UploadManifest
@@ -49,6 +54,13 @@ class Checkpointer:
         self.tokenizer = config.tokenizer_path()  # copied into every checkpoint, so that each is self-contained
         self.uploader: Uploader | None = None
         self.last_saved_step = 0
+        self.last_save_started = time.monotonic()  # the run's start counts as a save for save_every_minutes
+        self.report: Callable[[dict[str, Any]], None] | None = None
+        """Where each save's figures go (the run log's metrics.jsonl), on the main process."""
+        self.snapshot_objects: tuple[torch.nn.Module, Any, Any] | None = None
+        """The model, optimizer and schedule an asynchronous save copies; None for synchronous saves."""
+        self.buffers = HostBuffers(pin=torch.cuda.is_available())
+        self.writer = BackgroundWriter()
 
     # --- at start --------------------------------------------------------------------------------
     def find_resume(self, resume: str | None) -> ResumeTarget | None:
@@ -77,11 +89,22 @@ class Checkpointer:
         state.load_state_dict(read_state_files(target.path), target.name)
         self.last_saved_step = state.step
 
-    def start_uploads(self) -> None:
-        """The main process's uploader, which first picks up uploads an earlier run left unfinished."""
+    def start(self, report: Callable[[dict[str, Any]], None], model: torch.nn.Module, optimizer: Any,
+              scheduler: Any) -> None:
+        """Before the first save: where its figures go, asynchronous saves of these prepared objects (if on), and
+        the main process's uploader, which first picks up uploads an earlier run left unfinished."""
+        config = self.config
+        self.report = report
+        if use_async_saves(config.async_save, self.accelerator.device, config.fsdp):
+            self.snapshot_objects = (model, optimizer, scheduler)
+        if self.accelerator.is_main_process:
+            cadence = (f"every {config.save_every_minutes:g} minutes" if config.save_every_minutes is not None
+                       else f"every {config.save_steps} steps")
+            how = ("asynchronously (the loop waits for a copy into host memory)" if self.snapshot_objects is not None
+                   else "synchronously")
+            log.info(f"Checkpoints: {cadence} to {self.folder}, written {how}, newest {config.keep_checkpoints} kept")
         if self.remote is None or not self.accelerator.is_main_process:
             return
-        config = self.config
         mode = (f"in the background ({config.upload_workers} worker(s))" if config.background_upload
                 else "synchronously")
         log.info(f"Uploads: checkpoints go to {self.remote.url} as .{config.archive_format} {mode} ({self.remote.auth})")
@@ -91,27 +114,70 @@ class Checkpointer:
         self.uploader.submit_pending()
 
     # --- during training -------------------------------------------------------------------------
-    def should_save(self, step: int, stopping: bool) -> bool:
-        """Every save_steps steps, at the last step, and when the run stops early."""
-        return step % self.config.save_steps == 0 or step == self.config.max_steps or stopping
+    def should_save(self, step: int, stopping: bool, time_due: bool = False) -> bool:
+        """Every save_steps steps (or, with save_every_minutes, when the main process's clock says so: time_due,
+        which all processes agree on), at the last step, and when the run stops early."""
+        cadence = time_due if self.config.save_every_minutes is not None else step % self.config.save_steps == 0
+        return cadence or step == self.config.max_steps or stopping
 
-    def save(self, state: TrainState, reason: str) -> Path:
-        """Writes the checkpoint of `state` (every process must call it), then uploads and prunes."""
+    def time_due(self) -> bool:
+        """On the main process: save_every_minutes have passed since the last save began (False elsewhere)."""
+        minutes = self.config.save_every_minutes
+        return (minutes is not None and self.accelerator.is_main_process
+                and time.monotonic() - self.last_save_started >= minutes * 60)
+
+    def save(self, state: TrainState, reason: str) -> None:
+        """Saves the checkpoint of `state` (every process must call it), then uploads and prunes. With async
+        saves the loop waits only for the copy into host memory; the folder appears once written."""
         main_process = self.accelerator.is_main_process
-        name = state.checkpoint_name
+        started = self.last_save_started = time.monotonic()
+        waited = self.wait_for_write(announce=True)
+        name, step = state.checkpoint_name, state.step
         if main_process:
-            tqdm.write(f"💾 Saving checkpoint at step {state.step} ({reason})")
-        final = save_checkpoint(self.accelerator, self.folder, name, self.checkpoint_json(state),
-                                copied_files={"tokenizer.json": self.tokenizer} if self.tokenizer is not None else None,
-                                shares_first_process_disk=self.shared_disk)
-        self.last_saved_step = state.step
-        if main_process:
-            tqdm.write(f"✅ Saved {name}")
-            if self.uploader is not None:  # returns at once, unless --no-background-upload
-                self.uploader.submit_new(final)
-            for deleted in self.prune():
-                tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
-        return final
+            tqdm.write(f"💾 Saving checkpoint at step {step} ({reason})")
+        files = self.checkpoint_json(state)  # now: the state moves on while a background write runs
+        copied = {"tokenizer.json": self.tokenizer} if self.tokenizer is not None else {}
+        if self.snapshot_objects is None:
+            final = save_checkpoint(self.accelerator, self.folder, name, files, copied, self.shared_disk)
+            blocked = time.monotonic() - started
+            if main_process:
+                self.saved(final, step, blocked, blocked - waited)
+        else:
+            tmp, final = begin_save(self.accelerator, self.folder, name)
+            with one_line_save_error(name, self.folder):
+                if main_process or self.shared_disk:  # a disk of this machine's own keeps nothing of a save
+                    write_rng_state(self.accelerator, tmp)
+                snapshot = StateSnapshot(self.accelerator, self.snapshot_objects, self.buffers) if main_process else None
+            self.accelerator.wait_for_everyone()  # every process's RNG file is in: the rest is the main process's
+            blocked = time.monotonic() - started
+            if snapshot is not None:
+                def write() -> None:
+                    writing = time.monotonic()
+                    with one_line_save_error(name, self.folder):
+                        snapshot.write(tmp)
+                        finish_save(self.folder, tmp, final, files, copied)
+                    self.saved(final, step, blocked, time.monotonic() - writing)
+                self.writer.start(name, write)
+        self.last_saved_step = step
+
+    def wait_for_write(self, announce: bool = False) -> float:
+        """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""
+        if announce and self.writer.busy:
+            tqdm.write(f"⏳ {self.writer.name} is still being written: waiting for it before the next save")
+        return self.writer.wait()
+
+    def saved(self, final: Path, step: int, blocked: float, writing: float) -> None:
+        """On the main process, once a checkpoint folder is complete: report it, hand it to the uploader, prune."""
+        size = folder_size(final)
+        tqdm.write(f"✅ Saved {final.name}")
+        if self.report is not None:
+            self.report({"event": "save", "step": step, "checkpoint": final.name, "bytes": size,
+                         "seconds_blocked": round(blocked, 3), "seconds_writing": round(writing, 3),
+                         "async": self.snapshot_objects is not None})
+        if self.uploader is not None:  # returns at once, unless --no-background-upload
+            self.uploader.submit_new(final)
+        for deleted in self.prune():
+            tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
 
     def checkpoint_json(self, state: TrainState) -> dict[str, Any]:
         """The JSON files of a checkpoint of `state`, by file name."""
@@ -132,8 +198,19 @@ class Checkpointer:
 
     # --- at the end ------------------------------------------------------------------------------
     def finish(self) -> list[str]:
-        """Waits up to upload_timeout_s for the uploads; returns the checkpoints whose upload is not verified."""
-        return self.uploader.finish(self.config.upload_timeout_s) if self.uploader is not None else []
+        """Waits for the checkpoint being written, then up to upload_timeout_s for the uploads; returns the
+        checkpoints whose upload is not verified. A failed background write is raised after the uploads."""
+        try:
+            self.wait_for_write(announce=False)
+        finally:
+            left = self.uploader.finish(self.config.upload_timeout_s) if self.uploader is not None else []
+        return left
+
+
+def use_async_saves(setting: bool | str, device: torch.device, fsdp: bool) -> bool:
+    """config.async_save: "auto" is on on CUDA; FSDP saves are sharded by torch.distributed.checkpoint inside
+    Accelerate's save_state, synchronously (TrainingConfig refuses async_save true with fsdp)."""
+    return not fsdp and (device.type == "cuda" if setting == "auto" else bool(setting))
 
 
 def read_state_files(checkpoint: Path) -> dict[str, Any]:
@@ -142,9 +219,8 @@ def read_state_files(checkpoint: Path) -> dict[str, Any]:
             "metrics": read_json(checkpoint / "training_metrics.json")}
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str,
-                    json_files: dict[str, Any], copied_files: dict[str, Path] | None = None,
-                    shares_first_process_disk: bool = True) -> Path:
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str, json_files: dict[str, Any],
+                    copied_files: dict[str, Path] | None = None, shares_first_process_disk: bool = True) -> Path:
     """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
     source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
 
@@ -153,28 +229,12 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     machine with a disk of its own, which then keeps nothing of the save.
     """
     folder = Path(checkpoint_dir)
-    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
-    if final.exists():
-        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
-    try:
-        if accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
+    tmp, final = begin_save(accelerator, folder, name)
+    with one_line_save_error(name, folder):
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            for filename, value in json_files.items():
-                write_json_atomic(tmp / filename, value)
-            for filename, source in (copied_files or {}).items():
-                shutil.copyfile(source, tmp / filename)
-            fsync_tree(tmp)
-            os.rename(tmp, final)
-            fsync_dir(folder)  # the rename itself survives a power loss
-    except (OSError, RuntimeError) as error:  # a full disk, say (torch's writer raises RuntimeError): the
-        # half-written .tmp- folder is removed at the next start
-        raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
+            finish_save(folder, tmp, final, json_files, copied_files or {})
     accelerator.wait_for_everyone()
     if (not shares_first_process_disk and accelerator.is_local_main_process
             and accelerator.distributed_type != DistributedType.FSDP):
@@ -183,6 +243,44 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
         # still resolve, through a client's cache, to the checkpoint just renamed.)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def begin_save(accelerator: Accelerator, folder: Path, name: str) -> tuple[Path, Path]:
+    """The .tmp-<name> folder to write into (a leftover of a crash removed first) and the final path, which must
+    not exist: a checkpoint is never overwritten. Collective."""
+    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
+    with one_line_save_error(name, folder):
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier save
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)
+    return tmp, final
+
+
+def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any], copied_files: dict[str, Path]) -> None:
+    """On the main process, once the state files are in tmp: the JSON files and copies, everything synced to
+    the disk, then the rename that makes the checkpoint visible (synced too)."""
+    for filename, value in json_files.items():
+        write_json_atomic(tmp / filename, value)
+    for filename, source in copied_files.items():
+        shutil.copyfile(source, tmp / filename)
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(folder)  # the rename itself survives a power loss
+
+
+@contextmanager
+def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
+    """A failed write (a full disk, say; torch's writer raises RuntimeError) as one CheckpointError line; the
+    half-written .tmp- folder is removed at the next start."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
 
 
 def prune_without_uploads(checkpoint_dir: str | Path, keep: int) -> list[str]:

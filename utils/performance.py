@@ -271,12 +271,13 @@ def describe_fast_path(config: TrainingConfig, accelerator: Accelerator, meter: 
 # ---------------------------------------------------------------------------------------------
 
 class StopVote:
-    """All processes agree whether to stop, one step late, so the host never waits for the device.
+    """All processes agree whether to stop, and whether a save is due by time, one step late, so the host never
+    waits for the device.
 
-    A collective save needs every process to stop at the same step. Reading an all-reduced flag at once
-    would make the host wait each step until the device has finished all queued work (and leave it idle
-    while the next step is queued). Instead each step's vote is reduced on the device and copied back
-    without blocking; the host reads it one step later, when it is done or nearly so.
+    A collective save needs every process to stop (and save) at the same step. Reading an all-reduced flag at
+    once would make the host wait each step until the device has finished all queued work (and leave it idle
+    while the next step is queued). Instead each step's votes are reduced on the device and copied back
+    without blocking; the host reads them one step later, when they are done or nearly so.
     """
 
     def __init__(self, accelerator: Accelerator) -> None:
@@ -284,19 +285,21 @@ class StopVote:
         self.device = accelerator.device
         self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
-    def decide(self, requested: bool) -> bool:
-        """Whether to stop after this step. A single process decides at once; with several, the vote
-        cast now counts at the next call."""
+    def decide(self, stop: bool, save_due: bool = False) -> tuple[bool, bool]:
+        """Whether to stop after this step, and whether to save: each true when any process votes so. A single
+        process decides at once; with several, the votes cast now count at the next call."""
         if self.accelerator.num_processes == 1:
-            return requested
-        agreed = False
+            return stop, save_due
+        agreed = (False, False)
         if self.pending is not None:
             result, event = self.pending
             if event is not None:
                 event.synchronize()
-            agreed = bool(result.item() > 0)
+            agreed = (bool(result[0].item() > 0), bool(result[1].item() > 0))
         # torch.full is a device-side fill: unlike torch.tensor(..., device=cuda), no blocking copy.
-        total = self.accelerator.reduce(torch.full((), float(requested), device=self.device), reduction="sum")
+        votes = torch.stack([torch.full((), float(stop), device=self.device),
+                             torch.full((), float(save_due), device=self.device)])
+        total = self.accelerator.reduce(votes, reduction="sum")
         if self.device.type == "cuda":
             result, event = total.to("cpu", non_blocking=True), torch.cuda.Event()
             event.record()

@@ -5,6 +5,7 @@ LogWindow keeps the steps since the last logging step: their summed loss stays o
 waits for the GPU only at a logging step, and their training time leaves out validation and saving.
 """
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class RunLog:
         self.log_dir = Path(log_dir)
         self.metrics_file = self.log_dir / "metrics.jsonl"
         self.progress: tqdm | None = None
+        self._lock = threading.Lock()  # background saves and uploads report from their own threads
 
     def start_trackers(self) -> None:
         if self.main_process:
@@ -80,8 +82,13 @@ class RunLog:
         tqdm.write(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
                    f"perplexity {results['eval_perplexity']:.2f}")
 
+    def event(self, record: dict[str, Any]) -> None:
+        """A save's or an upload's figures ({"event": "save" | "upload", ...}): one metrics.jsonl line. Any thread."""
+        if self.main_process:
+            self._append(record)
+
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_file, "a") as handle:
+        with self._lock, open(self.metrics_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
