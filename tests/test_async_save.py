@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from conftest import REPO_ROOT, read_events, read_metrics, run_train, write_config
 from utils.checkpoint_utils import list_checkpoints
 
