@@ -38,7 +38,8 @@ from utils.run_data import RunData, open_data
 from utils.resume import schedule_changes
 from utils.run_log import LogWindow, RunLog
 from utils.train_state import TrainState
-from utils.training_utils import StopRequest, apply_optimizer_settings, first_process_decides, make_optimizer
+from utils.training_utils import (StopRequest, TrainingDiverged, apply_optimizer_settings, first_process_decides,
+                                  make_optimizer)
 
 log = logging.getLogger("train")
 
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:  # during start-up; once training runs, Ctrl+C saves a checkpoint instead
         print("\ninterrupted before training started: nothing to save", file=sys.stderr)
         return 130
@@ -192,7 +196,11 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
             stop_now, save_due = stop_vote.decide(stop.requested, run.checkpointer.time_due())
             should_save = run.checkpointer.should_save(state.step, stop_now, save_due)
             if state.step % config.logging_steps == 0 or should_save:  # the only place the loop waits for the device
-                run.log.training(training_record(run, state, window, lr, grad_norm, run_start))
+                record, first_non_finite = training_record(run, state, window, lr, grad_norm, run_start)
+                run.log.training(record)
+                if first_non_finite is not None or not math.isfinite(record["loss"]):
+                    # Before any save: a NaN never reaches a checkpoint, and the good ones are not pruned.
+                    raise TrainingDiverged(diverged_message(run, state, first_non_finite))
             validating = run.evaluator is not None and (state.step % config.eval_steps == 0
                                                         or state.step == config.max_steps)
             if validating and accelerator.device.type == "cuda":
@@ -240,6 +248,7 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWind
     run.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, so the schedule waits too
         run.scheduler.step()
+        window.check(grad_norm, state.step + 1)  # a NaN or inf that the loss scaler did not skip: diverged
     # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, they stay so.
     # Set to None, the no_sync micro-batches would make a second set beside the buckets.
     ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
@@ -250,9 +259,10 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWind
 
 
 def training_record(run: Run, state: TrainState, window: LogWindow, lr: float, grad_norm: torch.Tensor,
-                    run_start: float) -> dict[str, Any]:
-    """The metrics line of a logging step, its loss recorded in the metrics; the next window starts."""
-    loss, seconds, steps = window.close(run.accelerator, run.config.gradient_accumulation_steps)
+                    run_start: float) -> tuple[dict[str, Any], int | None]:
+    """The metrics line of a logging step, its loss recorded in the metrics, and the window's first step with
+    a non-finite gradient norm (None: all finite); the next window starts."""
+    loss, seconds, steps, first_non_finite = window.close(run.accelerator, run.config.gradient_accumulation_steps)
     state.metrics.record(state.step, loss, lr)
     tokens_per_sec = steps * run.tokens_per_step / seconds
     return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -260,7 +270,16 @@ def training_record(run: Run, state: TrainState, window: LogWindow, lr: float, g
             "elapsed_s": time.perf_counter() - run_start, "epoch": state.position.epoch,
             "shards_skipped": state.position.shards_skipped,
             "mfu": run.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
-            "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device)}  # this process's; null on CPU
+            "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device)}, first_non_finite
+
+
+def diverged_message(run: Run, state: TrainState, first_non_finite: int | None) -> str:
+    since = f"step {first_non_finite}" if first_non_finite is not None else f"the steps logged at step {state.step}"
+    newest = run.checkpointer.last_saved_name
+    keep = (f"the newest good checkpoint is {newest}: resume it (--resume latest) with a lower learning_rate or "
+            "max_grad_norm" if newest is not None else "no checkpoint was saved yet")
+    return (f"training diverged: the loss or the gradient norm is NaN or infinite since {since} (seen at step "
+            f"{state.step}); nothing after step {run.checkpointer.last_saved_step} was saved; {keep}")
 
 
 if __name__ == "__main__":

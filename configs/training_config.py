@@ -168,6 +168,11 @@ class TrainingConfig:
         self.validate()
 
     def validate(self) -> None:
+        for item in fields(self):  # NaN passes every comparison below, and infinity most of them
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{item.name} must be a finite number, got {value!r}")
+
         def positive(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

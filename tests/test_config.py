@@ -70,6 +70,9 @@ def test_overrides_and_paths(tmp_path: Path) -> None:
     ({"model": {"layers": 3}}, "unknown model field(s) layers"),
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "not divisible"),
     ({"init": "xavier"}, "init must be one of pythia, hf"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number, got nan"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number, got nan"),
+    ({"upload_timeout_s": float("inf")}, "upload_timeout_s must be a finite number, got inf"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(tmp_path: Path, values: dict, message: str) -> None:
     path = tmp_path / "bad.json"

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: checkpoints, exact resume, refusals, signals, bad data, two processes."""
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -147,6 +148,24 @@ def test_a_resume_never_reshapes_the_schedule_unasked(tmp_path: Path, sample_dat
     assert "Changed since checkpoint-epoch0-step9-files0: lr_decay_steps: 6 -> 12" in result.stderr
     assert [line["lr"] for line in read_metrics(tmp_path / "logs")][9:] == pytest.approx(
         [1e-3 * lr_multiplier(i, 2, 12, 0.1) for i in range(9, 12)], rel=1e-12)
+
+
+def test_a_diverging_run_stops_before_a_nan_reaches_a_checkpoint(tmp_path: Path, sample_data: Path) -> None:
+    options = dict(max_steps=30, save_steps=5, logging_steps=5, keep_checkpoints=1, lr_decay_steps=30, warmup_steps=0)
+    config = write_config(tmp_path, sample_data, **options)
+    assert run_train("--config", str(config), "--max-steps", "5").returncode == 0
+    good = checkpoints(tmp_path)
+    # A learning rate of 1e4: NaN within a few steps, between two logging steps.
+    diverging = write_config(tmp_path, sample_data, **options, learning_rate=1e4)
+    result = run_train("--config", str(diverging), "--resume", "latest")
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert re.search(r"NaN or infinite since step \d+ \(seen at step \d+\); nothing after step 5 was saved; the "
+                     r"newest good checkpoint is checkpoint-epoch0-step5-files0", errors[0]), errors[0]
+    assert checkpoints(tmp_path) == good  # nothing saved, nothing pruned
+    assert all(np.isfinite(tensor).all() for tensor in weights(tmp_path / "checkpoints" / good[0]).values())
+    assert not np.isfinite(read_metrics(tmp_path / "logs")[-1]["loss"])  # the log shows what happened
 
 
 def test_a_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data: Path) -> None:

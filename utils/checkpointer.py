@@ -54,6 +54,8 @@ class Checkpointer:
         self.tokenizer = config.tokenizer_path()  # copied into every checkpoint, so that each is self-contained
         self.uploader: Uploader | None = None
         self.last_saved_step = 0
+        self.last_saved_name: str | None = None
+        """The newest checkpoint this run saved or resumed from (its write may still be under way)."""
         self.last_save_started = time.monotonic()  # the run's start counts as a save for save_every_minutes
         self.report: Callable[[dict[str, Any]], None] | None = None
         """Where each save's figures go (the run log's metrics.jsonl), on the main process."""
@@ -87,7 +89,7 @@ class Checkpointer:
             raise CheckpointError(f"{target.path}: unreadable checkpoint ({type(error).__name__}: {detail}); resume "
                                   "from another one (python scripts/checkpoint_viewer.py list)") from None
         state.load_state_dict(read_state_files(target.path), target.name)
-        self.last_saved_step = state.step
+        self.last_saved_step, self.last_saved_name = state.step, target.name
 
     def start(self, report: Callable[[dict[str, Any]], None], model: torch.nn.Module, optimizer: Any,
               scheduler: Any) -> None:
@@ -158,7 +160,7 @@ class Checkpointer:
                         finish_save(self.folder, tmp, final, files, copied)
                     self.saved(final, step, blocked, time.monotonic() - writing)
                 self.writer.start(name, write)
-        self.last_saved_step = step
+        self.last_saved_step, self.last_saved_name = step, name
 
     def wait_for_write(self, announce: bool = False) -> float:
         """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""

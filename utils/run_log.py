@@ -17,7 +17,10 @@ from tqdm import tqdm
 
 class LogWindow:
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.loss = torch.zeros((), device=device)
+        self.first_non_finite = torch.full((), -1, device=device, dtype=torch.int64)
+        """The first step of the window whose gradient norm was NaN or infinite (-1: none), kept on the device."""
         self.steps = 0
         self.start = time.perf_counter()
 
@@ -25,16 +28,26 @@ class LogWindow:
         """A micro-batch's loss (detached): summed on the device, no sync."""
         self.loss += loss
 
+    def check(self, grad_norm: torch.Tensor, step: int) -> None:
+        """Notes, on the device (no sync), whether `step` had a non-finite gradient norm."""
+        bad = (self.first_non_finite < 0) & ~torch.isfinite(grad_norm)
+        self.first_non_finite = torch.where(bad, torch.full((), step, device=self.device), self.first_non_finite)
+
     def pause(self, seconds: float) -> None:
         """Time spent validating or saving: not training time."""
         self.start += seconds
 
-    def close(self, accelerator: Accelerator, accumulation: int) -> tuple[float, float, int]:
-        """The window's mean loss over its micro-batches and all processes (the only wait for the device),
-        its training seconds and its steps; the next window starts now."""
-        loss = (accelerator.reduce(self.loss, reduction="mean") / (self.steps * accumulation)).item()
-        summary = loss, time.perf_counter() - self.start, self.steps
+    def close(self, accelerator: Accelerator, accumulation: int) -> tuple[float, float, int, int | None]:
+        """The window's mean loss over its micro-batches and all processes (the only wait for the device), its
+        training seconds, its steps, and its first step with a non-finite gradient norm on any process (None
+        when all were finite); the next window starts now."""
+        totals = accelerator.reduce(torch.stack([self.loss, (self.first_non_finite >= 0).to(self.loss.dtype)]),
+                                    reduction="mean")
+        loss, any_non_finite = (totals / torch.tensor([self.steps * accumulation, 1], device=self.device)).tolist()
+        first_non_finite = int(self.first_non_finite.item()) if any_non_finite > 0 else None
+        summary = loss, time.perf_counter() - self.start, self.steps, first_non_finite
         self.loss.zero_()
+        self.first_non_finite.fill_(-1)
         self.steps, self.start = 0, time.perf_counter()
         return summary
 

@@ -115,6 +115,10 @@ def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> 
     return outcome[0]
 
 
+class TrainingDiverged(Exception):
+    """The loss or the gradient norm became NaN or infinite; nothing of it was saved. One line."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop signals
 # ---------------------------------------------------------------------------------------------
