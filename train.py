@@ -242,7 +242,8 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     source = open_shard_source(config)  # a local folder, or gs:// through a prefetching disk cache
     shards = select_shards(source.list_shards(), config.max_files, config.seed)
     shards, validation = split_validation(config, source, shards)
-    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
+    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id,
+                      config.pad_token_id, config.shuffle_window_shards)
     # Validation batches are read once and kept, so every validation sees the same ones.
     evaluator = None if validation is None else Evaluator(read_validation_batches(
         validation, spec, config.per_device_train_batch_size, accelerator.process_index, accelerator.num_processes,
