@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, run_train, write_config
+from configs.training_config import ConfigError, config_from_dict
 from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state,
                               epoch_shard_order, position_from_state, window_starts)
 
@@ -197,6 +198,17 @@ def test_a_resume_with_another_window_size_or_pad_id_is_refused(tmp_path: Path) 
     del state["shuffle_window_shards"]
     with pytest.raises(DataError, match="shuffle_window_shards=None"):
         position_from_state(spec, state, "ckpt")
+
+
+def test_config_fields_of_the_stream() -> None:
+    config = config_from_dict({}, "test")
+    assert (config.shuffle_window_shards, config.pad_token_id) == (16, None)
+    assert config_from_dict({"pad_token_id": 50256}, "test").pad_token_id == 50256
+    for bad, message in [({"shuffle_window_shards": 0}, "shuffle_window_shards must be a positive integer"),
+                         ({"pad_token_id": 50257}, "pad_token_id must be null or a token id below vocab_size 50257"),
+                         ({"pad_token_id": -1}, "pad_token_id must be null or a token id")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(bad, "test")
 
 
 # --- train.py: the loss over shards of disjoint token ranges -----------------------------------------
