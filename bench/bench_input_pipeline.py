@@ -6,10 +6,15 @@
 
 Builds synthetic shards shaped like the original data (2-D int32 input_ids of right-padded 2048-token rows
 with an attention_mask), then measures the BatchLoader (shard read -> padding dropped -> packed samples ->
-int64 micro-batches) over
+samples shuffled across a window of --window shards -> int64 micro-batches) over
   1. a warm cache: LocalShardSource on the folder, the process pinned to one CPU core;
-  2. the emulator: CachedShardSource streaming from fake-gcs-server on 127.0.0.1 into an empty cache,
+  2. the same on the same tokens as scripts/prepare_data.py writes them (1-D uint16 streams with the
+     end-of-text id after each document, np.savez_compressed);
+  3. the emulator: CachedShardSource streaming from fake-gcs-server on 127.0.0.1 into an empty cache,
      downloads and verification included (the emulator stands in for the network; real GCS differs).
+The warm-cache figures cover --epochs epochs: the loader reads ahead, so while the last batches of the
+measured epochs are taken it already loads the next window (on one core, in their time); over several
+epochs that read-ahead weighs less, as in a long run. The emulator reads one epoch into an empty cache.
 This prints figures; it is not a test.
 """
 import argparse
@@ -34,6 +39,7 @@ TRAINING_CONSUMPTION = 0.4e6
 """Tokens/s an 8 x H100 run of the 1.2B model consumes (about 50k tokens/s per GPU)."""
 VOCAB = 50304
 SEQ_LEN = 2048
+EOS = 0
 
 
 def make_shards(folder: Path, shards: int, rows: int, compressed: bool) -> list[Path]:
@@ -51,15 +57,30 @@ def make_shards(folder: Path, shards: int, rows: int, compressed: bool) -> list[
     return paths
 
 
-def measure(source, shards: list[str], batch_size: int, eos: int | None) -> tuple[float, int]:
-    """Seconds to read one epoch through the BatchLoader, and the tokens delivered."""
-    spec = StreamSpec(tuple(shards), SEQ_LEN, 1234, VOCAB, eos)
+def as_streams(paths: list[Path], folder: Path) -> list[Path]:
+    """The same documents in prepare_data.py's layout: one uint16 stream per shard, EOT after each document."""
+    folder.mkdir(parents=True, exist_ok=True)
+    streams = []
+    for path in paths:
+        with np.load(path) as shard:
+            ids, mask = shard["input_ids"], shard["attention_mask"]
+        with_eos = np.concatenate([ids, np.full((len(ids), 1), EOS, ids.dtype)], axis=1)
+        keep = np.concatenate([mask, np.ones((len(ids), 1), mask.dtype)], axis=1) != 0
+        stream = folder / path.name
+        np.savez_compressed(stream, input_ids=with_eos[keep].astype(np.uint16), eos_token_id=np.array(EOS))
+        streams.append(stream)
+    return streams
+
+
+def measure(source, shards: list[str], batch_size: int, window: int, epochs: int = 1) -> tuple[float, int]:
+    """Seconds to read `epochs` epochs through the BatchLoader, and the tokens delivered."""
+    spec = StreamSpec(tuple(shards), SEQ_LEN, 1234, VOCAB, EOS, None, window)
     start = time.perf_counter()
     loader = BatchLoader(source, spec, batch_size, 0, 1, DataPosition(), prefetch_shards=2)
     tokens = 0
     for batch in loader:
         tokens += batch.input_ids.numel()
-        if batch.position.epoch > 0:
+        if batch.position.epoch >= epochs:
             break
     seconds = time.perf_counter() - start
     loader.close()
@@ -77,6 +98,8 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--rows", type=int, default=2000, help="rows of 2048 tokens per shard")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=16, help="shuffle_window_shards (16: one window of all)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs read from the warm cache")
     parser.add_argument("--compressed", action="store_true", help="write shards with np.savez_compressed")
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
     args = parser.parse_args()
@@ -87,16 +110,23 @@ def main() -> int:
         paths = make_shards(folder, args.shards, args.rows, args.compressed)
         names = [p.name for p in paths]
         size = sum(p.stat().st_size for p in paths)
+        streams = as_streams(paths, Path(tmp) / "streams")
+        stream_size = sum(p.stat().st_size for p in streams)
         print(f"{args.shards} shards x {args.rows} rows x {SEQ_LEN} (about 5/8 real tokens), "
-              f"{size / 1e6:.0f} MB on disk{' (compressed)' if args.compressed else ''}; "
-              f"batch {args.batch_size} x {SEQ_LEN}; torch threads 1")
+              f"{size / 1e6:.0f} MB on disk{' (compressed)' if args.compressed else ''}, as prepare_data streams "
+              f"{stream_size / 1e6:.0f} MB; batch {args.batch_size} x {SEQ_LEN}; shuffle window {args.window} "
+              f"shards; torch threads 1")
         print(f"training consumes about {TRAINING_CONSUMPTION / 1e6:.1f} M tokens/s (1.2B model, 8 x H100)")
 
         if not args.all_cores:
             os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-        measure(LocalShardSource(folder, "tokenized_*.npz"), names[:1], args.batch_size, 0)  # page cache warm-up
+        for shards in (folder, streams[0].parent):  # page cache warm-up
+            measure(LocalShardSource(shards, "tokenized_*.npz"), names, args.batch_size, args.window)
         report("warm cache, one core (LocalShardSource)",
-               *measure(LocalShardSource(folder, "tokenized_*.npz"), names, args.batch_size, 0))
+               *measure(LocalShardSource(folder, "tokenized_*.npz"), names, args.batch_size, args.window, args.epochs))
+        report("  the same, prepare_data.py's streams",
+               *measure(LocalShardSource(streams[0].parent, "tokenized_*.npz"), names, args.batch_size, args.window,
+                        args.epochs))
         os.sched_setaffinity(0, os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
 
         with FakeGCSServer() as server:  # on 127.0.0.1; sets STORAGE_EMULATOR_HOST
@@ -114,7 +144,8 @@ def main() -> int:
             source = CachedShardSource(storage, "tokenized_*.npz", cache_folder(Path(tmp) / "cache", storage.url),
                                        10**12)
             source.list_shards()
-            report("emulator, empty cache (CachedShardSource)", *measure(source, names, args.batch_size, 0))
+            report("emulator, empty cache (CachedShardSource)",
+                   *measure(source, names, args.batch_size, args.window))
             print(f"  shards downloaded: {len(source.downloaded)}")
             source.close()
     return 0

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Turn text into training shards: tokenized_*.npz files with right-padded int32 rows.
+"""Turn text into training shards: tokenized_*.npz files, each a token stream of whole documents.
 
     python scripts/prepare_data.py --input corpus.jsonl --tokenizer tokenizer.json --output data/mine
     python scripts/prepare_data.py --sample          # the tiny config's data, built offline
 
-Each document becomes one or more rows of `--row-length` tokens (longer documents are split), written
-with np.savez_compressed as `input_ids` and `attention_mask`, the layout of the original tokenizer.
-The tokenizer is copied into the output folder as tokenizer.json, where training finds it (and copies it
-into every checkpoint, for export and generation). Bad input is a one-line error with exit code 2.
+Each document is tokenized whole and followed by the end-of-text id: the tokenizer's <|endoftext|> token, or
+--eos-id for a tokenizer that names it otherwise. Special tokens written in a document's text (the text
+"<|endoftext|>" itself) are tokenized as plain text, so the end-of-text id marks document ends and nothing else.
+Documents are gathered into shards of at least --tokens-per-shard tokens (the last shard may hold fewer),
+never split between two shards, and written with np.savez_compressed as a 1-D `input_ids` array (uint16 when
+the vocabulary fits, else int32) beside an `eos_token_id` scalar, which training checks against the model's
+eos_token_id. The tokenizer is copied into the output folder as tokenizer.json, where training finds it (and
+copies it into every checkpoint, for export and generation). Bad input is a one-line error with exit code 2.
 `--sample` gathers the docstrings of the Python standard library (real English text on every machine),
-trains a small byte-level BPE tokenizer on them and writes the shards and tokenizer.json to data/sample/.
+trains a small byte-level BPE tokenizer on them and writes 8 shards and tokenizer.json to data/sample/.
 """
 import argparse
 import ast
@@ -100,46 +104,71 @@ def jsonl_text(line: str, text_key: str, where: str) -> str:
     return record[text_key]
 
 
-def document_rows(token_ids: list[int], row_length: int) -> list[list[int]]:
-    return [token_ids[i:i + row_length] for i in range(0, len(token_ids), row_length)]
+def end_of_text_id(tokenizer: Tokenizer, eos_id: int | None, tokenizer_file: Path) -> int:
+    """--eos-id, else the tokenizer's <|endoftext|> token."""
+    if eos_id is None:
+        eos_id = tokenizer.token_to_id(END_OF_TEXT)
+        if eos_id is None:
+            raise PrepareError(f"{tokenizer_file}: no {END_OF_TEXT} token; pass its end-of-text id with --eos-id")
+    if not 0 <= eos_id < tokenizer.get_vocab_size():
+        raise PrepareError(f"--eos-id {eos_id} is outside the tokenizer's vocabulary [0, {tokenizer.get_vocab_size()})")
+    return eos_id
 
 
-def write_shard(path: Path, rows: list[list[int]], row_length: int) -> None:
-    input_ids = np.zeros((len(rows), row_length), dtype=np.int32)
-    attention_mask = np.zeros((len(rows), row_length), dtype=np.int32)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = row
-        attention_mask[i, :len(row)] = 1
-    np.savez_compressed(path, input_ids=input_ids, attention_mask=attention_mask)
+def token_dtype(vocab_size: int) -> type:
+    """The smallest integer type that holds every id: half the disk space of int32 for GPT-2-sized vocabularies."""
+    return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
-def write_shards(documents: Iterator[str], tokenizer: Tokenizer, output: Path, rows_per_shard: int,
-                 row_length: int) -> int:
+def document_tokens(tokenizer: Tokenizer, text: str, eos_id: int, dtype: type) -> np.ndarray:
+    """The document's ids followed by the end-of-text id; empty for a document without tokens."""
+    ids = tokenizer.encode(text).ids
+    return np.array([*ids, eos_id] if ids else [], dtype=dtype)
+
+
+def write_shard(path: Path, documents: list[np.ndarray], eos_id: int) -> None:
+    np.savez_compressed(path, input_ids=np.concatenate(documents), eos_token_id=np.array(eos_id, dtype=np.int64))
+
+
+def write_shards(documents: Iterator[str], tokenizer: Tokenizer, output: Path, tokens_per_shard: int,
+                 eos_id: int) -> int:
     """Tokenizes the documents and writes tokenized_00000.npz, ...; returns the shard count."""
     output.mkdir(parents=True, exist_ok=True)
-    rows: list[list[int]] = []
-    shard_count = 0
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" in a text is text, not a document end
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    shard: list[np.ndarray] = []
+    size, shard_count = 0, 0
     for document in tqdm(documents, desc="tokenizing", unit="doc"):
-        ids = tokenizer.encode(document).ids
-        rows.extend(document_rows(ids, row_length) if ids else [])
-        while len(rows) >= rows_per_shard:
-            write_shard(output / f"tokenized_{shard_count:05d}.npz", rows[:rows_per_shard], row_length)
-            rows, shard_count = rows[rows_per_shard:], shard_count + 1
-    if rows:
-        write_shard(output / f"tokenized_{shard_count:05d}.npz", rows, row_length)
+        tokens = document_tokens(tokenizer, document, eos_id, dtype)
+        if not len(tokens):
+            continue
+        shard.append(tokens)
+        size += len(tokens)
+        if size >= tokens_per_shard:  # at a document end: no document spans two shards
+            write_shard(output / f"tokenized_{shard_count:05d}.npz", shard, eos_id)
+            shard, size, shard_count = [], 0, shard_count + 1
+    if shard:
+        write_shard(output / f"tokenized_{shard_count:05d}.npz", shard, eos_id)
         shard_count += 1
     return shard_count
 
 
-def build_sample(output: Path, shards: int = 8, row_length: int = 512) -> None:
+def build_sample(output: Path, shards: int = 8) -> None:
     texts = stdlib_docstrings(SAMPLE_CHARACTERS)
     tokenizer = train_sample_tokenizer(texts, SAMPLE_VOCAB_SIZE)
     output.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(output / TOKENIZER_FILE))
-    rows = sum(len(document_rows(tokenizer.encode(t).ids, row_length)) for t in texts)
-    written = write_shards(iter(texts), tokenizer, output, -(-rows // shards), row_length)
-    print(f"Sample data: {len(texts)} docstrings, {sum(map(len, texts)):,} characters -> {written} shards "
-          f"and tokenizer.json (vocab {tokenizer.get_vocab_size()}) in {output}")
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    tokenizer.encode_special_tokens = True
+    documents = [document_tokens(tokenizer, text, eos_id, token_dtype(SAMPLE_VOCAB_SIZE)) for text in texts]
+    # Exactly `shards` shards of about equal size: shard k ends at the first document end past k+1 eighths.
+    ends = np.cumsum([len(document) for document in documents])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, shards) / shards) + 1
+    for index, group in enumerate(np.split(np.arange(len(documents)), cuts)):
+        write_shard(output / f"tokenized_{index:05d}.npz", [documents[i] for i in group], eos_id)
+    print(f"Sample data: {len(texts)} docstrings, {sum(map(len, texts)):,} characters, {int(ends[-1]):,} tokens "
+          f"-> {shards} shards and tokenizer.json (vocab {tokenizer.get_vocab_size()}, end-of-text id {eos_id}) "
+          f"in {output}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="a Hugging Face tokenizer.json")
     parser.add_argument("--output", type=Path, help="folder for the shards (default data/sample with --sample)")
     parser.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines")
-    parser.add_argument("--rows-per-shard", type=int, default=10000, help="rows in each shard")
-    parser.add_argument("--row-length", type=int, default=2048, help="tokens per row; longer documents are split")
+    parser.add_argument("--tokens-per-shard", type=int, default=20_000_000,
+                        help="tokens in each shard, at least (it ends at a document end; default 20,000,000)")
+    parser.add_argument("--eos-id", type=int,
+                        help="the end-of-text id written after each document (default: the tokenizer's <|endoftext|>)")
     args = parser.parse_args(argv)
 
     if args.sample:
@@ -161,37 +192,37 @@ def main(argv: list[str] | None = None) -> int:
     for path in [*args.input, args.tokenizer]:
         if not path.is_file():
             parser.error(f"{path}: no such file")
-    if args.rows_per_shard <= 0 or args.row_length <= 0:
-        parser.error("--rows-per-shard and --row-length must be positive")
+    if args.tokens_per_shard <= 0:
+        parser.error("--tokens-per-shard must be positive")
     try:
-        written, tokenizer = prepare(args.input, args.tokenizer, args.output, args.text_key, args.rows_per_shard,
-                                     args.row_length)
+        written, tokenizer, eos_id = prepare(args.input, args.tokenizer, args.output, args.text_key,
+                                             args.tokens_per_shard, args.eos_id)
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
-    eos = (f"{END_OF_TEXT} id {end_of_text}: set model.eos_token_id to it" if end_of_text is not None
-           else f"no {END_OF_TEXT} token: set model.eos_token_id to the tokenizer's end-of-text id")
-    print(f"Wrote {written} shards and {TOKENIZER_FILE} to {args.output} (vocab {tokenizer.get_vocab_size()}, {eos})")
+    print(f"Wrote {written} shards and {TOKENIZER_FILE} to {args.output} (vocab {tokenizer.get_vocab_size()}, "
+          f"end-of-text id {eos_id}: model.eos_token_id must be {eos_id}, training checks it)")
     return 0
 
 
-def prepare(inputs: list[Path], tokenizer_file: Path, output: Path, text_key: str, rows_per_shard: int,
-            row_length: int) -> tuple[int, Tokenizer]:
-    """Writes the shards and a copy of the tokenizer (as tokenizer.json) into output; returns the shard count."""
+def prepare(inputs: list[Path], tokenizer_file: Path, output: Path, text_key: str, tokens_per_shard: int,
+            eos_id: int | None) -> tuple[int, Tokenizer, int]:
+    """Writes the shards and a copy of the tokenizer (as tokenizer.json) into output; returns the shard count,
+    the tokenizer and the end-of-text id written."""
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as error:  # the tokenizers library raises its own exception types
         raise PrepareError(f"{tokenizer_file}: not a tokenizer.json ({str(error).splitlines()[0]})") from None
+    eos_id = end_of_text_id(tokenizer, eos_id, tokenizer_file)
     try:
-        written = write_shards(read_documents(inputs, text_key), tokenizer, output, rows_per_shard, row_length)
+        written = write_shards(read_documents(inputs, text_key), tokenizer, output, tokens_per_shard, eos_id)
         # Beside the shards, where train.py looks for the run's tokenizer.
         target = output / TOKENIZER_FILE
         if not (target.exists() and target.samefile(tokenizer_file)):
             shutil.copyfile(tokenizer_file, target)
     except OSError as error:
         raise PrepareError(f"--output {output}: cannot write ({error.strerror or error})") from None
-    return written, tokenizer
+    return written, tokenizer, eos_id
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shard reading, packing, deterministic order, per-process sharding and the exact data position."""
+"""Shard reading, packing, deterministic order, per-process sharding and the exact data position, and
+scripts/prepare_data.py. The shuffle across a window of shards has its own file, test_shuffle.py."""
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,9 @@ def make_stream_shards(folder: Path, count: int, tokens_per_shard: int) -> list[
     return streams
 
 
-def spec_for(folder: Path, seq_len: int = 8, seed: int = 3) -> tuple[LocalShardSource, StreamSpec]:
+def spec_for(folder: Path, seq_len: int = 8, seed: int = 3, window: int = 2) -> tuple[LocalShardSource, StreamSpec]:
     source = LocalShardSource(folder, "tokenized_*.npz")
-    return source, StreamSpec(tuple(source.list_shards()), seq_len, seed, VOCAB, EOT)
+    return source, StreamSpec(tuple(source.list_shards()), seq_len, seed, VOCAB, EOT, None, window)
 
 
 def take(loader: BatchLoader, n: int) -> list:
@@ -52,24 +53,65 @@ def take(loader: BatchLoader, n: int) -> list:
 
 def test_padded_rows_drop_padding_and_get_end_of_text(tmp_path: Path) -> None:
     write_rows(tmp_path / "s.npz", [[5, 6, 8], [9], [10, 11, 12, 13]], width=6)
-    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT)
+    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT, None)
     assert tokens.tolist() == [5, 6, 8, EOT, 9, EOT, 10, 11, 12, 13, EOT]
     assert 7 not in tokens  # the pad id never reaches training
 
 
 def test_sequence_lengths_and_no_end_of_text(tmp_path: Path) -> None:
     write_rows(tmp_path / "s.npz", [[5, 6], [9, 10, 11]], width=4, mask_key="sequence_lengths", dtype=np.int16)
-    assert read_shard(tmp_path / "s.npz", VOCAB, None).tolist() == [5, 6, 9, 10, 11]
+    assert read_shard(tmp_path / "s.npz", VOCAB, None, None).tolist() == [5, 6, 9, 10, 11]
 
 
-def test_rows_without_mask_are_used_whole(tmp_path: Path) -> None:
-    write_rows(tmp_path / "s.npz", [[5, 6, 8]], width=3, mask_key=None)
-    assert read_shard(tmp_path / "s.npz", VOCAB, EOT).tolist() == [5, 6, 8, EOT]
+def test_rows_without_mask_or_lengths_need_a_pad_id(tmp_path: Path) -> None:
+    write_rows(tmp_path / "s.npz", [[5, 7, 8], [9], [10, 11, 12, 13, 14], []], width=5, mask_key=None)
+    with pytest.raises(DataError) as error:
+        read_shard(tmp_path / "s.npz", VOCAB, EOT, None)
+    assert str(error.value) == (f"{tmp_path / 's.npz'}: 2-D input_ids without attention_mask or sequence_lengths; "
+                                "set pad_token_id in the config to strip each row's trailing padding")
+    # The trailing pad ids go; one inside a row is a token. A row of padding only is no document.
+    assert read_shard(tmp_path / "s.npz", VOCAB, EOT, 7).tolist() == [5, 7, 8, EOT, 9, EOT, 10, 11, 12, 13, 14, EOT]
+
+
+@pytest.mark.parametrize("row, what", [([0, 1, 1, 0], "left padding"), ([1, 0, 1, 0], "a gap")])
+def test_attention_mask_that_is_not_right_padding_is_an_error(tmp_path: Path, row: list[int], what: str) -> None:
+    path = tmp_path / "tokenized_mask.npz"
+    np.savez(path, input_ids=np.array([[5, 6, 7, 7], [5, 6, 8, 9]]), attention_mask=np.array([[1, 1, 0, 0], row]))
+    with pytest.raises(DataError) as error:
+        read_shard(path, VOCAB, EOT, None)
+    assert str(error.value) == (f"{path}: attention_mask row 1 is not a run of ones followed by zeros (left padding "
+                                "or a gap); rows must be right-padded")
+
+
+def test_a_shard_records_its_end_of_text_id_which_must_be_the_models(tmp_path: Path) -> None:
+    path = tmp_path / "tokenized_0.npz"
+    np.savez(path, input_ids=np.array([5, 6, 3, 8, 3], dtype=np.uint16), eos_token_id=np.array(3))
+    assert read_shard(path, VOCAB, 3, None).tolist() == [5, 6, 3, 8, 3]
+    for model_eos in (EOT, None):
+        with pytest.raises(DataError) as error:
+            read_shard(path, VOCAB, model_eos, None)
+        assert str(error.value) == (f"{path}: written with end-of-text id 3, but model.eos_token_id is {model_eos}; "
+                                    "set model.eos_token_id to the data's")
+    # 2-D rows written with their end-of-text ids get no second one.
+    np.savez(path, input_ids=np.array([[5, 3, 9], [6, 8, 3]]), sequence_lengths=np.array([2, 3]),
+             eos_token_id=np.array([3]))
+    assert read_shard(path, VOCAB, 3, None).tolist() == [5, 3, 6, 8, 3]
+
+
+def test_a_shard_shorter_than_one_sample_is_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    make_stream_shards(tmp_path, count=3, tokens_per_shard=16)  # 2 samples of 8 each
+    np.savez(tmp_path / "tokenized_001.npz", input_ids=np.arange(1, 8))  # 7 tokens
+    source, spec = spec_for(tmp_path, window=3)
+    loader = BatchLoader(source, spec, batch_size=2, rank=0, world_size=1, position=DataPosition())
+    batches = take(loader, 3)
+    loader.close()
+    assert [b.position.shards_skipped for b in batches] == [1, 1, 2]  # once in each epoch
+    assert f"skipping {tmp_path / 'tokenized_001.npz'}: 7 tokens, fewer than one sample of 8" in caplog.text
 
 
 def test_one_dimensional_stream_is_used_as_is(tmp_path: Path) -> None:
     np.savez(tmp_path / "s.npz", input_ids=np.array([1, 2, 3], dtype=np.uint16))
-    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT)
+    tokens = read_shard(tmp_path / "s.npz", VOCAB, EOT, None)
     assert tokens.tolist() == [1, 2, 3] and tokens.dtype == np.int32
 
 
@@ -90,12 +132,13 @@ def test_pack_cuts_full_samples_and_drops_the_tail() -> None:
     (lambda p: p.write_bytes(b""), "unreadable shard"),
     (lambda p: np.savez(p, input_ids=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 2), np.int32)),
      "attention_mask shape"),
+    (lambda p: np.savez(p, input_ids=np.array([1, 2]), eos_token_id=np.array([0, 1])), "eos_token_id must be one"),
 ])
 def test_bad_shards_give_one_line_errors_naming_the_file(tmp_path: Path, make, message: str) -> None:
     path = tmp_path / "tokenized_bad.npz"
     make(path)
     with pytest.raises(DataError) as error:
-        read_shard(path, VOCAB, EOT)
+        read_shard(path, VOCAB, EOT, None)
     assert str(path) in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -105,7 +148,7 @@ def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
     np.savez_compressed(path, input_ids=np.arange(5000, dtype=np.int32) % VOCAB)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match="unreadable shard"):
-        read_shard(path, VOCAB, EOT)
+        read_shard(path, VOCAB, EOT, None)
 
 
 def test_missing_or_empty_data_folder(tmp_path: Path) -> None:
@@ -177,9 +220,9 @@ def test_resume_refuses_a_different_stream(tmp_path: Path) -> None:
     _, spec = spec_for(tmp_path)
     state = data_state(spec, DataPosition(0, 1, 2, 10))
     with pytest.raises(DataError, match="seq_len"):
-        position_from_state(StreamSpec(spec.shards, 16, spec.seed, VOCAB, EOT), state, "ckpt")
+        position_from_state(StreamSpec(spec.shards, 16, spec.seed, VOCAB, EOT, None, 2), state, "ckpt")
     with pytest.raises(DataError, match="shard list changed"):
-        position_from_state(StreamSpec(spec.shards[:1], 8, spec.seed, VOCAB, EOT), state, "ckpt")
+        position_from_state(StreamSpec(spec.shards[:1], 8, spec.seed, VOCAB, EOT, None, 2), state, "ckpt")
 
 
 def test_bad_shard_stops_the_loader_or_is_skipped_and_counted(tmp_path: Path) -> None:
@@ -216,7 +259,7 @@ def test_prepare_data_writes_the_tokenizer_beside_the_shards(tmp_path: Path, sam
     corpus.write_text("\n".join(f'{{"text": "Return the number of items in list {i}."}}' for i in range(30)) + "\n")
     output = tmp_path / "mine"
     assert prepare_data.main(["--input", str(corpus), "--tokenizer", str(sample_data / "tokenizer.json"),
-                              "--output", str(output), "--rows-per-shard", "10", "--row-length", "16"]) == 0
+                              "--output", str(output), "--tokens-per-shard", "120"]) == 0
     assert "tokenizer.json" in capsys.readouterr().out
     assert sorted(path.name for path in output.iterdir()) == [
         "tokenized_00000.npz", "tokenized_00001.npz", "tokenized_00002.npz", "tokenizer.json"]
@@ -252,3 +295,63 @@ def test_prepare_data_bad_tokenizer_is_one_line_with_exit_2(tmp_path: Path, caps
     code = prepare_data.main(["--input", str(corpus), "--tokenizer", str(corpus), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {corpus}: not a tokenizer.json") and len(err.strip().splitlines()) == 1
+
+
+def document_segments(folder: Path, eos: int) -> list[list[int]]:
+    """The token ids between end-of-text ids, over the folder's shards in name order; checks that every shard
+    records `eos` and ends with it (no document spans two shards)."""
+    segments = []
+    for path in sorted(folder.glob("tokenized_*.npz")):
+        with np.load(path) as shard:
+            assert int(shard["eos_token_id"]) == eos and shard["input_ids"].ndim == 1
+        tokens = read_shard(path, 4096, eos, None)
+        assert tokens[-1] == eos
+        ends = np.flatnonzero(tokens == eos)
+        segments += [part.tolist() for part in np.split(tokens, ends + 1)[:-1]]
+    return [segment[:-1] for segment in segments]
+
+
+def test_prepare_data_never_splits_a_document(tmp_path: Path, sample_data: Path, capsys) -> None:
+    from tokenizers import Tokenizer
+    from scripts import prepare_data
+    texts = [("Return the sorted list of keys of the mapping, longest first. " * (1 + i % 4)).strip()
+             for i in range(12)]
+    texts[5] = "A document that names <|endoftext|> in its text is still one document."
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "{text}"}}\n' for text in texts))
+    output = tmp_path / "mine"
+    assert prepare_data.main(["--input", str(corpus), "--tokenizer", str(sample_data / "tokenizer.json"),
+                              "--output", str(output), "--tokens-per-shard", "60"]) == 0
+    assert "end-of-text id 0: model.eos_token_id must be 0" in capsys.readouterr().out
+    tokenizer = Tokenizer.from_file(str(sample_data / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True
+    expected = [tokenizer.encode(text).ids for text in texts]
+    assert max(map(len, expected)) > 2 * 16  # the old --row-length 16 would have split most of them
+    assert document_segments(output, eos=0) == expected  # one end-of-text id per document, at its end
+    assert len(list(output.glob("tokenized_*.npz"))) > 2
+
+
+def test_the_sample_has_one_end_of_text_id_per_document(sample_data: Path) -> None:
+    from scripts.prepare_data import SAMPLE_CHARACTERS, stdlib_docstrings
+    segments = document_segments(sample_data, eos=0)
+    assert len(segments) == len(stdlib_docstrings(SAMPLE_CHARACTERS)) and all(segments)
+    assert len(list(sample_data.glob("tokenized_*.npz"))) == 8  # the tiny config trains on 7, validates on 1
+
+
+def test_prepare_data_needs_an_end_of_text_id(tmp_path: Path, capsys) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from scripts import prepare_data
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "one": 2, "two": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer_file = tmp_path / "words.json"
+    tokenizer.save(str(tokenizer_file))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one two two one")
+    arguments = ["--input", str(corpus), "--tokenizer", str(tokenizer_file), "--output", str(tmp_path / "out")]
+    assert prepare_data.main(arguments) == 2
+    error = f"error: {tokenizer_file}: no <|endoftext|> token; pass its end-of-text id with --eos-id\n"
+    assert capsys.readouterr().err == error
+    assert prepare_data.main([*arguments, "--eos-id", "4"]) == 2
+    assert "--eos-id 4 is outside the tokenizer's vocabulary [0, 4)" in capsys.readouterr().err
+    assert prepare_data.main([*arguments, "--eos-id", "1"]) == 0
+    assert document_segments(tmp_path / "out", eos=1) == [[2, 3, 3, 2]]

@@ -74,7 +74,7 @@ def test_validation_batches_and_loss_are_deterministic(sample_data: Path) -> Non
     shape = resolve_shape("tiny", MICRO_MODEL)
     source = LocalShardSource(sample_data, "tokenized_*.npz")
     data = ValidationData(source, ("tokenized_00006.npz", "tokenized_00007.npz"))
-    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id)
+    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id, None, 16)
     first = read_validation_batches(data, spec, batch_size=2, rank=0, world_size=1, max_batches=5)
     again = read_validation_batches(data, spec, batch_size=2, rank=0, world_size=1, max_batches=5)
     assert len(first) == 5 and all(torch.equal(a, b) for a, b in zip(first, again))
@@ -100,7 +100,7 @@ def test_validation_batches_and_loss_are_deterministic(sample_data: Path) -> Non
 def test_small_validation_set_uses_one_pass_only(sample_data: Path) -> None:
     shape = resolve_shape("tiny", MICRO_MODEL)
     data = ValidationData(LocalShardSource(sample_data, "tokenized_*.npz"), ("tokenized_00007.npz",))
-    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id)
+    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id, None, 16)
     batches = read_validation_batches(data, spec, batch_size=4, rank=0, world_size=1, max_batches=100_000)
     samples = torch.cat(batches)
     assert len(batches) < 100_000
@@ -112,12 +112,24 @@ def test_small_validation_set_uses_one_pass_only(sample_data: Path) -> None:
 def test_validation_set_of_half_a_batch_is_refused_not_read_twice(tmp_path: Path) -> None:
     np.savez(tmp_path / "tokenized_a.npz", input_ids=np.arange(1, 2 * 8 + 1))  # exactly 2 samples of 8 tokens
     data = ValidationData(LocalShardSource(tmp_path, "tokenized_*.npz"), ("tokenized_a.npz",))
-    spec = StreamSpec(("unused",), 8, 1, 100, None)
+    spec = StreamSpec(("unused",), 8, 1, 100, None, None, 16)
     assert len(read_validation_batches(data, spec, batch_size=2, rank=0, world_size=1, max_batches=5)) == 1
     # A batch of 4 would be both samples twice, ending exactly where a third pass would begin.
     for batch_size, world_size in ((4, 1), (2, 2)):
         with pytest.raises(DataError, match="fewer than one batch"):
             read_validation_batches(data, spec, batch_size, rank=0, world_size=world_size, max_batches=5)
+
+
+def test_one_pass_over_held_out_shards_in_several_windows(tmp_path: Path) -> None:
+    for i in range(3):  # 5 distinct samples of 8 tokens each
+        np.savez(tmp_path / f"tokenized_{i}.npz", input_ids=np.arange(1, 41) + 40 * i)
+    data = ValidationData(LocalShardSource(tmp_path, "tokenized_*.npz"), ("tokenized_0.npz", "tokenized_1.npz",
+                                                                           "tokenized_2.npz"))
+    spec = StreamSpec(("unused",), 8, 1, 200, None, None, 2)  # windows of 1 and 2 shards
+    batches = read_validation_batches(data, spec, batch_size=2, rank=0, world_size=1, max_batches=100)
+    samples = {tuple(row.tolist()) for batch in batches for row in batch}
+    assert len(batches) == 7 and len(samples) == 14  # 15 samples in one pass: the 8th batch would repeat one
+    assert {sample[0] // 40 for sample in samples} == {0, 1, 2}
 
 
 # --- train.py end to end -----------------------------------------------------------------------
@@ -219,7 +231,7 @@ def test_eval_data_from_gcs_gives_the_same_batches(tmp_path: Path, sample_data: 
     local.mkdir()
     shutil.copy(sample_data / "tokenized_00007.npz", local)
     shape = resolve_shape("tiny", MICRO_MODEL)
-    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id)
+    spec = StreamSpec(("unused",), shape.seq_len, 1234, shape.vocab_size, shape.eos_token_id, None, 16)
     batches = []
     for eval_data in ("gs://bucket/held_out", str(local)):
         config = TrainingConfig(model_preset="tiny", model=dict(MICRO_MODEL), data=str(sample_data),

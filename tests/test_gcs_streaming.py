@@ -14,7 +14,7 @@ from gcs_emulator import GCSEmulator, free_port, gcs_server  # noqa: F401  (fixt
 from configs.training_config import ConfigError, config_from_dict
 from configs.command_line import config_from_args, parse_args
 from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, ShardUnavailableError, StreamSpec,
-                              epoch_shard_order, select_shards)
+                              epoch_shard_order, select_shards, window_starts)
 from utils.shard_cache import CachedShardSource, cache_folder
 from utils.storage import open_storage
 
@@ -125,7 +125,7 @@ def test_bad_shards_follow_the_skip_policy_but_unfetchable_ones_always_stop(gcs_
     upload(gcs_server, "bucket", "", paths)
     source = source_for(tmp_path, "gs://bucket")
     shards = tuple(source.list_shards())
-    spec = StreamSpec(shards, SEQ_LEN, 1234, 4096, None)
+    spec = StreamSpec(shards, SEQ_LEN, 1234, 4096, None, None, 16)  # one window of the 4 shards
 
     # A shard whose content is bad is skipped under skip_bad_shards...
     loader = BatchLoader(source, spec, 2, 0, 1, DataPosition(), skip_bad_shards=True)
@@ -159,11 +159,13 @@ def test_streamed_batches_equal_local_ones_across_a_server_restart(gcs_server: G
     paths = make_shards(tmp_path / "shards", count=5, samples=4)
     upload(gcs_server, "bucket", "data", paths)
     size = max(p.stat().st_size for p in paths)
-    source = source_for(tmp_path, "gs://bucket/data", max_bytes=2 * size)  # epoch 2 must download again
+    # A cache of 2 shards, smaller than the window of 4: the second epoch must download evicted shards again.
+    source = source_for(tmp_path, "gs://bucket/data", max_bytes=2 * size)
     shards = tuple(select_shards(source.list_shards(), 4, 1234))
-    spec = StreamSpec(shards, SEQ_LEN, 1234, 4096, None)
+    spec = StreamSpec(shards, SEQ_LEN, 1234, 4096, None, None, 16)
     local = BatchLoader(LocalShardSource(tmp_path / "shards", PATTERN), spec, 2, 0, 1, DataPosition())
-    streamed = BatchLoader(source, spec, 2, 0, 1, DataPosition(), prefetch_shards=1)
+    # Reading at most 3 batches ahead, the loader is still in epoch 0 when the server stops.
+    streamed = BatchLoader(source, spec, 2, 0, 1, DataPosition(), prefetch_shards=1, prefetch_batches=2)
     expected = [next(local) for _ in range(16)]  # two epochs of 4 shards x 2 batches
     local.close()
 
@@ -192,8 +194,10 @@ def torch_equal(a, b) -> bool:
 def test_resume_while_streaming_continues_at_the_same_sample(gcs_server: GCSEmulator, tmp_path: Path) -> None:
     paths = make_shards(tmp_path / "shards", count=8, samples=4)
     upload(gcs_server, "refocused-ai", "", paths)
-    # 28 samples an epoch; 8 steps of 2 plus a read-ahead of 2 batches stay inside epoch 0.
-    common = {"max_files": 7, "lr_decay_steps": 8, "prefetch_shards": 2, "prefetch_batches": 2, "save_steps": 4}
+    # 28 samples an epoch in windows of 1, 2, 2 and 2 shards; 8 steps of 2 plus a read-ahead of 2 batches stay
+    # inside epoch 0, and step 4 is in the middle of the second window.
+    common = {"max_files": 7, "lr_decay_steps": 8, "prefetch_shards": 2, "prefetch_batches": 2, "save_steps": 4,
+              "shuffle_window_shards": 2}
 
     local_run = tmp_path / "local"
     local_run.mkdir()
@@ -219,9 +223,28 @@ def test_resume_while_streaming_continues_at_the_same_sample(gcs_server: GCSEmul
     state = json.loads((checkpoint / "data_state.json").read_text())
     order = [state["shards"][i] for i in epoch_shard_order(len(state["shards"]), 1234, 0)]
     cursor = state["position"]["shard_cursor"]
+    assert (cursor, state["position"]["sample_cursor"]) == (1, 4)
+    starts = window_starts(len(order), 2)
     resumed = set(downloads(gcs_server, since=first_downloads))
-    assert order[cursor] in resumed
+    assert set(order[cursor: starts[starts.index(cursor) + 1]]) <= resumed  # the window being read, again
     assert not resumed & set(order[:cursor])  # nothing already consumed is downloaded again
+
+
+def test_the_next_window_is_downloaded_while_this_one_trains(gcs_server: GCSEmulator, tmp_path: Path) -> None:
+    paths = make_shards(tmp_path / "shards", count=6, samples=4)
+    upload(gcs_server, "bucket", "", paths)
+    source = source_for(tmp_path, "gs://bucket")
+    spec = StreamSpec(tuple(source.list_shards()), SEQ_LEN, 1234, 4096, None, None, 2)  # 3 windows of 2 shards
+    order = [spec.shards[i] for i in epoch_shard_order(6, 1234, 0)]
+    # A window holds 4 batches of 2 and the loader reads at most 2 ahead: it stays in window 0 meanwhile.
+    loader = BatchLoader(source, spec, 2, 0, 1, DataPosition(), prefetch_batches=1, prefetch_shards=1)
+    next(loader)
+    # A cache file exists only once its download is complete and verified.
+    wait_for(lambda: all((source.folder / name).exists() for name in order[2:4]), "the next window's shards")
+    time.sleep(0.2)
+    assert sorted(source.downloaded) == sorted(order[:4])  # the whole next window, not only prefetch_shards 1
+    loader.close()
+    source.close()
 
 
 def test_missing_bucket_is_a_one_line_error_before_training(gcs_server: GCSEmulator, tmp_path: Path) -> None:

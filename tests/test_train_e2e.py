@@ -247,7 +247,9 @@ def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     np.savez(data / "tokenized_a.npz", input_ids=np.arange(1, 6 * 64 + 10) % 4000)
     (data / "tokenized_b.npz").write_bytes(b"PK\x03\x04 truncated")
     seed = next(s for s in range(100) if list(epoch_shard_order(2, s, 0)) == [0, 1])
-    config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed)
+    # Shard by shard, so that the good shard trains before the bad one is read (in one window of both, the bad
+    # shard would stop the run before its first step).
+    config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed, shuffle_window_shards=1)
     result = run_train("--config", str(config))
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -255,7 +257,8 @@ def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     assert checkpoints(tmp_path) == ["checkpoint-epoch0-step3-files1"]
 
     skipping = write_config(tmp_path, data, max_steps=5, save_steps=100, seed=seed, skip_bad_shards=True,
-                            checkpoint_dir=str(tmp_path / "skip"), log_dir=str(tmp_path / "skiplogs"))
+                            shuffle_window_shards=1, checkpoint_dir=str(tmp_path / "skip"),
+                            log_dir=str(tmp_path / "skiplogs"))
     result = run_train("--config", str(skipping))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping bad shard" in result.stderr

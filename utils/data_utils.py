@@ -1,23 +1,30 @@
-"""Training data: .npz token shards -> packed samples -> per-process micro-batches, with an exact position.
+"""Training data: .npz token shards -> packed samples -> shuffled windows -> per-process micro-batches, with an
+exact position.
 
-A shard holds `input_ids` (any integer dtype): a 1-D token stream used as is, or 2-D right-padded rows,
-one document each, whose real lengths come from `attention_mask` or `sequence_lengths` when present.
-Padding is dropped; rows are joined with the end-of-text id (when configured) and cut into samples of
-`seq_len` tokens. The few tokens left at the end of a shard that do not fill a sample are not used.
-Labels are the inputs themselves: the model shifts them inside, so nothing is shifted twice and,
-since packed samples have no padding, no padding reaches the loss.
+A shard holds `input_ids` (any integer dtype), in one of two layouts:
+- a 1-D token stream, used as is. scripts/prepare_data.py writes these, with the end-of-text id after each
+  document and that id stored beside it as an `eos_token_id` scalar, which must equal the model's;
+- 2-D right-padded rows, one document each (the original tokenizer's layout). A row's real length comes from
+  `attention_mask` (ones, then zeros) or `sequence_lengths`, or, with neither, from stripping the trailing
+  `pad_token_id`s; without a pad id such a shard is refused, as its padding would be trained on. Padding is
+  dropped and the end-of-text id (when configured) is appended to each row, unless the shard records an
+  `eos_token_id`, which says that its rows already hold their end-of-text ids.
+Each shard's tokens are cut into samples of `seq_len` tokens; the few left at its end are not used, and a shard
+shorter than one sample is skipped (and counted). Labels are the inputs themselves: the model shifts them
+inside, so nothing is shifted twice and, since packed samples have no padding, no padding reaches the loss.
 
-Order is a pure function of the seed: which shards (max_files) are used, the shard order of each
-epoch and the sample order inside each shard. All processes walk the same global sample stream; each
-micro-batch takes `world_size x batch` consecutive samples of it and process `rank` keeps its own
-`batch` of them, so processes see disjoint samples. The stream's position is a DataPosition; it is
-saved in every checkpoint, and a loader started from it yields exactly the batches the uninterrupted
-run would have seen next, without reading anything before it.
+Order is a pure function of (seed, epoch): which shards (max_files) are used; each epoch's seeded shard order,
+cut into consecutive windows of at most `shuffle_window_shards` shards; and a permutation seeded by (seed,
+epoch, window) of the samples of all the window's shards together, so that every batch mixes many shards.
+All processes walk the same global sample stream; each micro-batch takes `world_size x batch` consecutive
+samples of it and process `rank` keeps its own `batch` of them, so processes see disjoint samples. The
+stream's position (a DataPosition: a window and an index in its sample order) is saved in every checkpoint,
+and a loader started from it yields exactly the batches the uninterrupted run would have seen next: it loads
+that window's shards again, and reads nothing before them.
 """
 import logging
 import queue
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +49,8 @@ class ShardUnavailableError(DataError):
 # Reading one shard
 # ---------------------------------------------------------------------------------------------
 
-def _row_lengths(shard: Any, input_ids: np.ndarray, name: str) -> np.ndarray:
+def _row_lengths(shard: Any, input_ids: np.ndarray, name: str, pad_token_id: int | None) -> np.ndarray:
+    """The real length of each right-padded row."""
     rows, width = input_ids.shape
     if "sequence_lengths" in shard.files:
         lengths = np.asarray(shard["sequence_lengths"]).reshape(-1)
@@ -55,27 +63,54 @@ def _row_lengths(shard: Any, input_ids: np.ndarray, name: str) -> np.ndarray:
         mask = np.asarray(shard["attention_mask"])
         if mask.shape != input_ids.shape:
             raise DataError(f"{name}: attention_mask shape {mask.shape} differs from input_ids {input_ids.shape}")
-        # Rows are right-padded, so the real length is the count of ones.
-        return (mask != 0).sum(axis=1).astype(np.int64)
-    return np.full(rows, width, dtype=np.int64)
+        real = mask != 0
+        # Only the count of ones is kept, so a zero before a one (left padding, a gap) would silently train
+        # on padding and drop real tokens.
+        gaps = (real[:, 1:] & ~real[:, :-1]).any(axis=1)
+        if gaps.any():
+            raise DataError(f"{name}: attention_mask row {int(np.argmax(gaps))} is not a run of ones followed by "
+                            f"zeros (left padding or a gap); rows must be right-padded")
+        return real.sum(axis=1)
+    if pad_token_id is None:
+        raise DataError(f"{name}: 2-D input_ids without attention_mask or sequence_lengths; set pad_token_id in "
+                        f"the config to strip each row's trailing padding")
+    real = input_ids != pad_token_id
+    # Up to the last token that is not padding: a pad id inside a row is a token of the document.
+    return np.where(real.any(axis=1), width - np.argmax(real[:, ::-1], axis=1), 0)
 
 
-def tokens_from_arrays(shard: Any, name: str, vocab_size: int, eos_token_id: int | None) -> np.ndarray:
-    """The shard's documents as one validated int32 token stream, padding dropped, EOT between rows."""
+def _records_eos(shard: Any, name: str, eos_token_id: int | None) -> bool:
+    """Whether the shard stores the end-of-text id it was written with; refuses one that is not the model's."""
+    if "eos_token_id" not in shard.files:
+        return False
+    stored = np.asarray(shard["eos_token_id"])
+    if stored.size != 1 or not np.issubdtype(stored.dtype, np.integer):
+        raise DataError(f"{name}: eos_token_id must be one integer, got {stored.dtype} of shape {stored.shape}")
+    if int(stored.reshape(())) != eos_token_id:
+        raise DataError(f"{name}: written with end-of-text id {int(stored.reshape(()))}, but model.eos_token_id is "
+                        f"{eos_token_id}; set model.eos_token_id to the data's")
+    return True
+
+
+def tokens_from_arrays(shard: Any, name: str, vocab_size: int, eos_token_id: int | None,
+                       pad_token_id: int | None) -> np.ndarray:
+    """The shard's documents as one validated int32 token stream, padding dropped, EOT after each document."""
     if "input_ids" not in shard.files:
         raise DataError(f"{name}: no 'input_ids' array (found: {', '.join(shard.files) or 'nothing'})")
     input_ids = np.asarray(shard["input_ids"])
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise DataError(f"{name}: input_ids has dtype {input_ids.dtype}; token ids must be integers")
+    holds_eos = _records_eos(shard, name, eos_token_id)
     if input_ids.ndim == 1:
         tokens = input_ids
     elif input_ids.ndim == 2:
-        lengths = _row_lengths(shard, input_ids, name)
-        if eos_token_id is not None:
-            # One extra column per row holds the end-of-text id right after the row's last real token.
+        lengths = _row_lengths(shard, input_ids, name, pad_token_id)
+        if eos_token_id is not None and not holds_eos:
+            # One document per row: one extra column holds the end-of-text id right after the row's last
+            # real token (a row of padding only is no document and gets none).
             input_ids = np.concatenate([input_ids, np.zeros((input_ids.shape[0], 1), input_ids.dtype)], axis=1)
             input_ids[np.arange(input_ids.shape[0]), lengths] = eos_token_id
-            lengths = lengths + 1
+            lengths = np.where(lengths > 0, lengths + 1, 0)
         keep = np.arange(input_ids.shape[1])[None, :] < lengths[:, None]
         tokens = input_ids[keep]
     else:
@@ -89,14 +124,14 @@ def tokens_from_arrays(shard: Any, name: str, vocab_size: int, eos_token_id: int
     return tokens.astype(np.int32, copy=False)
 
 
-def read_shard(path: Path, vocab_size: int, eos_token_id: int | None) -> np.ndarray:
+def read_shard(path: Path, vocab_size: int, eos_token_id: int | None, pad_token_id: int | None) -> np.ndarray:
     """Loads a shard from disk; any unreadable or invalid content is a DataError naming the file."""
     try:
         with open(path, "rb") as handle:
             if handle.read(4) != b"PK\x03\x04":
                 raise DataError(f"{path}: unreadable shard (not an .npz archive)")
         with np.load(path, allow_pickle=False) as shard:
-            return tokens_from_arrays(shard, str(path), vocab_size, eos_token_id)
+            return tokens_from_arrays(shard, str(path), vocab_size, eos_token_id, pad_token_id)
     except DataError:
         raise
     except Exception as error:  # zipfile, zlib, OSError, ValueError: all mean "not a readable shard"
@@ -175,8 +210,16 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_shards)
 
 
-def shard_sample_order(num_samples: int, seed: int, epoch: int, shard_name: str) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, zlib.crc32(shard_name.encode())]).permutation(num_samples)
+def window_starts(num_shards: int, window_shards: int) -> list[int]:
+    """Where each window of an epoch's shard order begins, then num_shards: ceil(num_shards / window_shards)
+    windows whose sizes differ by at most one, so that no epoch ends with a window of a shard or two."""
+    count = -(-num_shards // window_shards)
+    return [k * num_shards // count for k in range(count + 1)]
+
+
+def window_sample_order(num_samples: int, seed: int, epoch: int, window: int) -> np.ndarray:
+    """The order in which the pooled samples of a window's shards are read."""
+    return np.random.default_rng([seed, epoch, window]).permutation(num_samples)
 
 
 @dataclass(frozen=True)
@@ -185,16 +228,19 @@ class DataPosition:
 
     epoch: int = 0
     shard_cursor: int = 0
-    """Index, in this epoch's shard order, of the shard being read."""
+    """Index, in this epoch's shard order, of the first shard of the window being read; the shards before it
+    belong to completed windows."""
     sample_cursor: int = 0
-    """Index, in that shard's sample order, of the next sample."""
+    """Index, in that window's sample order, of the next sample (0: the window is not loaded yet)."""
     samples_consumed: int = 0
     """Samples taken from the stream by all processes together since the run began."""
     shards_skipped: int = 0
-    """Bad shards skipped under skip_bad_shards."""
+    """Shards skipped: bad ones under skip_bad_shards, and ones shorter than one sample. Those of a window
+    count from its first sample on."""
 
     def files_consumed(self, num_shards: int) -> int:
-        """Shards fully read since the run began (the F of checkpoint names)."""
+        """Shards fully read since the run began (the F of checkpoint names): those of completed windows,
+        whose samples have all been taken."""
         return self.epoch * num_shards + self.shard_cursor
 
 
@@ -207,17 +253,25 @@ class StreamSpec:
     seed: int
     vocab_size: int
     eos_token_id: int | None
+    pad_token_id: int | None
+    """Stripped from the end of 2-D rows that have neither attention_mask nor sequence_lengths."""
+    shuffle_window_shards: int
+    """Shards whose samples are shuffled together."""
+
+
+_STREAM_KEYS = ("seq_len", "seed", "vocab_size", "eos_token_id", "pad_token_id", "shuffle_window_shards")
+"""StreamSpec fields besides the shard list that a checkpoint records and a resume must match."""
 
 
 def data_state(spec: StreamSpec, position: DataPosition) -> dict[str, Any]:
     """What a checkpoint stores (data_state.json)."""
-    return {"position": asdict(position), "shards": list(spec.shards), "seq_len": spec.seq_len, "seed": spec.seed,
-            "vocab_size": spec.vocab_size, "eos_token_id": spec.eos_token_id}
+    return {"position": asdict(position), "shards": list(spec.shards),
+            **{key: getattr(spec, key) for key in _STREAM_KEYS}}
 
 
 def position_from_state(spec: StreamSpec, state: dict[str, Any], source: str) -> DataPosition:
     """The saved position, after checking that it belongs to the same stream."""
-    for key in ("seq_len", "seed", "vocab_size", "eos_token_id"):
+    for key in _STREAM_KEYS:
         if state.get(key) != getattr(spec, key):
             raise DataError(f"{source}: checkpoint was trained with {key}={state.get(key)!r}, "
                             f"this run has {getattr(spec, key)!r}; resuming would not continue the same data")
@@ -226,7 +280,10 @@ def position_from_state(spec: StreamSpec, state: dict[str, Any], source: str) ->
         raise DataError(f"{source}: the shard list changed since the checkpoint "
                         f"({len(saved - now)} shards gone, {len(now - saved)} new); resuming would not continue "
                         f"the same data")
-    return DataPosition(**state["position"])
+    position = DataPosition(**state["position"])
+    if position.shard_cursor not in window_starts(len(spec.shards), spec.shuffle_window_shards)[:-1]:
+        raise DataError(f"{source}: data position shard_cursor {position.shard_cursor} is not the start of a window")
+    return position
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +296,40 @@ class Batch:
     """[batch, seq_len] int64 token ids; also the labels."""
     position: DataPosition
     """The stream position after this micro-batch (what a checkpoint taken now records)."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Window:
+    """One window in memory: the packed samples of its shards and the order they are read in."""
+
+    epoch: int
+    shard_cursor: int
+    """Index of its first shard in the epoch's shard order."""
+    after: tuple[int, int]
+    """(epoch, shard_cursor) of the window that follows."""
+    parts: list[np.ndarray]
+    """[n_i, seq_len] samples of each of its shards that was not skipped, in the epoch's shard order."""
+    offsets: np.ndarray
+    """Index of each part's first sample among the pooled samples; the pooled count last."""
+    order: np.ndarray
+    """order[j]: the pooled index of the window's j-th sample."""
+    first_sample: int
+    """Samples of the stream before the window's first one."""
+    shards_skipped: int
+    """The count once this window's shards have been read."""
+
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        """A copy of samples start..stop-1 in the window's order (a copy, so that no view keeps the window)."""
+        pooled = self.order[start:stop]
+        part = np.searchsorted(self.offsets, pooled, side="right") - 1
+        return np.stack([self.parts[p][i - self.offsets[p]] for p, i in zip(part.tolist(), pooled.tolist())])
+
+    def position_after(self, taken: int) -> DataPosition:
+        """The stream position once the window's first `taken` samples have been read."""
+        consumed = self.first_sample + taken
+        if taken < len(self.order):
+            return DataPosition(self.epoch, self.shard_cursor, taken, consumed, self.shards_skipped)
+        return DataPosition(*self.after, 0, consumed, self.shards_skipped)
 
 
 _END = object()
@@ -258,6 +349,7 @@ class BatchLoader:
         self.skip_bad_shards = skip_bad_shards
         self.pin_memory = pin_memory
         self.prefetch_shards = prefetch_shards
+        self._starts = window_starts(len(spec.shards), spec.shuffle_window_shards)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(position,), name="batch-loader", daemon=True)
@@ -276,32 +368,64 @@ class BatchLoader:
 
     def close(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():
+        while self._thread.is_alive():  # drain, so that a producer blocked on a full queue sees the stop
             try:
-                self._queue.get(timeout=0.1)
+                self._queue.get_nowait()
             except queue.Empty:
-                pass
-        self._thread.join()
+                self._thread.join(timeout=0.01)
 
     # -- producer thread ---------------------------------------------------------------------
 
     def _produce(self, position: DataPosition) -> None:
         try:
-            group = self.batch_size * self.world_size
-            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-            rows: list[np.ndarray] = []
-            for sample, after in self._samples(position):
-                rows.append(sample)
-                if len(rows) < group:
-                    continue
-                batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))
-                rows = []
-                if self.pin_memory:
-                    batch = batch.pin_memory()
-                if not self._put(Batch(batch, after)):
-                    return
+            self._walk(position)
         except BaseException as error:  # handed to the training loop, which reports it
             self._put(error)
+
+    def _walk(self, position: DataPosition) -> None:
+        """Loads window after window from `position` on and hands out this process's micro-batches."""
+        epoch, window = position.epoch, self._starts.index(position.shard_cursor)
+        start = position.sample_cursor
+        first_sample, skipped = position.samples_consumed - start, position.shards_skipped
+        epoch_has_samples = window > 0 or start > 0
+        mine: list[np.ndarray] = []  # this process's part of the micro-batch being gathered (may span windows)
+        while not self._stop.is_set():
+            # A window resumed in the middle was loaded before: its skipped shards are already counted.
+            loaded = self._load_window(epoch, window, first_sample, skipped, count_skips=start == 0)
+            if not self._hand_out(loaded, start, mine):
+                return
+            epoch_has_samples |= len(loaded.order) > 0
+            first_sample, skipped = first_sample + len(loaded.order), loaded.shards_skipped
+            del loaded  # its tokens go before the next window's are read: one window in memory, not two
+            window, start = window + 1, 0
+            if window == len(self._starts) - 1:
+                if not epoch_has_samples:
+                    raise DataError(f"{self.source.description}: no shard holds a full sample of "
+                                    f"{self.spec.seq_len} tokens")
+                epoch, window, epoch_has_samples = epoch + 1, 0, False
+                log.info("data: starting epoch %d", epoch)
+
+    def _hand_out(self, window: _Window, start: int, mine: list[np.ndarray]) -> bool:
+        """Walks the window from sample `start`, a micro-batch (world_size x batch samples) at a time, keeping
+        this process's part; False when the loader was closed."""
+        group = self.batch_size * self.world_size
+        first_mine = self.rank * self.batch_size
+        j = start
+        while j < len(window.order):
+            offset = (window.first_sample + j) % group  # where sample j falls in its micro-batch
+            take = min(group - offset, len(window.order) - j)
+            low, high = max(offset, first_mine), min(offset + take, first_mine + self.batch_size)
+            if low < high:
+                mine.append(window.samples(j + low - offset, j + high - offset))
+            j += take
+            if offset + take == group:
+                batch = torch.from_numpy(np.concatenate(mine).astype(np.int64))
+                mine.clear()
+                if self.pin_memory:
+                    batch = batch.pin_memory()
+                if not self._put(Batch(batch, window.position_after(j))):
+                    return False
+        return True
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -312,51 +436,42 @@ class BatchLoader:
                 pass
         return False
 
-    def _samples(self, position: DataPosition) -> Iterator[tuple[np.ndarray, DataPosition]]:
-        """The global stream from `position` on: each sample with the position after it."""
-        shards = self.spec.shards
-        epoch, cursor, sample_cursor = position.epoch, position.shard_cursor, position.sample_cursor
-        consumed, skipped = position.samples_consumed, position.shards_skipped
-        while not self._stop.is_set():
-            order = epoch_shard_order(len(shards), self.spec.seed, epoch)
-            yielded_this_epoch = cursor > 0 or sample_cursor > 0
-            for k in range(cursor, len(shards)):
-                name = shards[order[k]]
-                upcoming = [shards[i] for i in order[k + 1: k + 1 + self.prefetch_shards]]
-                self.source.prefetch(upcoming)
-                samples = self._load(name)
-                if samples is None:
-                    skipped += 1
-                    sample_cursor = 0
-                    continue
-                sample_order = shard_sample_order(len(samples), self.spec.seed, epoch, name)
-                for j in range(sample_cursor, len(samples)):
-                    consumed += 1
-                    if j + 1 < len(samples):
-                        after = DataPosition(epoch, k, j + 1, consumed, skipped)
-                    elif k + 1 < len(shards):
-                        after = DataPosition(epoch, k + 1, 0, consumed, skipped)
-                    else:  # the epoch's last sample: the next one is the first of the next epoch
-                        after = DataPosition(epoch + 1, 0, 0, consumed, skipped)
-                    yielded_this_epoch = True
-                    yield samples[sample_order[j]], after
-                self.source.release(name)
-                sample_cursor = 0
-            if not yielded_this_epoch:
-                raise DataError(f"{self.source.description}: no shard holds a full sample of "
-                                f"{self.spec.seq_len} tokens")
-            epoch, cursor = epoch + 1, 0
-            log.info("data: starting epoch %d", epoch)
+    def _load_window(self, epoch: int, window: int, first_sample: int, skipped: int, count_skips: bool) -> _Window:
+        """Reads the window's shards one after another into memory and draws its sample order."""
+        shards, starts = self.spec.shards, self._starts
+        order = [shards[i] for i in epoch_shard_order(len(shards), self.spec.seed, epoch)]
+        first, end = starts[window], starts[window + 1]
+        # The prefetcher works ahead: the rest of this window, the whole next one and at least prefetch_shards
+        # shards. Only within the epoch: a shard hinted again after it was read would be kept from eviction.
+        ahead = starts[min(window + 2, len(starts) - 1)]
+        parts = []
+        for k in range(first, end):
+            upcoming = order[k + 1: max(ahead, k + 1 + self.prefetch_shards)] if self.prefetch_shards else []
+            self.source.prefetch(upcoming)
+            samples = self._load(order[k])
+            if samples is not None:
+                parts.append(samples)
+            elif count_skips:
+                skipped += 1
+        offsets = np.cumsum([0, *(len(part) for part in parts)])
+        after = (epoch, end) if end < len(shards) else (epoch + 1, 0)
+        return _Window(epoch, first, after, parts, offsets,
+                       window_sample_order(int(offsets[-1]), self.spec.seed, epoch, window), first_sample, skipped)
 
     def _load(self, name: str) -> np.ndarray | None:
-        """The shard's packed samples, or None when it is bad and skipping is on."""
+        """The shard's packed samples, or None when it is skipped (bad under skip_bad_shards, or too short)."""
         path = self.source.fetch(name)  # ShardUnavailableError is not the shard's fault: never skipped
         try:
-            tokens = read_shard(path, self.spec.vocab_size, self.spec.eos_token_id)
+            tokens = read_shard(path, self.spec.vocab_size, self.spec.eos_token_id, self.spec.pad_token_id)
         except DataError as error:
             if not self.skip_bad_shards:
                 raise
             log.warning("skipping bad shard: %s", error)
-            self.source.release(name)
             return None
-        return pack(tokens, self.spec.seq_len)
+        finally:
+            self.source.release(name)  # its tokens are in memory now: the cache may evict it
+        samples = pack(tokens, self.spec.seq_len)
+        if len(samples) == 0:
+            log.warning("skipping %s: %d tokens, fewer than one sample of %d", path, len(tokens), self.spec.seq_len)
+            return None
+        return samples

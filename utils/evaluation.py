@@ -86,7 +86,8 @@ def read_validation_batches(data: ValidationData, spec: StreamSpec, batch_size: 
     Only one epoch is used, so no sample is counted twice; a smaller held-out set gives fewer batches
     (with a warning), and one that does not fill a single batch is an error.
     """
-    validation_spec = StreamSpec(data.shards, spec.seq_len, spec.seed, spec.vocab_size, spec.eos_token_id)
+    # The training stream's packing and shuffle window over the held-out shards: the first batches mix them.
+    validation_spec = replace(spec, shards=data.shards)
     loader = BatchLoader(data.source, validation_spec, batch_size, rank, world_size, DataPosition(),
                          prefetch_batches=2)
     batches: list[torch.Tensor] = []

@@ -46,7 +46,9 @@ def open_data(config: TrainingConfig, shape: ModelShape, accelerator: Accelerato
     source = open_shard_source(config)
     shards, validation = split_validation(config, source, select_shards(source.list_shards(), config.max_files,
                                                                         config.seed))
-    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
+    spec = StreamSpec(tuple(shards), seq_len=shape.seq_len, seed=config.seed, vocab_size=shape.vocab_size,
+                      eos_token_id=shape.eos_token_id, pad_token_id=config.pad_token_id,
+                      shuffle_window_shards=config.shuffle_window_shards)
     evaluator = None if validation is None else Evaluator(read_validation_batches(
         validation, spec, config.per_device_train_batch_size, accelerator.process_index, accelerator.num_processes,
         config.eval_batches))
