@@ -20,7 +20,7 @@ from utils.resume import schedule_changes
 from utils.train_state import TrainState
 
 SPEC = StreamSpec(("tokenized_a.npz", "tokenized_b.npz"), seq_len=64, seed=1234, vocab_size=4096, eos_token_id=0,
-                  pad_token_id=None, shuffle_window_shards=16)
+                  pad_token_id=None, shuffle_window_shards=1)
 WEIGHTS = "model.safetensors"
 
 
