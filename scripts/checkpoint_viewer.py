@@ -22,11 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs.training_config import CONFIG_DIR, ConfigError, TrainingConfig, load_config  # noqa: E402
+from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
 from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
                                     parse_checkpoint_name, read_json)
 from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value,  # noqa: E402
-                           upload_label)
+                           holders_hint, subfolders_holding, upload_label)
 from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noqa: E402
 from utils.metrics import TrainingMetrics  # noqa: E402
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
@@ -116,40 +116,16 @@ def trend_label(record: CheckpointRecord) -> str:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-def config_naming(folder: Path) -> str | None:
-    """The name of a config in configs/ whose checkpoint_dir is `folder`, if any (for a --config hint)."""
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        try:
-            config = load_config(path.stem)
-        except ConfigError:
-            continue
-        if Path(config.with_repo_paths().checkpoint_dir).resolve() == folder.resolve():
-            return path.stem
-    return None
-
-
 def no_checkpoints_message(checkpoint_dir: Path) -> str:
     """Why there is nothing to show in an existing folder, with the subfolders that do hold checkpoints."""
-    holders = []
     try:
-        for sub in sorted(checkpoint_dir.iterdir()):
-            try:
-                if sub.is_dir() and list_checkpoints(sub):
-                    holders.append(sub)
-            except OSError:  # an unreadable subfolder is simply not a hint
-                continue
+        holders = subfolders_holding(checkpoint_dir, lambda sub: bool(list_checkpoints(sub)))
     except OSError as error:
         return f"cannot read {checkpoint_dir}: {error.strerror or error}"
     message = f"no checkpoints in {checkpoint_dir}"
     if not holders:
         return message + " (pass --checkpoint-dir or --config to look elsewhere)"
-    hints = []
-    for sub in holders:
-        config = config_naming(sub)
-        hints.append(f"pass --checkpoint-dir {sub}" + (f" or --config {config}" if config else ""))
-    if len(holders) == 1:
-        return f"{message}; {holders[0]} holds some: {hints[0]}"
-    return f"{message}; subfolders {', '.join(str(sub) for sub in holders)} hold some: {'; '.join(hints)}"
+    return f"{message}; {holders_hint(holders, '--checkpoint-dir', 'checkpoint_dir')}"
 
 
 def require_folder(checkpoint_dir: Path) -> None:
