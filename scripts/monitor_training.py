@@ -6,8 +6,8 @@
     python scripts/monitor_training.py --logs-only            # follow the metrics log
 
 It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step, with
-"loss", and one per validation, with "eval_loss"), the checkpoint folders and <checkpoint_dir>/uploads.json.
-A line still being written is left for the next refresh.
+"loss" and the running run's "max_steps", and one per validation, with "eval_loss"), the checkpoint folders
+and <checkpoint_dir>/uploads.json. A line still being written is left for the next refresh.
 """
 import argparse
 import json
@@ -124,6 +124,17 @@ def seconds_per_step(records: list[dict[str, Any]]) -> float | None:
     return None
 
 
+def is_count(value: Any) -> bool:
+    """A positive integer (JSON true is a Python int too, and is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def logged_max_steps(records: list[dict[str, Any]]) -> int | None:
+    """The running run's max_steps, which train.py writes in every training line; None in older logs."""
+    value = records[-1].get("max_steps") if records else None
+    return value if is_count(value) else None
+
+
 def eta_seconds(records: list[dict[str, Any]], max_steps: int | None) -> float | None:
     if not records or max_steps is None:
         return None
@@ -147,7 +158,11 @@ class RunView:
     log_dir: Path
     checkpoint_dir: Path
     max_steps: int | None
+    """--max-steps, else the config's or the newest checkpoint's: the run's own (in its log) goes first unless
+    max_steps_given."""
     max_steps_source: str
+    max_steps_given: bool = False
+    """--max-steps was passed: it wins over the run's log."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """Training lines only (those with "loss")."""
     validations: list[dict[str, Any]] = field(default_factory=list)
@@ -156,17 +171,27 @@ class RunView:
     metrics_age_s: float | None = None
 
 
+def run_max_steps(view: RunView) -> tuple[int | None, str]:
+    """max_steps and where it came from: --max-steps, else the running run's (a resume may have changed it
+    from the config's), else the config's or the newest checkpoint's."""
+    logged = None if view.max_steps_given else logged_max_steps(view.records)
+    if logged is not None:
+        return logged, "the run's log"
+    return view.max_steps, view.max_steps_source
+
+
 def render_run(view: RunView) -> list[str]:
     lines = []
+    max_steps, max_steps_source = run_max_steps(view)
     metrics_path = view.log_dir / METRICS_FILE
     if not view.records:
         lines.append(f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
     else:
         last = view.records[-1]
         step = last["step"]
-        total = f" / {view.max_steps:,}" if view.max_steps else ""
-        percent = f" ({step / view.max_steps:.1%})" if view.max_steps else ""
-        finished = view.max_steps is not None and step >= view.max_steps
+        total = f" / {max_steps:,}" if max_steps else ""
+        percent = f" ({step / max_steps:.1%})" if max_steps else ""
+        finished = max_steps is not None and step >= max_steps
         lines.append(f"🔢 Step: {step:,}{total}{percent}   epoch {last.get('epoch', 'n/a')}"
                      + ("   ✅ finished" if finished else ""))
         lines.append(f"💥 Loss: {fmt_loss(last.get('loss'))}   📈 LR: {fmt_lr(last.get('lr'))}   "
@@ -177,9 +202,9 @@ def render_run(view: RunView) -> list[str]:
         memory_text = f"   GPU memory (peak): {memory:.1f} GiB" if isinstance(memory, (int, float)) else ""
         lines.append(f"⚡ Tokens/s: {f'{speed:,.0f}' if speed else 'n/a'}{mfu}   "
                      f"tokens seen: {fmt_count(last.get('tokens_seen'))}{memory_text}")
-        eta = eta_seconds(view.records, view.max_steps)
+        eta = eta_seconds(view.records, max_steps)
         eta_text = "done" if finished else (fmt_duration(eta) if eta is not None else "n/a")
-        source = f" (max steps from {view.max_steps_source})" if view.max_steps else " (max steps unknown: pass --config)"
+        source = f" (max steps from {max_steps_source})" if max_steps else " (max steps unknown: pass --config)"
         lines.append(f"⏱️  Elapsed: {fmt_duration(last.get('elapsed_s', 0))}   ETA: {eta_text}{source}")
         if last.get("shards_skipped"):
             lines.append(f"⚠️  Shards skipped: {last['shards_skipped']}")
@@ -392,7 +417,7 @@ def build_view(args: argparse.Namespace) -> RunView:
         max_steps, source = args.max_steps, "--max-steps"
     elif max_steps is None:
         max_steps, source = latest_max_steps(checkpoint_dir)
-    return RunView(log_dir, checkpoint_dir, max_steps, source)
+    return RunView(log_dir, checkpoint_dir, max_steps, source, max_steps_given=args.max_steps is not None)
 
 
 def positive_float(text: str) -> float:
@@ -422,12 +447,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "line shows as 'STEP validation: loss L, perplexity P'")
     parser.add_argument("--lines", type=positive_int, default=20,
                         help="log lines (training and validation) shown by --logs-only (default 20)")
-    parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and max_steps")
+    parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and (when "
+                                         "the log does not) max_steps")
     parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")
     parser.add_argument("--checkpoint-dir",
                         help="folder holding the checkpoints (default: checkpoints, or the config's checkpoint_dir)")
-    parser.add_argument("--max-steps", type=positive_int, help="the run's max_steps, for progress and ETA "
-                                                      "(default: from --config or the newest checkpoint)")
+    parser.add_argument("--max-steps", type=positive_int,
+                        help="the run's max_steps, for progress and ETA (default: the run's own, from its metrics "
+                             "log; in older logs, from --config or the newest checkpoint)")
     return parser.parse_args(argv)
 
 

@@ -126,6 +126,24 @@ def test_config_gives_folders_and_max_steps(capsys, run):
     assert str(run / "checkpoints") in out
 
 
+def rewrite_metrics(copy: Path, **changes: object) -> list[dict]:
+    """Rewrites the copied log's training lines with `changes` (as a newer train.py would have written them)."""
+    records = [record | changes if "loss" in record else record for record in read_metrics(copy / "logs")]
+    (copy / "logs" / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+def test_max_steps_of_the_running_run_wins_over_the_config(capsys, run, copy):
+    """A run resumed with --max-steps 300 while its config says 8: the log's max_steps is the run's."""
+    rewrite_metrics(copy, max_steps=300)
+    code, out, _ = monitor(capsys, copy, "--once", "--config", str(run / "config.json"))
+    assert code == 0
+    assert "Step: 8 / 300 (2.7%)" in out and "finished" not in out and "ETA: done" not in out
+    assert "(max steps from the run's log)" in out
+    code, out, _ = monitor(capsys, copy, "--once", "--config", str(run / "config.json"), "--max-steps", "16")
+    assert "Step: 8 / 16 (50.0%)" in out and "(max steps from --max-steps)" in out
+
+
 def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     code, _, err = monitor(capsys, tmp_path / "nowhere", "--once")
     assert code == 2 and "nothing to show" in err and len(err.strip().splitlines()) == 1
