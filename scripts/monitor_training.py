@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ import psutil  # noqa: E402
 
 from configs.training_config import ConfigError, load_config  # noqa: E402
 from utils.checkpoint_utils import CheckpointError, list_checkpoints, read_json  # noqa: E402
-from utils.display import fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, upload_label  # noqa: E402
+from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, holders_hint,  # noqa: E402
+                           subfolders_holding, upload_label)
 from utils.manifest import read_snapshot  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
@@ -180,12 +181,31 @@ def run_max_steps(view: RunView) -> tuple[int | None, str]:
     return view.max_steps, view.max_steps_source
 
 
+def elsewhere(folder: Path, holds: Callable[[Path], bool], option: str, folder_field: str) -> str:
+    """"; DIR holds some: pass OPTION DIR or --config NAME" for the subfolders of `folder` holding what it
+    lacks (logs/tiny and checkpoints/tiny after the quick start), or "" when none does."""
+    try:
+        holders = subfolders_holding(folder, holds)
+    except OSError:  # a folder that does not exist (yet) or cannot be read has no subfolders to point at
+        return ""
+    return f"; {holders_hint(holders, option, folder_field)}" if holders else ""
+
+
+def metrics_elsewhere(log_dir: Path) -> str:
+    """Where metrics are when `log_dir` has no metrics.jsonl: its subfolders that hold one."""
+    if (log_dir / METRICS_FILE).exists():
+        return ""
+    return elsewhere(log_dir, lambda sub: (sub / METRICS_FILE).is_file(), "--log-dir", "log_dir")
+
+
 def render_run(view: RunView) -> list[str]:
     lines = []
     max_steps, max_steps_source = run_max_steps(view)
     metrics_path = view.log_dir / METRICS_FILE
     if not view.records:
-        lines.append(f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
+        hint = metrics_elsewhere(view.log_dir)
+        lines.append(f"⏳ No metrics in {metrics_path}{hint}" if hint
+                     else f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
     else:
         last = view.records[-1]
         step = last["step"]
@@ -232,7 +252,9 @@ def format_validation_summary(record: dict[str, Any]) -> str:
 def render_checkpoints(checkpoint_dir: Path, shown: int = 3) -> list[str]:
     found = list_checkpoints(checkpoint_dir)
     if not found:
-        return [f"💾 No checkpoints yet in {checkpoint_dir}"]
+        return [f"💾 No checkpoints yet in {checkpoint_dir}"
+                + elsewhere(checkpoint_dir, lambda sub: bool(list_checkpoints(sub)), "--checkpoint-dir",
+                            "checkpoint_dir")]
     manifest = read_snapshot(checkpoint_dir)
     lines = [f"💾 Checkpoints: {len(found)} in {checkpoint_dir}, newest last"]
     for info in found[-shown:]:
@@ -327,8 +349,8 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
     """Prints the last `lines` metrics records, then (unless once) new ones as they arrive."""
     reader = MetricsReader(log_dir / METRICS_FILE)
     if not reader.path.exists():
-        print(f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
-              else f"📝 No metrics yet in {reader.path}")
+        print((f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
+               else f"📝 No metrics yet in {reader.path}") + metrics_elsewhere(log_dir))
     records = reader.read_new(tail_bytes=TAIL_BYTES)[-lines:]
     print(LOG_HEADER + (f" {'mfu':>6}" if any(has_mfu(record) for record in records) else ""))
     for record in records:
@@ -366,8 +388,15 @@ def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: i
     lines += render_checkpoints(view.checkpoint_dir)
     lines.append("-" * 78)
     lines += system_lines(view.checkpoint_dir) + gpu.lines()
-    lines.append(f"📈 TensorBoard: tensorboard --logdir {view.log_dir / 'tensorboard'}")
+    lines.append(f"📈 TensorBoard: tensorboard --logdir {tensorboard_dir(view.log_dir)}")
     return "\n".join(lines)
+
+
+def tensorboard_dir(log_dir: Path) -> Path:
+    """train.py's TensorBoard events are in <log_dir>/tensorboard; until that exists (or when the runs are in
+    subfolders, as logs/tiny after the quick start), log_dir itself: tensorboard searches it recursively."""
+    events = log_dir / "tensorboard"
+    return events if events.is_dir() else log_dir
 
 
 def watch(view: RunView, once: bool, refresh: float) -> int:

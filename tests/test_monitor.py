@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from configs import training_config
 from scripts import monitor_training
 from scripts.monitor_training import MetricsReader, eta_seconds, main
 
@@ -153,6 +154,31 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     (tmp_path / "logs").mkdir()
     code, out, _ = monitor(capsys, tmp_path, "--once")
     assert code == 0 and "No metrics yet" in out and "No checkpoints yet" in out
+
+
+def test_after_the_quick_start_the_defaults_point_at_the_runs_subfolders(capsys, run, tmp_path, monkeypatch):
+    """`bash run.sh tiny` writes logs/tiny/ and checkpoints/tiny/; the monitor's defaults are logs/ and checkpoints/."""
+    monkeypatch.setattr(training_config, "REPO_ROOT", tmp_path)  # where the tiny config's relative paths start
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run / "logs", tmp_path / "logs" / "tiny")
+    shutil.copytree(run / "checkpoints", tmp_path / "checkpoints" / "tiny",
+                    ignore=lambda _, names: [n for n in names if not n.endswith(".json") and "." in n])
+    (tmp_path / "logs" / "other").mkdir()  # holds no metrics: not named
+    assert (tmp_path / "logs" / "tiny" / "tensorboard").is_dir()
+    code = main(["--once"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("⏳ No metrics in logs/metrics.jsonl; logs/tiny holds some: pass --log-dir logs/tiny or --config tiny"
+            in out.splitlines())
+    assert ("💾 No checkpoints yet in checkpoints; checkpoints/tiny holds some: pass --checkpoint-dir "
+            "checkpoints/tiny or --config tiny" in out.splitlines())
+    assert "📈 TensorBoard: tensorboard --logdir logs" in out.splitlines()  # it finds logs/tiny/tensorboard
+    code = main(["--once", "--logs-only"])
+    assert code == 0 and "No metrics yet in logs/metrics.jsonl; logs/tiny holds some" in capsys.readouterr().out
+    code = main(["--once", "--config", "tiny"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Step: 8 / 200" in out
+    assert f"📈 TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'tiny' / 'tensorboard'}" in out.splitlines()
 
 
 def test_logs_only_once_prints_the_tail(capsys, run):
