@@ -6,8 +6,9 @@
     python scripts/monitor_training.py --logs-only            # follow the metrics log
 
 It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step, with
-"loss" and the running run's "max_steps", and one per validation, with "eval_loss"), the checkpoint folders
-and <checkpoint_dir>/uploads.json. A line still being written is left for the next refresh.
+"loss" and the running run's "max_steps", one per validation, with "eval_loss", and lines with an "event":
+"save" and "upload" are shown, others skipped), the checkpoint folders and <checkpoint_dir>/uploads.json.
+A line still being written is left for the next refresh.
 """
 import argparse
 import json
@@ -40,14 +41,20 @@ STALE_AFTER_S = 300
 # Reading metrics.jsonl while it grows
 # ---------------------------------------------------------------------------------------------
 
+def is_event(record: dict[str, Any]) -> bool:
+    """A line about something that happened rather than a step's numbers: {"event": "save", ...},
+    {"event": "upload", ...}, and maybe other kinds later (read, and skipped where not shown)."""
+    return isinstance(record.get("event"), str)
+
+
 def is_training(record: dict[str, Any]) -> bool:
     """A logging step's line: {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", ...}."""
-    return "loss" in record
+    return "loss" in record and not is_event(record)
 
 
 def is_validation(record: dict[str, Any]) -> bool:
     """A validation's line: {"step", "eval_loss", "eval_perplexity", "eval_tokens"}."""
-    return "eval_loss" in record and "loss" not in record
+    return "eval_loss" in record and "loss" not in record and not is_event(record)
 
 
 @dataclass
@@ -60,7 +67,8 @@ class MetricsReader:
     restarted: bool = False
     """The last read_new() found the file replaced or truncated (a new run) and read it from the start."""
     bad_lines: int = 0
-    """Complete lines that were neither a training nor a validation record (skipped and counted, never fatal)."""
+    """Complete lines that were neither a training, a validation nor an event record (skipped and counted,
+    never fatal)."""
 
     def read_new(self, tail_bytes: int | None = None) -> list[dict[str, Any]]:
         """Records appended since the last call; on the first call, those in the last `tail_bytes`."""
@@ -90,8 +98,8 @@ class MetricsReader:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                    and (is_training(record) or is_validation(record)):
+            if isinstance(record, dict) and (is_event(record) or isinstance(record.get("step"), int)
+                                             and (is_training(record) or is_validation(record))):
                 records.append(record)
             else:
                 self.bad_lines += 1
@@ -168,6 +176,10 @@ class RunView:
     """Training lines only (those with "loss")."""
     validations: list[dict[str, Any]] = field(default_factory=list)
     """Validation lines (those with "eval_loss")."""
+    last_save: dict[str, Any] | None = None
+    """The newest {"event": "save", "step", "checkpoint", "bytes", "seconds_blocked", "seconds_writing"}."""
+    last_upload: dict[str, Any] | None = None
+    """The newest {"event": "upload", "checkpoint", "bytes", "seconds", "mb_per_s", "streams", "queue"}."""
     bad_lines: int = 0
     metrics_age_s: float | None = None
 
@@ -242,6 +254,38 @@ def render_run(view: RunView) -> list[str]:
 
 def fmt_number(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def fmt_size(value: Any) -> str:
+    return fmt_bytes(value) if isinstance(value, (int, float)) else "n/a"
+
+
+def save_figures(record: dict[str, Any]) -> str:
+    """A save event's cost: the checkpoint's size, how long training waited, how long the writing took."""
+    return (f"{fmt_size(record.get('bytes'))}, blocked {fmt_number(record.get('seconds_blocked'), '.1f')} s, "
+            f"written in {fmt_number(record.get('seconds_writing'), '.1f')} s")
+
+
+def upload_figures(record: dict[str, Any]) -> str:
+    """An upload event's figures: size, rate, parallel streams, and the uploads still queued behind it."""
+    return (f"{fmt_size(record.get('bytes'))} at {fmt_number(record.get('mb_per_s'), ',.0f')} MB/s, "
+            f"{fmt_number(record.get('streams'), '.0f')} streams, {fmt_number(record.get('queue'), '.0f')} queued")
+
+
+def latest_event(records: list[dict[str, Any]], kind: str, previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest line with "event": kind among `records`, else `previous` (the one seen at an earlier refresh)."""
+    found = [record for record in records if record.get("event") == kind]
+    return found[-1] if found else previous
+
+
+def render_events(view: RunView) -> list[str]:
+    lines = []
+    if view.last_save is not None:
+        lines.append(f"💾 Last save: {view.last_save.get('checkpoint', 'n/a')} at step "
+                     f"{fmt_number(view.last_save.get('step'), ',.0f')}, {save_figures(view.last_save)}")
+    if view.last_upload is not None:
+        lines.append(f"☁️  Last upload: {view.last_upload.get('checkpoint', 'n/a')}, {upload_figures(view.last_upload)}")
+    return lines
 
 
 def format_validation_summary(record: dict[str, Any]) -> str:
@@ -331,7 +375,15 @@ class GpuProbe:
 # Modes
 # ---------------------------------------------------------------------------------------------
 
-def format_record(record: dict[str, Any]) -> str:
+def format_record(record: dict[str, Any]) -> str | None:
+    """A row of --logs-only; None for an event it does not show (a kind added after this monitor)."""
+    if is_event(record):
+        if record["event"] == "save":
+            return (f"{fmt_number(record.get('step'), '.0f'):>8} save: {record.get('checkpoint', 'n/a')}, "
+                    f"{save_figures(record)}")
+        if record["event"] == "upload":  # no step: it runs beside training, for a checkpoint saved earlier
+            return f"{'':>8} upload: {record.get('checkpoint', 'n/a')}, {upload_figures(record)}"
+        return None
     if is_validation(record):
         return (f"{record['step']:>8} validation: loss {fmt_number(record.get('eval_loss'), '.6f')}, "
                 f"perplexity {fmt_number(record.get('eval_perplexity'), '.2f')}")
@@ -345,16 +397,20 @@ def format_record(record: dict[str, Any]) -> str:
 LOG_HEADER = f"{'step':>8} {'loss':>10} {'lr':>9} {'grad':>8} {'tok/s':>10} {'elapsed':>10}"
 
 
+def log_rows(records: list[dict[str, Any]]) -> list[str]:
+    return [row for row in map(format_record, records) if row is not None]
+
+
 def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
     """Prints the last `lines` metrics records, then (unless once) new ones as they arrive."""
     reader = MetricsReader(log_dir / METRICS_FILE)
     if not reader.path.exists():
         print((f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
                else f"📝 No metrics yet in {reader.path}") + metrics_elsewhere(log_dir))
-    records = reader.read_new(tail_bytes=TAIL_BYTES)[-lines:]
+    records = reader.read_new(tail_bytes=TAIL_BYTES)
     print(LOG_HEADER + (f" {'mfu':>6}" if any(has_mfu(record) for record in records) else ""))
-    for record in records:
-        print(format_record(record))
+    for row in log_rows(records)[-lines:]:
+        print(row)
     while not once:
         sys.stdout.flush()
         time.sleep(refresh)
@@ -362,8 +418,8 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
         records = reader.read_new()
         if reader.restarted:
             print(f"--- {reader.path} was replaced: a new run ---")
-        for record in records:
-            print(format_record(record))
+        for row in log_rows(records):
+            print(row)
         if reader.bad_lines > before:
             print(f"⚠️  {reader.bad_lines - before} unreadable line(s) skipped")
     if reader.bad_lines:
@@ -374,9 +430,11 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
 def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: int = 5000) -> str:
     new_records = reader.read_new(tail_bytes=TAIL_BYTES)
     if reader.restarted:
-        view.records, view.validations = [], []
+        view.records, view.validations, view.last_save, view.last_upload = [], [], None, None
     view.records = (view.records + [record for record in new_records if is_training(record)])[-max_records:]
     view.validations = (view.validations + [record for record in new_records if is_validation(record)])[-max_records:]
+    view.last_save = latest_event(new_records, "save", view.last_save)
+    view.last_upload = latest_event(new_records, "upload", view.last_upload)
     view.bad_lines = reader.bad_lines
     try:
         view.metrics_age_s = time.time() - reader.path.stat().st_mtime
@@ -385,7 +443,7 @@ def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: i
     lines = [f"🚀 Training monitor — {time.strftime('%Y-%m-%d %H:%M:%S')}   logs: {view.log_dir}", "=" * 78]
     lines += render_run(view)
     lines.append("-" * 78)
-    lines += render_checkpoints(view.checkpoint_dir)
+    lines += render_checkpoints(view.checkpoint_dir) + render_events(view)
     lines.append("-" * 78)
     lines += system_lines(view.checkpoint_dir) + gpu.lines()
     lines.append(f"📈 TensorBoard: tensorboard --logdir {tensorboard_dir(view.log_dir)}")
@@ -473,9 +531,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--logs-only", action="store_true",
                         help="only the metrics log: its last lines, then new ones as they arrive; a validation "
-                             "line shows as 'STEP validation: loss L, perplexity P'")
+                             "line shows as 'STEP validation: loss L, perplexity P', a save as 'STEP save: ...', "
+                             "an upload as 'upload: ...'")
     parser.add_argument("--lines", type=positive_int, default=20,
-                        help="log lines (training and validation) shown by --logs-only (default 20)")
+                        help="log lines (training, validation, save and upload) shown by --logs-only (default 20)")
     parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and (when "
                                          "the log does not) max_steps")
     parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")

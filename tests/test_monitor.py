@@ -222,6 +222,52 @@ def test_logs_only_shows_validation_lines_as_validation(capsys, copy):
     assert "nan" not in out and "n/a" not in out
 
 
+GB = 2**30
+
+
+def add_events(copy: Path) -> None:
+    """Appends event lines as train.py writes them: saves, uploads, and a kind this monitor does not know."""
+    events = [
+        {"event": "save", "step": 4, "checkpoint": "checkpoint-epoch0-step4-files0", "bytes": GB,
+         "seconds_blocked": 0.5, "seconds_writing": 4.0},
+        {"event": "upload", "checkpoint": "checkpoint-epoch0-step4-files0", "bytes": GB, "seconds": 5.0,
+         "mb_per_s": 204.8, "streams": 16, "queue": 0},
+        {"event": "save", "step": 8, "checkpoint": "checkpoint-epoch0-step8-files0", "bytes": int(1.2 * GB),
+         "seconds_blocked": 0.8, "seconds_writing": 6.1},
+        {"event": "something-new", "step": 8, "detail": "a kind added to train.py later"},
+        {"event": "upload", "checkpoint": "checkpoint-epoch0-step8-files0", "bytes": int(1.2 * GB), "seconds": 5.9,
+         "mb_per_s": 210.4, "streams": 16, "queue": 2},
+    ]
+    with open(copy / "logs" / "metrics.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(event) + "\n" for event in events))
+
+
+def test_once_shows_the_latest_save_and_upload(capsys, copy):
+    last = read_metrics(copy / "logs")[-1]
+    add_events(copy)
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0
+    lines = out.splitlines()
+    assert "💾 Last save: checkpoint-epoch0-step8-files0 at step 8, 1.2 GB, blocked 0.8 s, written in 6.1 s" in lines
+    assert "☁️  Last upload: checkpoint-epoch0-step8-files0, 1.2 GB at 210 MB/s, 16 streams, 2 queued" in lines
+    assert "Step: 8 / 8 (100.0%)" in out and f"Loss: {last['loss']:.6f}" in out  # training lines as before
+    assert "unreadable" not in out and "n/a" not in out.split("Last save")[1].split("\n")[0]
+
+
+def test_logs_only_shows_saves_and_uploads_as_rows(capsys, copy):
+    add_events(copy)
+    code, out, _ = monitor(capsys, copy, "--logs-only", "--once", "--lines", "5")
+    assert code == 0
+    rows = out.splitlines()[1:]
+    assert rows[0].split()[0] == "8" and len(rows[0].split()) == 6  # the last training line
+    assert rows[1:] == [
+        "       4 save: checkpoint-epoch0-step4-files0, 1.0 GB, blocked 0.5 s, written in 4.0 s",
+        "         upload: checkpoint-epoch0-step4-files0, 1.0 GB at 205 MB/s, 16 streams, 0 queued",
+        "       8 save: checkpoint-epoch0-step8-files0, 1.2 GB, blocked 0.8 s, written in 6.1 s",
+        "         upload: checkpoint-epoch0-step8-files0, 1.2 GB at 210 MB/s, 16 streams, 2 queued",
+    ]
+
+
 def test_gpu_lines_through_nvml(monkeypatch):
     """The NVML path, with a stand-in for the library (no GPU here)."""
     fake = types.ModuleType("pynvml")
