@@ -61,6 +61,18 @@ class CheckpointRecord:
         return list(self.metadata.get("learning_rates") or [])
 
     @property
+    def validation(self) -> dict[str, Any]:
+        """metadata.json's validation_metrics: training-loss statistics, and with validation on, the latest and
+        the best validation (best_eval_loss, best_eval_step)."""
+        block = self.metadata.get("validation_metrics")
+        return block if isinstance(block, dict) else {}
+
+    @property
+    def best_from_validation(self) -> bool:
+        """A run that validates makes best_loss its best validation loss (train.py); else the best training loss."""
+        return self.validation.get("best_eval_loss") is not None
+
+    @property
     def current_loss(self) -> float | None:
         losses = self.losses
         return losses[-1] if losses else self.metadata.get("current_loss")
@@ -103,11 +115,24 @@ def load_record(info: CheckpointInfo) -> CheckpointRecord:
 # Formatting
 # ---------------------------------------------------------------------------------------------
 
+def best_loss_line(record: CheckpointRecord) -> str:
+    """The best loss, named for what it is: the best validation loss when the run validates, else the best
+    training loss (the current loss shown above it is always a training loss)."""
+    if record.best_from_validation:
+        return (f"🏆 Best validation loss (step {record.validation.get('best_eval_step', 'n/a')}): "
+                f"{fmt_loss(record.validation['best_eval_loss'])}")
+    best = record.metadata.get("best_loss")
+    if best is None:  # a run that validates but had not yet when it saved this checkpoint
+        return "🏆 Best loss: n/a"
+    step = record.metrics.best_step if record.metrics is not None else None
+    return f"🏆 Best training loss{f' (step {step})' if step is not None else ''}: {fmt_loss(best)}"
+
+
 def trend_label(record: CheckpointRecord) -> str:
     if record.metrics is not None:
         trend = record.metrics.loss_trend()
     else:
-        trend = record.metadata.get("validation_metrics", {}).get("loss_trend", "insufficient data")
+        trend = record.validation.get("loss_trend", "insufficient data")
     arrow = TREND_ARROWS.get(trend)
     return f"{arrow} {trend}" if arrow else str(trend)
 
@@ -210,7 +235,6 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     meta = record.metadata
     progress, system = meta.get("training_progress", {}), meta.get("system_info", {})
     losses, rates = record.losses, record.learning_rates
-    validation = meta.get("validation_metrics") or {}
 
     print(f"\n📊 Checkpoint Summary: {record.info.name}")
     print("=" * 60)
@@ -229,9 +253,8 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     print("-" * 30)
     if record.metrics_problem:
         print(f"⚠️  {record.metrics_problem}; statistics below use metadata.json's last {len(losses)} losses")
-    best_step = record.metrics.best_step if record.metrics is not None else None
-    print(f"💥 Current Loss: {fmt_loss(record.current_loss)}")
-    print(f"🏆 Best Loss: {fmt_loss(meta.get('best_loss'))}" + (f" (step {best_step})" if best_step else ""))
+    print(f"💥 Current training loss: {fmt_loss(record.current_loss)}")
+    print(best_loss_line(record))
     print(f"📊 Loss History Length: {len(losses)}")
     print(f"📉 Average Loss: {fmt_loss(statistics.fmean(losses) if losses else None)}")
     print(f"📊 Loss Std Dev: {fmt_loss(statistics.stdev(losses) if len(losses) > 1 else None)}")
@@ -243,9 +266,9 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
 
     print("\n🎯 Validation Metrics:")
     print("-" * 30)
-    for key, value in validation.items():
+    for key, value in record.validation.items():
         print(f"  {key}: {fmt_value(value)}")
-    if not validation:
+    if not record.validation:
         print("  (none recorded)")
     return 0
 

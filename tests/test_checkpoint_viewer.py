@@ -20,10 +20,12 @@ STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
-    """One 8-step run saving at steps 4 and 8 and uploading them to a local folder, bucket/; the tests
-    copy it before changing anything."""
+    """One 8-step run validating and saving at steps 4 and 8 (as the tiny config does, at 50 and 100) and
+    uploading the checkpoints to a local folder, bucket/; the tests copy it before changing anything."""
     folder = tmp_path_factory.mktemp("viewer_run")
-    result = run_train("--config", str(write_config(folder, sample_data, upload_destination=str(folder / "bucket"))))
+    config = write_config(folder, sample_data, upload_destination=str(folder / "bucket"), eval_holdout_files=1,
+                          eval_steps=4, eval_batches=2)
+    result = run_train("--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "checkpoints"
 
@@ -217,16 +219,43 @@ def test_view_shows_the_detailed_summary(capsys, checkpoints):
     metrics = json.loads((checkpoints / STEP8 / "training_metrics.json").read_text())
     losses = [entry["loss"] for entry in metrics["loss_history"]]
     meta = metadata(checkpoints, STEP8)
+    validation = meta["validation_metrics"]
     assert f"Checkpoint Summary: {STEP8}" in out
     for expected in ("Step: 8", "Epoch: 0", "Files Processed: 0", "Tokens Seen: 1,024", "CUDA Available: False",
-                     "GPU Count: 0", "Mixed Precision: no", f"Current Loss: {losses[-1]:.6f}",
-                     f"Best Loss: {min(losses):.6f}", f"Loss History Length: {len(losses)}",
+                     "GPU Count: 0", "Mixed Precision: no", f"💥 Current training loss: {losses[-1]:.6f}\n",
+                     f"🏆 Best validation loss (step {validation['best_eval_step']}): "
+                     f"{validation['best_eval_loss']:.6f}\n", f"Loss History Length: {len(losses)}",
                      f"Average Loss: {statistics.fmean(losses):.6f}",
                      f"Loss Std Dev: {statistics.stdev(losses):.6f}", "Loss Trend: insufficient data",
                      f"Current LR: {metrics['learning_rates'][-1]['lr']:.2e}",
                      f"current_avg_loss: {meta['validation_metrics']['current_avg_loss']:.6f}",
                      "steps_since_best:", "Upload: failed (403 Forbidden)"):
         assert expected in out, expected
+
+
+def without_validation(checkpoint: Path) -> list[float]:
+    """Rewrites a checkpoint's JSON files as a run without validation writes them: best_loss is the best
+    training loss, and validation_metrics holds only training statistics. Returns the training losses."""
+    metrics = json.loads((checkpoint / "training_metrics.json").read_text())
+    best = min(metrics["loss_history"], key=lambda entry: entry["loss"])
+    metrics |= {"best_loss": best["loss"], "best_step": best["step"], "validation_metrics": {}}
+    (checkpoint / "training_metrics.json").write_text(json.dumps(metrics))
+    meta = json.loads((checkpoint / "metadata.json").read_text())
+    meta["best_loss"] = best["loss"]
+    meta["validation_metrics"] = {key: value for key, value in meta["validation_metrics"].items()
+                                  if key in ("current_avg_loss", "steps_since_best", "loss_trend")}
+    (checkpoint / "metadata.json").write_text(json.dumps(meta))
+    return [entry["loss"] for entry in metrics["loss_history"]]
+
+
+def test_view_of_a_run_without_validation_labels_the_best_as_training(capsys, checkpoints):
+    losses = without_validation(checkpoints / STEP8)
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP8)
+    assert code == 0
+    best_step = losses.index(min(losses)) + 1  # the history starts at step 1
+    assert f"💥 Current training loss: {losses[-1]:.6f}\n" in out
+    assert f"🏆 Best training loss (step {best_step}): {min(losses):.6f}\n" in out
+    assert "validation loss" not in out
 
 
 def test_view_latest_and_upload_state(capsys, checkpoints):
