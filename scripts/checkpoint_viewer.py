@@ -6,15 +6,17 @@
     python scripts/checkpoint_viewer.py compare checkpoint-epoch0-step50-files0 latest
     python scripts/checkpoint_viewer.py plot latest --save training_plot.png
 
-It only reads: metadata.json, training_metrics.json and training_config.json of each checkpoint and
-<checkpoint_dir>/uploads.json (the upload state the background uploader records).
+It only reads: metadata.json, training_metrics.json and training_config.json of each checkpoint,
+<checkpoint_dir>/uploads.json (the upload state the background uploader records) and, for plot's validation
+curve, <log_dir>/metrics.jsonl. It writes only plot's PNG (by default into <checkpoint_dir>/plots/).
 """
 import argparse
+import json
 import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,9 @@ from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noq
 from utils.metrics import TrainingMetrics  # noqa: E402
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
 RULE = "=" * 78
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+"""plot's default folder, inside checkpoint_dir (its name is no checkpoint's, so list and view ignore it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +52,9 @@ class CheckpointRecord:
     """From training_metrics.json (the full history); None when that file is missing or unreadable."""
     metrics_problem: str | None
     """Why `metrics` is None, shown to the user, who then sees statistics of metadata.json's shorter history."""
+    validation_history: list[Any] | None
+    """training_metrics.json's "validation_history" ([{"step", "eval_loss", ...}]) where train.py keeps one;
+    its validation_metrics holds only the latest validation."""
 
     @property
     def losses(self) -> list[float]:
@@ -99,16 +107,54 @@ def load_record(info: CheckpointInfo) -> CheckpointRecord:
     metadata = read_json(info.path / "metadata.json")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
         raise CheckpointError(f"{info.path / 'metadata.json'}: not a checkpoint metadata file (no integer 'step')")
-    metrics, problem = None, None
+    metrics, problem, history = None, None, None
     try:
         state = read_json(info.path / "training_metrics.json")
         if not isinstance(state, dict):
             raise CheckpointError(f"{info.path / 'training_metrics.json'}: expected a JSON object")
         metrics = TrainingMetrics()
         metrics.load_state_dict(state)
+        history = state.get("validation_history") if isinstance(state.get("validation_history"), list) else None
     except CheckpointError as error:
         problem = str(error)
-    return CheckpointRecord(info, metadata, metrics, problem)
+    return CheckpointRecord(info, metadata, metrics, problem, history)
+
+
+def read_jsonl(path: Path) -> Iterator[Any]:
+    """The JSON values of a .jsonl file's lines; a line that is not JSON (the one being written) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def validation_points(entries: Iterable[Any], up_to_step: int) -> list[tuple[int, float]]:
+    """(step, eval_loss) of the validation records among `entries` up to a checkpoint's step, oldest first. A
+    step seen twice keeps its last record: a run resumed from an earlier checkpoint logs the steps after it again."""
+    by_step: dict[int, float] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "loss" in entry:  # "loss": a training line
+            continue
+        step, loss = entry.get("step"), entry.get("eval_loss")
+        if isinstance(step, int) and isinstance(loss, (int, float)) and step <= up_to_step:
+            by_step[step] = float(loss)
+    return sorted(by_step.items())
+
+
+def validation_history(record: CheckpointRecord, log_dir: Path) -> tuple[list[tuple[int, float]], str]:
+    """The validation losses up to the checkpoint and the file they came from (or, without any, why): the
+    checkpoint's own history where train.py keeps one, else the eval_loss lines of <log_dir>/metrics.jsonl."""
+    recorded = validation_points(record.validation_history or [], record.info.step)
+    if recorded:
+        return recorded, str(record.info.path / "training_metrics.json")
+    path = log_dir / METRICS_FILE
+    try:
+        logged = validation_points(read_jsonl(path), record.info.step)
+    except OSError as error:
+        return [], f"{path}: {error.strerror or error}"
+    return (logged, str(path)) if logged else ([], f"no validation lines in {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,13 +367,21 @@ def delta_row(before: CheckpointRecord, after: CheckpointRecord) -> str:
             f"{fmt_duration(seconds) if seconds is not None else '':>19}{rate}")
 
 
-def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None) -> int:
+def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None, log_dir: Path) -> int:
     require_checkpoints(checkpoint_dir)
     record = load_record(find_checkpoint(checkpoint_dir, name))
     if record.metrics is None:
         raise CheckpointError(f"cannot plot {record.info.name}: {record.metrics_problem}")
     if not record.metrics.loss_history:
         raise CheckpointError(f"cannot plot {record.info.name}: no losses recorded")
+    if save is not None and not save.parent.is_dir():
+        raise CheckpointError(f"--save: folder {save.parent} does not exist")
+    validations, source = validation_history(record, log_dir)
+    if validations:
+        print(f"📏 Validation loss from {source} ({len(validations)} point{'s' if len(validations) != 1 else ''})")
+    else:
+        print(f"📏 No validation history found ({source}): plotting the training loss only "
+              "(--log-dir names the folder of the run's metrics.jsonl)")
 
     import matplotlib
     if save is not None:
@@ -336,25 +390,41 @@ def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None) -> int:
     from matplotlib.backends import BackendFilter, backend_registry
     headless = matplotlib.get_backend().lower() in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
     if save is None and headless:
-        save = Path(f"{record.info.name}-plot.png")
-        print("🖥️  No display available: saving the plot to a file instead (choose it with --save)")
+        # Beside the checkpoints it shows rather than in whatever folder the command ran from.
+        save = checkpoint_dir / PLOTS_DIR / f"{record.info.name}-plot.png"
+        try:
+            save.parent.mkdir(exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"cannot create {save.parent}: {error.strerror or error}") from None
+        print(f"🖥️  No display available: saving the plot to {save} (choose another file with --save)")
 
-    figure = plot_metrics(plt, record)
+    figure = plot_metrics(plt, record, validations)
     if save is None:
         plt.show()
         return 0
-    if not save.parent.is_dir():
-        raise CheckpointError(f"--save: folder {save.parent} does not exist")
     try:
         figure.savefig(save, dpi=100)
     except (ValueError, OSError) as error:
-        raise CheckpointError(f"--save {save}: {error}") from None
+        raise CheckpointError(f"cannot write the plot to {save}: {error}") from None
     print(f"🖼️  Saved plot to {save}")
     return 0
 
 
-def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
-    """Loss (with its running mean and the best point) above the learning rate, against the step."""
+def best_point(record: CheckpointRecord) -> tuple[int, float, str] | None:
+    """The best loss as (step, loss, "validation" or "training"): which curve it belongs to."""
+    if record.best_from_validation:
+        step, loss, kind = record.validation.get("best_eval_step"), record.validation["best_eval_loss"], "validation"
+    else:
+        assert record.metrics is not None
+        step, loss, kind = record.metrics.best_step, record.metrics.best_loss, "training"
+    if isinstance(step, int) and isinstance(loss, (int, float)) and math.isfinite(loss):
+        return step, float(loss), kind
+    return None
+
+
+def plot_metrics(plt: Any, record: CheckpointRecord, validations: list[tuple[int, float]]) -> Any:
+    """Training loss (with its running mean) and validation loss, with the best point on the curve it belongs
+    to, above the learning rate, against the step."""
     metrics = record.metrics
     assert metrics is not None
     steps = [entry["step"] for entry in metrics.loss_history]
@@ -362,15 +432,19 @@ def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     figure.suptitle(f"{record.info.name}  ({fmt_count(record.tokens_seen)} tokens)")
 
-    loss_axis.plot(steps, losses, label="loss", color="tab:blue", alpha=0.6 if len(losses) > 20 else 1.0)
+    loss_axis.plot(steps, losses, label="training loss", color="tab:blue", alpha=0.6 if len(losses) > 20 else 1.0)
     window = max(1, len(losses) // 20)
     if window > 1:
         smoothed = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-        loss_axis.plot(steps, smoothed, label=f"mean of {window}", color="tab:orange")
-    if metrics.best_loss is not None and metrics.best_step is not None and math.isfinite(metrics.best_loss):
-        loss_axis.scatter([metrics.best_step], [metrics.best_loss], color="tab:green", zorder=3,
-                          label=f"best {metrics.best_loss:.4f} @ {metrics.best_step}")
-    loss_axis.set_ylabel("training loss")
+        loss_axis.plot(steps, smoothed, label=f"training loss, mean of {window}", color="tab:orange")
+    if validations:
+        loss_axis.plot([step for step, _ in validations], [loss for _, loss in validations], label="validation loss",
+                       color="tab:purple", marker="o", markersize=3)
+    best = best_point(record)
+    if best is not None:
+        step, loss, kind = best
+        loss_axis.scatter([step], [loss], color="tab:green", zorder=3, label=f"best {kind} loss {loss:.4f} @ {step}")
+    loss_axis.set_ylabel("loss")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend()
 
@@ -387,6 +461,15 @@ def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+def resolve_log_dir(log_dir: Path | None, config: TrainingConfig | None) -> Path:
+    """--log-dir as given; else the config's log_dir (relative to the repo, like train.py's); else ./logs."""
+    if log_dir is not None:
+        return log_dir
+    if config is not None:
+        return Path(config.with_repo_paths().log_dir)
+    return Path("logs")
+
 
 def resolve_checkpoint_dir(checkpoint_dir: str | None, config: TrainingConfig | None) -> Path:
     """--checkpoint-dir as given; else the config's checkpoint_dir, which (like train.py) is relative to the repo."""
@@ -429,10 +512,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     view.add_argument("name", help="checkpoint folder name, or 'latest'")
     compare = add_command("compare", help="a table of several checkpoints with the change between them")
     compare.add_argument("names", nargs="+", metavar="NAME", help="two or more checkpoint names (or 'latest')")
-    plot = add_command("plot", help="loss and learning-rate curves")
+    plot = add_command("plot", help="training and validation loss and learning-rate curves")
     plot.add_argument("name", help="checkpoint folder name, or 'latest'")
     plot.add_argument("--save", type=Path, metavar="FILE.png",
-                      help="write the plot to this file instead of opening a window")
+                      help="write the plot to this file instead of opening a window (without a display: "
+                           "CHECKPOINT_DIR/plots/NAME-plot.png)")
+    plot.add_argument("--log-dir", type=Path,
+                      help="folder of the run's metrics.jsonl, for the validation curve when the checkpoint does "
+                           "not record its history (default: the log_dir of --config, else ./logs)")
     return parser.parse_args(argv)
 
 
@@ -448,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_view(checkpoint_dir, args.name)
         if args.command == "compare":
             return cmd_compare(checkpoint_dir, args.names)
-        return cmd_plot(checkpoint_dir, args.name, args.save)
+        return cmd_plot(checkpoint_dir, args.name, args.save, resolve_log_dir(args.log_dir, config))
     except (CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -284,7 +284,8 @@ def render_events(view: RunView) -> list[str]:
         lines.append(f"💾 Last save: {view.last_save.get('checkpoint', 'n/a')} at step "
                      f"{fmt_number(view.last_save.get('step'), ',.0f')}, {save_figures(view.last_save)}")
     if view.last_upload is not None:
-        lines.append(f"☁️  Last upload: {view.last_upload.get('checkpoint', 'n/a')}, {upload_figures(view.last_upload)}")
+        lines.append(f"☁️  Last upload: {view.last_upload.get('checkpoint', 'n/a')}, "
+                     f"{upload_figures(view.last_upload)}")
     return lines
 
 
