@@ -6,15 +6,17 @@
     python scripts/checkpoint_viewer.py compare checkpoint-epoch0-step50-files0 latest
     python scripts/checkpoint_viewer.py plot latest --save training_plot.png
 
-It only reads: metadata.json, training_metrics.json and training_config.json of each checkpoint and
-<checkpoint_dir>/uploads.json (the upload state the background uploader records).
+It only reads: metadata.json, training_metrics.json and training_config.json of each checkpoint,
+<checkpoint_dir>/uploads.json (the upload state the background uploader records) and, for plot's validation
+curve, <log_dir>/metrics.jsonl. It writes only plot's PNG (by default into <checkpoint_dir>/plots/).
 """
 import argparse
+import json
 import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,15 +24,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs.training_config import CONFIG_DIR, ConfigError, TrainingConfig, load_config  # noqa: E402
+from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
 from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
                                     parse_checkpoint_name, read_json)
 from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value,  # noqa: E402
-                           upload_label)
+                           holders_hint, subfolders_holding, upload_label)
 from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noqa: E402
 from utils.metrics import TrainingMetrics  # noqa: E402
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
 RULE = "=" * 78
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+"""plot's default folder, inside checkpoint_dir (its name is no checkpoint's, so list and view ignore it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +52,9 @@ class CheckpointRecord:
     """From training_metrics.json (the full history); None when that file is missing or unreadable."""
     metrics_problem: str | None
     """Why `metrics` is None, shown to the user, who then sees statistics of metadata.json's shorter history."""
+    validation_history: list[Any] | None
+    """training_metrics.json's "validation_history" ([{"step", "eval_loss", ...}]) where train.py keeps one;
+    its validation_metrics holds only the latest validation."""
 
     @property
     def losses(self) -> list[float]:
@@ -59,6 +67,18 @@ class CheckpointRecord:
         if self.metrics is not None:
             return [entry["lr"] for entry in self.metrics.learning_rates]
         return list(self.metadata.get("learning_rates") or [])
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """metadata.json's validation_metrics: training-loss statistics, and with validation on, the latest and
+        the best validation (best_eval_loss, best_eval_step)."""
+        block = self.metadata.get("validation_metrics")
+        return block if isinstance(block, dict) else {}
+
+    @property
+    def best_from_validation(self) -> bool:
+        """A run that validates makes best_loss its best validation loss (train.py); else the best training loss."""
+        return self.validation.get("best_eval_loss") is not None
 
     @property
     def current_loss(self) -> float | None:
@@ -87,27 +107,78 @@ def load_record(info: CheckpointInfo) -> CheckpointRecord:
     metadata = read_json(info.path / "metadata.json")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
         raise CheckpointError(f"{info.path / 'metadata.json'}: not a checkpoint metadata file (no integer 'step')")
-    metrics, problem = None, None
+    metrics, problem, history = None, None, None
     try:
         state = read_json(info.path / "training_metrics.json")
         if not isinstance(state, dict):
             raise CheckpointError(f"{info.path / 'training_metrics.json'}: expected a JSON object")
         metrics = TrainingMetrics()
         metrics.load_state_dict(state)
+        history = state.get("validation_history") if isinstance(state.get("validation_history"), list) else None
     except CheckpointError as error:
         problem = str(error)
-    return CheckpointRecord(info, metadata, metrics, problem)
+    return CheckpointRecord(info, metadata, metrics, problem, history)
+
+
+def read_jsonl(path: Path) -> Iterator[Any]:
+    """The JSON values of a .jsonl file's lines; a line that is not JSON (the one being written) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def validation_points(entries: Iterable[Any], up_to_step: int) -> list[tuple[int, float]]:
+    """(step, eval_loss) of the validation records among `entries` up to a checkpoint's step, oldest first. A
+    step seen twice keeps its last record: a run resumed from an earlier checkpoint logs the steps after it again."""
+    by_step: dict[int, float] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "loss" in entry:  # "loss": a training line
+            continue
+        step, loss = entry.get("step"), entry.get("eval_loss")
+        if isinstance(step, int) and isinstance(loss, (int, float)) and step <= up_to_step:
+            by_step[step] = float(loss)
+    return sorted(by_step.items())
+
+
+def validation_history(record: CheckpointRecord, log_dir: Path) -> tuple[list[tuple[int, float]], str]:
+    """The validation losses up to the checkpoint and the file they came from (or, without any, why): the
+    checkpoint's own history where train.py keeps one, else the eval_loss lines of <log_dir>/metrics.jsonl."""
+    recorded = validation_points(record.validation_history or [], record.info.step)
+    if recorded:
+        return recorded, str(record.info.path / "training_metrics.json")
+    path = log_dir / METRICS_FILE
+    try:
+        logged = validation_points(read_jsonl(path), record.info.step)
+    except OSError as error:
+        return [], f"{path}: {error.strerror or error}"
+    return (logged, str(path)) if logged else ([], f"no validation lines in {path}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------
 
+def best_loss_line(record: CheckpointRecord) -> str:
+    """The best loss, named for what it is: the best validation loss when the run validates, else the best
+    training loss (the current loss shown above it is always a training loss)."""
+    if record.best_from_validation:
+        return (f"🏆 Best validation loss (step {record.validation.get('best_eval_step', 'n/a')}): "
+                f"{fmt_loss(record.validation['best_eval_loss'])}")
+    best = record.metadata.get("best_loss")
+    if best is None:  # a run that validates but had not yet when it saved this checkpoint
+        return "🏆 Best loss: n/a"
+    step = record.metrics.best_step if record.metrics is not None else None
+    return f"🏆 Best training loss{f' (step {step})' if step is not None else ''}: {fmt_loss(best)}"
+
+
 def trend_label(record: CheckpointRecord) -> str:
     if record.metrics is not None:
         trend = record.metrics.loss_trend()
     else:
-        trend = record.metadata.get("validation_metrics", {}).get("loss_trend", "insufficient data")
+        trend = record.validation.get("loss_trend", "insufficient data")
     arrow = TREND_ARROWS.get(trend)
     return f"{arrow} {trend}" if arrow else str(trend)
 
@@ -116,40 +187,16 @@ def trend_label(record: CheckpointRecord) -> str:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-def config_naming(folder: Path) -> str | None:
-    """The name of a config in configs/ whose checkpoint_dir is `folder`, if any (for a --config hint)."""
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        try:
-            config = load_config(path.stem)
-        except ConfigError:
-            continue
-        if Path(config.with_repo_paths().checkpoint_dir).resolve() == folder.resolve():
-            return path.stem
-    return None
-
-
 def no_checkpoints_message(checkpoint_dir: Path) -> str:
     """Why there is nothing to show in an existing folder, with the subfolders that do hold checkpoints."""
-    holders = []
     try:
-        for sub in sorted(checkpoint_dir.iterdir()):
-            try:
-                if sub.is_dir() and list_checkpoints(sub):
-                    holders.append(sub)
-            except OSError:  # an unreadable subfolder is simply not a hint
-                continue
+        holders = subfolders_holding(checkpoint_dir, lambda sub: bool(list_checkpoints(sub)))
     except OSError as error:
         return f"cannot read {checkpoint_dir}: {error.strerror or error}"
     message = f"no checkpoints in {checkpoint_dir}"
     if not holders:
         return message + " (pass --checkpoint-dir or --config to look elsewhere)"
-    hints = []
-    for sub in holders:
-        config = config_naming(sub)
-        hints.append(f"pass --checkpoint-dir {sub}" + (f" or --config {config}" if config else ""))
-    if len(holders) == 1:
-        return f"{message}; {holders[0]} holds some: {hints[0]}"
-    return f"{message}; subfolders {', '.join(str(sub) for sub in holders)} hold some: {'; '.join(hints)}"
+    return f"{message}; {holders_hint(holders, '--checkpoint-dir', 'checkpoint_dir')}"
 
 
 def require_folder(checkpoint_dir: Path) -> None:
@@ -234,7 +281,6 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     meta = record.metadata
     progress, system = meta.get("training_progress", {}), meta.get("system_info", {})
     losses, rates = record.losses, record.learning_rates
-    validation = meta.get("validation_metrics") or {}
 
     print(f"\n📊 Checkpoint Summary: {record.info.name}")
     print("=" * 60)
@@ -253,9 +299,8 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     print("-" * 30)
     if record.metrics_problem:
         print(f"⚠️  {record.metrics_problem}; statistics below use metadata.json's last {len(losses)} losses")
-    best_step = record.metrics.best_step if record.metrics is not None else None
-    print(f"💥 Current Loss: {fmt_loss(record.current_loss)}")
-    print(f"🏆 Best Loss: {fmt_loss(meta.get('best_loss'))}" + (f" (step {best_step})" if best_step else ""))
+    print(f"💥 Current training loss: {fmt_loss(record.current_loss)}")
+    print(best_loss_line(record))
     print(f"📊 Loss History Length: {len(losses)}")
     print(f"📉 Average Loss: {fmt_loss(statistics.fmean(losses) if losses else None)}")
     print(f"📊 Loss Std Dev: {fmt_loss(statistics.stdev(losses) if len(losses) > 1 else None)}")
@@ -267,9 +312,9 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
 
     print("\n🎯 Validation Metrics:")
     print("-" * 30)
-    for key, value in validation.items():
+    for key, value in record.validation.items():
         print(f"  {key}: {fmt_value(value)}")
-    if not validation:
+    if not record.validation:
         print("  (none recorded)")
     return 0
 
@@ -322,13 +367,21 @@ def delta_row(before: CheckpointRecord, after: CheckpointRecord) -> str:
             f"{fmt_duration(seconds) if seconds is not None else '':>19}{rate}")
 
 
-def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None) -> int:
+def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None, log_dir: Path) -> int:
     require_checkpoints(checkpoint_dir)
     record = load_record(find_checkpoint(checkpoint_dir, name))
     if record.metrics is None:
         raise CheckpointError(f"cannot plot {record.info.name}: {record.metrics_problem}")
     if not record.metrics.loss_history:
         raise CheckpointError(f"cannot plot {record.info.name}: no losses recorded")
+    if save is not None and not save.parent.is_dir():
+        raise CheckpointError(f"--save: folder {save.parent} does not exist")
+    validations, source = validation_history(record, log_dir)
+    if validations:
+        print(f"📏 Validation loss from {source} ({len(validations)} point{'s' if len(validations) != 1 else ''})")
+    else:
+        print(f"📏 No validation history found ({source}): plotting the training loss only "
+              "(--log-dir names the folder of the run's metrics.jsonl)")
 
     import matplotlib
     if save is not None:
@@ -337,25 +390,41 @@ def cmd_plot(checkpoint_dir: Path, name: str, save: Path | None) -> int:
     from matplotlib.backends import BackendFilter, backend_registry
     headless = matplotlib.get_backend().lower() in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
     if save is None and headless:
-        save = Path(f"{record.info.name}-plot.png")
-        print("🖥️  No display available: saving the plot to a file instead (choose it with --save)")
+        # Beside the checkpoints it shows rather than in whatever folder the command ran from.
+        save = checkpoint_dir / PLOTS_DIR / f"{record.info.name}-plot.png"
+        try:
+            save.parent.mkdir(exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"cannot create {save.parent}: {error.strerror or error}") from None
+        print(f"🖥️  No display available: saving the plot to {save} (choose another file with --save)")
 
-    figure = plot_metrics(plt, record)
+    figure = plot_metrics(plt, record, validations)
     if save is None:
         plt.show()
         return 0
-    if not save.parent.is_dir():
-        raise CheckpointError(f"--save: folder {save.parent} does not exist")
     try:
         figure.savefig(save, dpi=100)
     except (ValueError, OSError) as error:
-        raise CheckpointError(f"--save {save}: {error}") from None
+        raise CheckpointError(f"cannot write the plot to {save}: {error}") from None
     print(f"🖼️  Saved plot to {save}")
     return 0
 
 
-def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
-    """Loss (with its running mean and the best point) above the learning rate, against the step."""
+def best_point(record: CheckpointRecord) -> tuple[int, float, str] | None:
+    """The best loss as (step, loss, "validation" or "training"): which curve it belongs to."""
+    if record.best_from_validation:
+        step, loss, kind = record.validation.get("best_eval_step"), record.validation["best_eval_loss"], "validation"
+    else:
+        assert record.metrics is not None
+        step, loss, kind = record.metrics.best_step, record.metrics.best_loss, "training"
+    if isinstance(step, int) and isinstance(loss, (int, float)) and math.isfinite(loss):
+        return step, float(loss), kind
+    return None
+
+
+def plot_metrics(plt: Any, record: CheckpointRecord, validations: list[tuple[int, float]]) -> Any:
+    """Training loss (with its running mean) and validation loss, with the best point on the curve it belongs
+    to, above the learning rate, against the step."""
     metrics = record.metrics
     assert metrics is not None
     steps = [entry["step"] for entry in metrics.loss_history]
@@ -363,15 +432,19 @@ def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     figure.suptitle(f"{record.info.name}  ({fmt_count(record.tokens_seen)} tokens)")
 
-    loss_axis.plot(steps, losses, label="loss", color="tab:blue", alpha=0.6 if len(losses) > 20 else 1.0)
+    loss_axis.plot(steps, losses, label="training loss", color="tab:blue", alpha=0.6 if len(losses) > 20 else 1.0)
     window = max(1, len(losses) // 20)
     if window > 1:
         smoothed = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-        loss_axis.plot(steps, smoothed, label=f"mean of {window}", color="tab:orange")
-    if metrics.best_loss is not None and metrics.best_step is not None and math.isfinite(metrics.best_loss):
-        loss_axis.scatter([metrics.best_step], [metrics.best_loss], color="tab:green", zorder=3,
-                          label=f"best {metrics.best_loss:.4f} @ {metrics.best_step}")
-    loss_axis.set_ylabel("training loss")
+        loss_axis.plot(steps, smoothed, label=f"training loss, mean of {window}", color="tab:orange")
+    if validations:
+        loss_axis.plot([step for step, _ in validations], [loss for _, loss in validations], label="validation loss",
+                       color="tab:purple", marker="o", markersize=3)
+    best = best_point(record)
+    if best is not None:
+        step, loss, kind = best
+        loss_axis.scatter([step], [loss], color="tab:green", zorder=3, label=f"best {kind} loss {loss:.4f} @ {step}")
+    loss_axis.set_ylabel("loss")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend()
 
@@ -388,6 +461,15 @@ def plot_metrics(plt: Any, record: CheckpointRecord) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+def resolve_log_dir(log_dir: Path | None, config: TrainingConfig | None) -> Path:
+    """--log-dir as given; else the config's log_dir (relative to the repo, like train.py's); else ./logs."""
+    if log_dir is not None:
+        return log_dir
+    if config is not None:
+        return Path(config.with_repo_paths().log_dir)
+    return Path("logs")
+
 
 def resolve_checkpoint_dir(checkpoint_dir: str | None, config: TrainingConfig | None) -> Path:
     """--checkpoint-dir as given; else the config's checkpoint_dir, which (like train.py) is relative to the repo."""
@@ -430,10 +512,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     view.add_argument("name", help="checkpoint folder name, or 'latest'")
     compare = add_command("compare", help="a table of several checkpoints with the change between them")
     compare.add_argument("names", nargs="+", metavar="NAME", help="two or more checkpoint names (or 'latest')")
-    plot = add_command("plot", help="loss and learning-rate curves")
+    plot = add_command("plot", help="training and validation loss and learning-rate curves")
     plot.add_argument("name", help="checkpoint folder name, or 'latest'")
     plot.add_argument("--save", type=Path, metavar="FILE.png",
-                      help="write the plot to this file instead of opening a window")
+                      help="write the plot to this file instead of opening a window (without a display: "
+                           "CHECKPOINT_DIR/plots/NAME-plot.png)")
+    plot.add_argument("--log-dir", type=Path,
+                      help="folder of the run's metrics.jsonl, for the validation curve when the checkpoint does "
+                           "not record its history (default: the log_dir of --config, else ./logs)")
     return parser.parse_args(argv)
 
 
@@ -449,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_view(checkpoint_dir, args.name)
         if args.command == "compare":
             return cmd_compare(checkpoint_dir, args.names)
-        return cmd_plot(checkpoint_dir, args.name, args.save)
+        return cmd_plot(checkpoint_dir, args.name, args.save, resolve_log_dir(args.log_dir, config))
     except (CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

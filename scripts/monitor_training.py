@@ -6,7 +6,8 @@
     python scripts/monitor_training.py --logs-only            # follow the metrics log
 
 It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step, with
-"loss", and one per validation, with "eval_loss"), the checkpoint folders and <checkpoint_dir>/uploads.json.
+"loss" and the running run's "max_steps", one per validation, with "eval_loss", and lines with an "event":
+"save" and "upload" are shown, others skipped), the checkpoint folders and <checkpoint_dir>/uploads.json.
 A line still being written is left for the next refresh.
 """
 import argparse
@@ -14,7 +15,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ import psutil  # noqa: E402
 
 from configs.training_config import ConfigError, load_config  # noqa: E402
 from utils.checkpoint_utils import CheckpointError, list_checkpoints, read_json  # noqa: E402
-from utils.display import fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, upload_label  # noqa: E402
+from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, holders_hint,  # noqa: E402
+                           subfolders_holding, upload_label)
 from utils.manifest import read_snapshot  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
@@ -39,14 +41,20 @@ STALE_AFTER_S = 300
 # Reading metrics.jsonl while it grows
 # ---------------------------------------------------------------------------------------------
 
+def is_event(record: dict[str, Any]) -> bool:
+    """A line about something that happened rather than a step's numbers: {"event": "save", ...},
+    {"event": "upload", ...}, and maybe other kinds later (read, and skipped where not shown)."""
+    return isinstance(record.get("event"), str)
+
+
 def is_training(record: dict[str, Any]) -> bool:
     """A logging step's line: {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", ...}."""
-    return "loss" in record
+    return "loss" in record and not is_event(record)
 
 
 def is_validation(record: dict[str, Any]) -> bool:
     """A validation's line: {"step", "eval_loss", "eval_perplexity", "eval_tokens"}."""
-    return "eval_loss" in record and "loss" not in record
+    return "eval_loss" in record and "loss" not in record and not is_event(record)
 
 
 @dataclass
@@ -59,7 +67,8 @@ class MetricsReader:
     restarted: bool = False
     """The last read_new() found the file replaced or truncated (a new run) and read it from the start."""
     bad_lines: int = 0
-    """Complete lines that were neither a training nor a validation record (skipped and counted, never fatal)."""
+    """Complete lines that were neither a training, a validation nor an event record (skipped and counted,
+    never fatal)."""
 
     def read_new(self, tail_bytes: int | None = None) -> list[dict[str, Any]]:
         """Records appended since the last call; on the first call, those in the last `tail_bytes`."""
@@ -89,8 +98,8 @@ class MetricsReader:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                    and (is_training(record) or is_validation(record)):
+            if isinstance(record, dict) and (is_event(record) or isinstance(record.get("step"), int)
+                                             and (is_training(record) or is_validation(record))):
                 records.append(record)
             else:
                 self.bad_lines += 1
@@ -124,6 +133,17 @@ def seconds_per_step(records: list[dict[str, Any]]) -> float | None:
     return None
 
 
+def is_count(value: Any) -> bool:
+    """A positive integer (JSON true is a Python int too, and is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def logged_max_steps(records: list[dict[str, Any]]) -> int | None:
+    """The running run's max_steps, which train.py writes in every training line; None in older logs."""
+    value = records[-1].get("max_steps") if records else None
+    return value if is_count(value) else None
+
+
 def eta_seconds(records: list[dict[str, Any]], max_steps: int | None) -> float | None:
     if not records or max_steps is None:
         return None
@@ -147,26 +167,63 @@ class RunView:
     log_dir: Path
     checkpoint_dir: Path
     max_steps: int | None
+    """--max-steps, else the config's or the newest checkpoint's: the run's own (in its log) goes first unless
+    max_steps_given."""
     max_steps_source: str
+    max_steps_given: bool = False
+    """--max-steps was passed: it wins over the run's log."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """Training lines only (those with "loss")."""
     validations: list[dict[str, Any]] = field(default_factory=list)
     """Validation lines (those with "eval_loss")."""
+    last_save: dict[str, Any] | None = None
+    """The newest {"event": "save", "step", "checkpoint", "bytes", "seconds_blocked", "seconds_writing"}."""
+    last_upload: dict[str, Any] | None = None
+    """The newest {"event": "upload", "checkpoint", "bytes", "seconds", "mb_per_s", "streams", "queue"}."""
     bad_lines: int = 0
     metrics_age_s: float | None = None
 
 
+def run_max_steps(view: RunView) -> tuple[int | None, str]:
+    """max_steps and where it came from: --max-steps, else the running run's (a resume may have changed it
+    from the config's), else the config's or the newest checkpoint's."""
+    logged = None if view.max_steps_given else logged_max_steps(view.records)
+    if logged is not None:
+        return logged, "the run's log"
+    return view.max_steps, view.max_steps_source
+
+
+def elsewhere(folder: Path, holds: Callable[[Path], bool], option: str, folder_field: str) -> str:
+    """"; DIR holds some: pass OPTION DIR or --config NAME" for the subfolders of `folder` holding what it
+    lacks (logs/tiny and checkpoints/tiny after the quick start), or "" when none does."""
+    try:
+        holders = subfolders_holding(folder, holds)
+    except OSError:  # a folder that does not exist (yet) or cannot be read has no subfolders to point at
+        return ""
+    return f"; {holders_hint(holders, option, folder_field)}" if holders else ""
+
+
+def metrics_elsewhere(log_dir: Path) -> str:
+    """Where metrics are when `log_dir` has no metrics.jsonl: its subfolders that hold one."""
+    if (log_dir / METRICS_FILE).exists():
+        return ""
+    return elsewhere(log_dir, lambda sub: (sub / METRICS_FILE).is_file(), "--log-dir", "log_dir")
+
+
 def render_run(view: RunView) -> list[str]:
     lines = []
+    max_steps, max_steps_source = run_max_steps(view)
     metrics_path = view.log_dir / METRICS_FILE
     if not view.records:
-        lines.append(f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
+        hint = metrics_elsewhere(view.log_dir)
+        lines.append(f"⏳ No metrics in {metrics_path}{hint}" if hint
+                     else f"⏳ No metrics yet in {metrics_path} (training has not logged a step)")
     else:
         last = view.records[-1]
         step = last["step"]
-        total = f" / {view.max_steps:,}" if view.max_steps else ""
-        percent = f" ({step / view.max_steps:.1%})" if view.max_steps else ""
-        finished = view.max_steps is not None and step >= view.max_steps
+        total = f" / {max_steps:,}" if max_steps else ""
+        percent = f" ({step / max_steps:.1%})" if max_steps else ""
+        finished = max_steps is not None and step >= max_steps
         lines.append(f"🔢 Step: {step:,}{total}{percent}   epoch {last.get('epoch', 'n/a')}"
                      + ("   ✅ finished" if finished else ""))
         lines.append(f"💥 Loss: {fmt_loss(last.get('loss'))}   📈 LR: {fmt_lr(last.get('lr'))}   "
@@ -177,9 +234,9 @@ def render_run(view: RunView) -> list[str]:
         memory_text = f"   GPU memory (peak): {memory:.1f} GiB" if isinstance(memory, (int, float)) else ""
         lines.append(f"⚡ Tokens/s: {f'{speed:,.0f}' if speed else 'n/a'}{mfu}   "
                      f"tokens seen: {fmt_count(last.get('tokens_seen'))}{memory_text}")
-        eta = eta_seconds(view.records, view.max_steps)
+        eta = eta_seconds(view.records, max_steps)
         eta_text = "done" if finished else (fmt_duration(eta) if eta is not None else "n/a")
-        source = f" (max steps from {view.max_steps_source})" if view.max_steps else " (max steps unknown: pass --config)"
+        source = f" (max steps from {max_steps_source})" if max_steps else " (max steps unknown: pass --config)"
         lines.append(f"⏱️  Elapsed: {fmt_duration(last.get('elapsed_s', 0))}   ETA: {eta_text}{source}")
         if last.get("shards_skipped"):
             lines.append(f"⚠️  Shards skipped: {last['shards_skipped']}")
@@ -199,6 +256,39 @@ def fmt_number(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
 
+def fmt_size(value: Any) -> str:
+    return fmt_bytes(value) if isinstance(value, (int, float)) else "n/a"
+
+
+def save_figures(record: dict[str, Any]) -> str:
+    """A save event's cost: the checkpoint's size, how long training waited, how long the writing took."""
+    return (f"{fmt_size(record.get('bytes'))}, blocked {fmt_number(record.get('seconds_blocked'), '.1f')} s, "
+            f"written in {fmt_number(record.get('seconds_writing'), '.1f')} s")
+
+
+def upload_figures(record: dict[str, Any]) -> str:
+    """An upload event's figures: size, rate, parallel streams, and the uploads still queued behind it."""
+    return (f"{fmt_size(record.get('bytes'))} at {fmt_number(record.get('mb_per_s'), ',.0f')} MB/s, "
+            f"{fmt_number(record.get('streams'), '.0f')} streams, {fmt_number(record.get('queue'), '.0f')} queued")
+
+
+def latest_event(records: list[dict[str, Any]], kind: str, previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest line with "event": kind among `records`, else `previous` (the one seen at an earlier refresh)."""
+    found = [record for record in records if record.get("event") == kind]
+    return found[-1] if found else previous
+
+
+def render_events(view: RunView) -> list[str]:
+    lines = []
+    if view.last_save is not None:
+        lines.append(f"💾 Last save: {view.last_save.get('checkpoint', 'n/a')} at step "
+                     f"{fmt_number(view.last_save.get('step'), ',.0f')}, {save_figures(view.last_save)}")
+    if view.last_upload is not None:
+        lines.append(f"☁️  Last upload: {view.last_upload.get('checkpoint', 'n/a')}, "
+                     f"{upload_figures(view.last_upload)}")
+    return lines
+
+
 def format_validation_summary(record: dict[str, Any]) -> str:
     return (f"📏 Validation at step {record['step']:,}: loss {fmt_number(record.get('eval_loss'), '.4f')}, "
             f"perplexity {fmt_number(record.get('eval_perplexity'), '.2f')}")
@@ -207,7 +297,9 @@ def format_validation_summary(record: dict[str, Any]) -> str:
 def render_checkpoints(checkpoint_dir: Path, shown: int = 3) -> list[str]:
     found = list_checkpoints(checkpoint_dir)
     if not found:
-        return [f"💾 No checkpoints yet in {checkpoint_dir}"]
+        return [f"💾 No checkpoints yet in {checkpoint_dir}"
+                + elsewhere(checkpoint_dir, lambda sub: bool(list_checkpoints(sub)), "--checkpoint-dir",
+                            "checkpoint_dir")]
     manifest = read_snapshot(checkpoint_dir)
     lines = [f"💾 Checkpoints: {len(found)} in {checkpoint_dir}, newest last"]
     for info in found[-shown:]:
@@ -284,7 +376,15 @@ class GpuProbe:
 # Modes
 # ---------------------------------------------------------------------------------------------
 
-def format_record(record: dict[str, Any]) -> str:
+def format_record(record: dict[str, Any]) -> str | None:
+    """A row of --logs-only; None for an event it does not show (a kind added after this monitor)."""
+    if is_event(record):
+        if record["event"] == "save":
+            return (f"{fmt_number(record.get('step'), '.0f'):>8} save: {record.get('checkpoint', 'n/a')}, "
+                    f"{save_figures(record)}")
+        if record["event"] == "upload":  # no step: it runs beside training, for a checkpoint saved earlier
+            return f"{'':>8} upload: {record.get('checkpoint', 'n/a')}, {upload_figures(record)}"
+        return None
     if is_validation(record):
         return (f"{record['step']:>8} validation: loss {fmt_number(record.get('eval_loss'), '.6f')}, "
                 f"perplexity {fmt_number(record.get('eval_perplexity'), '.2f')}")
@@ -298,16 +398,20 @@ def format_record(record: dict[str, Any]) -> str:
 LOG_HEADER = f"{'step':>8} {'loss':>10} {'lr':>9} {'grad':>8} {'tok/s':>10} {'elapsed':>10}"
 
 
+def log_rows(records: list[dict[str, Any]]) -> list[str]:
+    return [row for row in map(format_record, records) if row is not None]
+
+
 def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
     """Prints the last `lines` metrics records, then (unless once) new ones as they arrive."""
     reader = MetricsReader(log_dir / METRICS_FILE)
     if not reader.path.exists():
-        print(f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
-              else f"📝 No metrics yet in {reader.path}")
-    records = reader.read_new(tail_bytes=TAIL_BYTES)[-lines:]
+        print((f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
+               else f"📝 No metrics yet in {reader.path}") + metrics_elsewhere(log_dir))
+    records = reader.read_new(tail_bytes=TAIL_BYTES)
     print(LOG_HEADER + (f" {'mfu':>6}" if any(has_mfu(record) for record in records) else ""))
-    for record in records:
-        print(format_record(record))
+    for row in log_rows(records)[-lines:]:
+        print(row)
     while not once:
         sys.stdout.flush()
         time.sleep(refresh)
@@ -315,8 +419,8 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
         records = reader.read_new()
         if reader.restarted:
             print(f"--- {reader.path} was replaced: a new run ---")
-        for record in records:
-            print(format_record(record))
+        for row in log_rows(records):
+            print(row)
         if reader.bad_lines > before:
             print(f"⚠️  {reader.bad_lines - before} unreadable line(s) skipped")
     if reader.bad_lines:
@@ -327,9 +431,11 @@ def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
 def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: int = 5000) -> str:
     new_records = reader.read_new(tail_bytes=TAIL_BYTES)
     if reader.restarted:
-        view.records, view.validations = [], []
+        view.records, view.validations, view.last_save, view.last_upload = [], [], None, None
     view.records = (view.records + [record for record in new_records if is_training(record)])[-max_records:]
     view.validations = (view.validations + [record for record in new_records if is_validation(record)])[-max_records:]
+    view.last_save = latest_event(new_records, "save", view.last_save)
+    view.last_upload = latest_event(new_records, "upload", view.last_upload)
     view.bad_lines = reader.bad_lines
     try:
         view.metrics_age_s = time.time() - reader.path.stat().st_mtime
@@ -338,11 +444,18 @@ def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: i
     lines = [f"🚀 Training monitor — {time.strftime('%Y-%m-%d %H:%M:%S')}   logs: {view.log_dir}", "=" * 78]
     lines += render_run(view)
     lines.append("-" * 78)
-    lines += render_checkpoints(view.checkpoint_dir)
+    lines += render_checkpoints(view.checkpoint_dir) + render_events(view)
     lines.append("-" * 78)
     lines += system_lines(view.checkpoint_dir) + gpu.lines()
-    lines.append(f"📈 TensorBoard: tensorboard --logdir {view.log_dir / 'tensorboard'}")
+    lines.append(f"📈 TensorBoard: tensorboard --logdir {tensorboard_dir(view.log_dir)}")
     return "\n".join(lines)
+
+
+def tensorboard_dir(log_dir: Path) -> Path:
+    """train.py's TensorBoard events are in <log_dir>/tensorboard; until that exists (or when the runs are in
+    subfolders, as logs/tiny after the quick start), log_dir itself: tensorboard searches it recursively."""
+    events = log_dir / "tensorboard"
+    return events if events.is_dir() else log_dir
 
 
 def watch(view: RunView, once: bool, refresh: float) -> int:
@@ -392,7 +505,7 @@ def build_view(args: argparse.Namespace) -> RunView:
         max_steps, source = args.max_steps, "--max-steps"
     elif max_steps is None:
         max_steps, source = latest_max_steps(checkpoint_dir)
-    return RunView(log_dir, checkpoint_dir, max_steps, source)
+    return RunView(log_dir, checkpoint_dir, max_steps, source, max_steps_given=args.max_steps is not None)
 
 
 def positive_float(text: str) -> float:
@@ -419,15 +532,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--logs-only", action="store_true",
                         help="only the metrics log: its last lines, then new ones as they arrive; a validation "
-                             "line shows as 'STEP validation: loss L, perplexity P'")
+                             "line shows as 'STEP validation: loss L, perplexity P', a save as 'STEP save: ...', "
+                             "an upload as 'upload: ...'")
     parser.add_argument("--lines", type=positive_int, default=20,
-                        help="log lines (training and validation) shown by --logs-only (default 20)")
-    parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and max_steps")
+                        help="log lines (training, validation, save and upload) shown by --logs-only (default 20)")
+    parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and (when "
+                                         "the log does not) max_steps")
     parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")
     parser.add_argument("--checkpoint-dir",
                         help="folder holding the checkpoints (default: checkpoints, or the config's checkpoint_dir)")
-    parser.add_argument("--max-steps", type=positive_int, help="the run's max_steps, for progress and ETA "
-                                                      "(default: from --config or the newest checkpoint)")
+    parser.add_argument("--max-steps", type=positive_int,
+                        help="the run's max_steps, for progress and ETA (default: the run's own, from its metrics "
+                             "log; in older logs, from --config or the newest checkpoint)")
     return parser.parse_args(argv)
 
 

@@ -10,20 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, run_train, write_config
+from conftest import REPO_ROOT, read_metrics, run_train, write_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from configs import training_config
-from scripts.checkpoint_viewer import main
+from scripts.checkpoint_viewer import load_record, main, plot_metrics, validation_history, validation_points
+from utils.checkpoint_utils import find_checkpoint
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
-    """One 8-step run saving at steps 4 and 8 and uploading them to a local folder, bucket/; the tests
-    copy it before changing anything."""
+    """One 8-step run validating and saving at steps 4 and 8 (as the tiny config does, at 50 and 100) and
+    uploading the checkpoints to a local folder, bucket/; the tests copy it before changing anything."""
     folder = tmp_path_factory.mktemp("viewer_run")
-    result = run_train("--config", str(write_config(folder, sample_data, upload_destination=str(folder / "bucket"))))
+    config = write_config(folder, sample_data, upload_destination=str(folder / "bucket"), eval_holdout_files=1,
+                          eval_steps=4, eval_batches=2)
+    result = run_train("--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "checkpoints"
 
@@ -36,6 +39,13 @@ def checkpoints(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, copy, ignore=lambda _, names: [n for n in names if (not n.endswith(".json") and "." in n)
                                                         or n == "uploads.json"])
     return copy
+
+
+@pytest.fixture
+def logs(run: Path, tmp_path: Path) -> Path:
+    """A private copy of the run's log folder: metrics.jsonl, with validation lines at steps 4 and 8."""
+    shutil.copytree(run.parent / "logs", tmp_path / "logs")
+    return tmp_path / "logs"
 
 
 def viewer(capsys: pytest.CaptureFixture[str], checkpoint_dir: Path, *args: str) -> tuple[int, str, str]:
@@ -217,16 +227,43 @@ def test_view_shows_the_detailed_summary(capsys, checkpoints):
     metrics = json.loads((checkpoints / STEP8 / "training_metrics.json").read_text())
     losses = [entry["loss"] for entry in metrics["loss_history"]]
     meta = metadata(checkpoints, STEP8)
+    validation = meta["validation_metrics"]
     assert f"Checkpoint Summary: {STEP8}" in out
     for expected in ("Step: 8", "Epoch: 0", "Files Processed: 0", "Tokens Seen: 1,024", "CUDA Available: False",
-                     "GPU Count: 0", "Mixed Precision: no", f"Current Loss: {losses[-1]:.6f}",
-                     f"Best Loss: {min(losses):.6f}", f"Loss History Length: {len(losses)}",
+                     "GPU Count: 0", "Mixed Precision: no", f"💥 Current training loss: {losses[-1]:.6f}\n",
+                     f"🏆 Best validation loss (step {validation['best_eval_step']}): "
+                     f"{validation['best_eval_loss']:.6f}\n", f"Loss History Length: {len(losses)}",
                      f"Average Loss: {statistics.fmean(losses):.6f}",
                      f"Loss Std Dev: {statistics.stdev(losses):.6f}", "Loss Trend: insufficient data",
                      f"Current LR: {metrics['learning_rates'][-1]['lr']:.2e}",
                      f"current_avg_loss: {meta['validation_metrics']['current_avg_loss']:.6f}",
                      "steps_since_best:", "Upload: failed (403 Forbidden)"):
         assert expected in out, expected
+
+
+def without_validation(checkpoint: Path) -> list[float]:
+    """Rewrites a checkpoint's JSON files as a run without validation writes them: best_loss is the best
+    training loss, and validation_metrics holds only training statistics. Returns the training losses."""
+    metrics = json.loads((checkpoint / "training_metrics.json").read_text())
+    best = min(metrics["loss_history"], key=lambda entry: entry["loss"])
+    metrics |= {"best_loss": best["loss"], "best_step": best["step"], "validation_metrics": {}}
+    (checkpoint / "training_metrics.json").write_text(json.dumps(metrics))
+    meta = json.loads((checkpoint / "metadata.json").read_text())
+    meta["best_loss"] = best["loss"]
+    meta["validation_metrics"] = {key: value for key, value in meta["validation_metrics"].items()
+                                  if key in ("current_avg_loss", "steps_since_best", "loss_trend")}
+    (checkpoint / "metadata.json").write_text(json.dumps(meta))
+    return [entry["loss"] for entry in metrics["loss_history"]]
+
+
+def test_view_of_a_run_without_validation_labels_the_best_as_training(capsys, checkpoints):
+    losses = without_validation(checkpoints / STEP8)
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP8)
+    assert code == 0
+    best_step = losses.index(min(losses)) + 1  # the history starts at step 1
+    assert f"💥 Current training loss: {losses[-1]:.6f}\n" in out
+    assert f"🏆 Best training loss (step {best_step}): {min(losses):.6f}\n" in out
+    assert "validation loss" not in out
 
 
 def test_view_latest_and_upload_state(capsys, checkpoints):
@@ -301,13 +338,108 @@ def test_plot_saves_a_png(capsys, checkpoints, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
-def test_plot_without_a_display_writes_a_file(run, tmp_path):
-    """Run as a user would, from another folder and with no display: the plot lands in a file."""
+def drawn(checkpoints: Path, name: str, log_dir: Path) -> tuple[dict[str, list[tuple[float, float]]], tuple]:
+    """What plot draws on its loss axis for a checkpoint: each curve's points by label, and the best point
+    with its label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    record = load_record(find_checkpoint(checkpoints, name))
+    figure = plot_metrics(plt, record, validation_history(record, log_dir)[0])
+    axis = figure.axes[0]
+    curves = {line.get_label(): [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+              for line in axis.get_lines()}
+    (best,) = axis.collections
+    point = tuple(float(value) for value in best.get_offsets()[0])
+    plt.close(figure)
+    return curves, (point, best.get_label())
+
+
+def test_plot_draws_the_validation_loss_as_a_curve_of_its_own(capsys, checkpoints, logs, tmp_path):
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(logs), "--save", str(tmp_path / "p.png"))
+    assert code == 0 and f"📏 Validation loss from {logs / 'metrics.jsonl'} (2 points)\n" in out
+    logged = [(float(r["step"]), r["eval_loss"]) for r in read_metrics(logs) if "eval_loss" in r]
+    losses = json.loads((checkpoints / STEP8 / "training_metrics.json").read_text())["loss_history"]
+    validation = metadata(checkpoints, STEP8)["validation_metrics"]
+    curves, (best, label) = drawn(checkpoints, STEP8, logs)
+    assert curves["training loss"] == [(float(entry["step"]), entry["loss"]) for entry in losses]
+    assert curves["validation loss"] == logged and [step for step, _ in logged] == [4.0, 8.0]
+    assert best == (validation["best_eval_step"], validation["best_eval_loss"]) and best in curves["validation loss"]
+    assert label == f"best validation loss {validation['best_eval_loss']:.4f} @ {validation['best_eval_step']}"
+    # The log goes on past an older checkpoint: its curve stops at its own step.
+    assert drawn(checkpoints, STEP4, logs)[0]["validation loss"] == logged[:1]
+
+
+def test_validation_points_keep_a_steps_last_line_up_to_the_checkpoint():
+    """A run resumed from an earlier checkpoint logs the steps after it again; other lines are not validations."""
+    entries = [{"step": 4, "eval_loss": 2.0}, {"step": 4, "loss": 1.0}, {"step": 8, "eval_loss": 1.5},
+               {"step": 4, "eval_loss": 1.9}, {"step": 12, "eval_loss": 1.0}, "junk", {"step": "8", "eval_loss": 1.0},
+               {"event": "save", "step": 8}]
+    assert validation_points(entries, up_to_step=8) == [(4, 1.9), (8, 1.5)]
+
+
+def test_plot_prefers_the_checkpoints_own_validation_history(capsys, checkpoints, logs, tmp_path):
+    path = checkpoints / STEP8 / "training_metrics.json"
+    history = [{"step": 2, "eval_loss": 8.6}, {"step": 4, "eval_loss": 8.5}, {"step": 6, "eval_loss": 8.45}]
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"validation_history": history}))
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(logs), "--save", str(tmp_path / "p.png"))
+    assert code == 0 and f"📏 Validation loss from {path} (3 points)\n" in out
+    assert drawn(checkpoints, STEP8, logs)[0]["validation loss"] == [(2.0, 8.6), (4.0, 8.5), (6.0, 8.45)]
+
+
+def test_plot_without_validation_history_says_so_in_one_line(capsys, checkpoints, tmp_path):
+    target = str(tmp_path / "p.png")
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(tmp_path / "nowhere"), "--save", target)
+    lines = [line for line in out.splitlines() if line.startswith("📏")]
+    assert code == 0 and len(lines) == 1
+    missing = tmp_path / "nowhere" / "metrics.jsonl"
+    assert lines[0].startswith(f"📏 No validation history found ({missing}: No such file")
+    (tmp_path / "training-only").mkdir()
+    (tmp_path / "training-only" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(tmp_path / "training-only"),
+                          "--save", target)
+    assert code == 0 and f"No validation history found (no validation lines in {tmp_path / 'training-only'}" in out
+
+
+def test_plot_of_a_run_without_validation_marks_the_best_training_loss(checkpoints, tmp_path):
+    losses = without_validation(checkpoints / STEP8)
+    curves, (best, label) = drawn(checkpoints, STEP8, tmp_path / "nowhere")
+    best_step = losses.index(min(losses)) + 1
+    assert "validation loss" not in curves
+    assert best == (best_step, min(losses)) and best in curves["training loss"]
+    assert label == f"best training loss {min(losses):.4f} @ {best_step}"
+
+
+def test_plot_log_dir_defaults_to_the_configs_then_to_logs(capsys, checkpoints, logs, tmp_path, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_preset": "tiny", "checkpoint_dir": str(checkpoints), "log_dir": str(logs)}))
+    code = main(["plot", STEP8, "--config", str(config), "--save", str(tmp_path / "p.png")])
+    assert code == 0 and f"Validation loss from {logs / 'metrics.jsonl'}" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # holds logs/
+    code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--save", str(tmp_path / "p.png"))
+    assert code == 0 and "Validation loss from logs/metrics.jsonl (2 points)" in out
+
+
+def test_plot_without_a_display_writes_into_the_checkpoint_folder(capsys, checkpoints, tmp_path):
+    """Run as a user would, from another folder and with no display: the plot lands beside the checkpoints,
+    and list, view and the no-checkpoints hint take plots/ for no checkpoint."""
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+    (tmp_path / "elsewhere").mkdir()
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "checkpoint_viewer.py"),
-                             "--checkpoint-dir", str(run), "plot", "latest"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+                             "--checkpoint-dir", str(checkpoints), "plot", "latest"],
+                            cwd=tmp_path / "elsewhere", capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "No display" in result.stdout
-    width, height = png_size(tmp_path / f"{STEP8}-plot.png")
+    target = checkpoints / "plots" / f"{STEP8}-plot.png"
+    assert f"No display available: saving the plot to {target}" in result.stdout
+    width, height = png_size(target)
     assert width >= 800 and height >= 500
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    code, out, _ = viewer(capsys, checkpoints, "list")
+    assert code == 0 and "Found 2 checkpoints" in out and "plots" not in out
+    code, out, _ = viewer(capsys, checkpoints, "view", "latest")
+    assert code == 0 and f"Checkpoint Summary: {STEP8}" in out
+    shutil.rmtree(checkpoints / STEP4)
+    shutil.rmtree(checkpoints / STEP8)
+    code, _, err = viewer(capsys, checkpoints, "list")
+    assert code == 2
+    assert err == f"error: no checkpoints in {checkpoints} (pass --checkpoint-dir or --config to look elsewhere)\n"

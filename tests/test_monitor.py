@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from configs import training_config
 from scripts import monitor_training
 from scripts.monitor_training import MetricsReader, eta_seconds, main
 
@@ -126,6 +127,24 @@ def test_config_gives_folders_and_max_steps(capsys, run):
     assert str(run / "checkpoints") in out
 
 
+def rewrite_metrics(copy: Path, **changes: object) -> list[dict]:
+    """Rewrites the copied log's training lines with `changes` (as a newer train.py would have written them)."""
+    records = [record | changes if "loss" in record else record for record in read_metrics(copy / "logs")]
+    (copy / "logs" / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+def test_max_steps_of_the_running_run_wins_over_the_config(capsys, run, copy):
+    """A run resumed with --max-steps 300 while its config says 8: the log's max_steps is the run's."""
+    rewrite_metrics(copy, max_steps=300)
+    code, out, _ = monitor(capsys, copy, "--once", "--config", str(run / "config.json"))
+    assert code == 0
+    assert "Step: 8 / 300 (2.7%)" in out and "finished" not in out and "ETA: done" not in out
+    assert "(max steps from the run's log)" in out
+    code, out, _ = monitor(capsys, copy, "--once", "--config", str(run / "config.json"), "--max-steps", "16")
+    assert "Step: 8 / 16 (50.0%)" in out and "(max steps from --max-steps)" in out
+
+
 def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     code, _, err = monitor(capsys, tmp_path / "nowhere", "--once")
     assert code == 2 and "nothing to show" in err and len(err.strip().splitlines()) == 1
@@ -135,6 +154,31 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     (tmp_path / "logs").mkdir()
     code, out, _ = monitor(capsys, tmp_path, "--once")
     assert code == 0 and "No metrics yet" in out and "No checkpoints yet" in out
+
+
+def test_after_the_quick_start_the_defaults_point_at_the_runs_subfolders(capsys, run, tmp_path, monkeypatch):
+    """`bash run.sh tiny` writes logs/tiny/ and checkpoints/tiny/; the monitor's defaults are logs/ and checkpoints/."""
+    monkeypatch.setattr(training_config, "REPO_ROOT", tmp_path)  # where the tiny config's relative paths start
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run / "logs", tmp_path / "logs" / "tiny")
+    shutil.copytree(run / "checkpoints", tmp_path / "checkpoints" / "tiny",
+                    ignore=lambda _, names: [n for n in names if not n.endswith(".json") and "." in n])
+    (tmp_path / "logs" / "other").mkdir()  # holds no metrics: not named
+    assert (tmp_path / "logs" / "tiny" / "tensorboard").is_dir()
+    code = main(["--once"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("⏳ No metrics in logs/metrics.jsonl; logs/tiny holds some: pass --log-dir logs/tiny or --config tiny"
+            in out.splitlines())
+    assert ("💾 No checkpoints yet in checkpoints; checkpoints/tiny holds some: pass --checkpoint-dir "
+            "checkpoints/tiny or --config tiny" in out.splitlines())
+    assert "📈 TensorBoard: tensorboard --logdir logs" in out.splitlines()  # it finds logs/tiny/tensorboard
+    code = main(["--once", "--logs-only"])
+    assert code == 0 and "No metrics yet in logs/metrics.jsonl; logs/tiny holds some" in capsys.readouterr().out
+    code = main(["--once", "--config", "tiny"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Step: 8 / 200" in out
+    assert f"📈 TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'tiny' / 'tensorboard'}" in out.splitlines()
 
 
 def test_logs_only_once_prints_the_tail(capsys, run):
@@ -176,6 +220,52 @@ def test_logs_only_shows_validation_lines_as_validation(capsys, copy):
     assert [row.split()[0] for row in rows] == ["7", "8", "8"]
     assert rows[-1].split()[1:] == ["validation:", "loss", "7.250000,", "perplexity", "1408.10"]
     assert "nan" not in out and "n/a" not in out
+
+
+GB = 2**30
+
+
+def add_events(copy: Path) -> None:
+    """Appends event lines as train.py writes them: saves, uploads, and a kind this monitor does not know."""
+    events = [
+        {"event": "save", "step": 4, "checkpoint": "checkpoint-epoch0-step4-files0", "bytes": GB,
+         "seconds_blocked": 0.5, "seconds_writing": 4.0},
+        {"event": "upload", "checkpoint": "checkpoint-epoch0-step4-files0", "bytes": GB, "seconds": 5.0,
+         "mb_per_s": 204.8, "streams": 16, "queue": 0},
+        {"event": "save", "step": 8, "checkpoint": "checkpoint-epoch0-step8-files0", "bytes": int(1.2 * GB),
+         "seconds_blocked": 0.8, "seconds_writing": 6.1},
+        {"event": "something-new", "step": 8, "detail": "a kind added to train.py later"},
+        {"event": "upload", "checkpoint": "checkpoint-epoch0-step8-files0", "bytes": int(1.2 * GB), "seconds": 5.9,
+         "mb_per_s": 210.4, "streams": 16, "queue": 2},
+    ]
+    with open(copy / "logs" / "metrics.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(event) + "\n" for event in events))
+
+
+def test_once_shows_the_latest_save_and_upload(capsys, copy):
+    last = read_metrics(copy / "logs")[-1]
+    add_events(copy)
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0
+    lines = out.splitlines()
+    assert "💾 Last save: checkpoint-epoch0-step8-files0 at step 8, 1.2 GB, blocked 0.8 s, written in 6.1 s" in lines
+    assert "☁️  Last upload: checkpoint-epoch0-step8-files0, 1.2 GB at 210 MB/s, 16 streams, 2 queued" in lines
+    assert "Step: 8 / 8 (100.0%)" in out and f"Loss: {last['loss']:.6f}" in out  # training lines as before
+    assert "unreadable" not in out and "n/a" not in out.split("Last save")[1].split("\n")[0]
+
+
+def test_logs_only_shows_saves_and_uploads_as_rows(capsys, copy):
+    add_events(copy)
+    code, out, _ = monitor(capsys, copy, "--logs-only", "--once", "--lines", "5")
+    assert code == 0
+    rows = out.splitlines()[1:]
+    assert rows[0].split()[0] == "8" and len(rows[0].split()) == 6  # the last training line
+    assert rows[1:] == [
+        "       4 save: checkpoint-epoch0-step4-files0, 1.0 GB, blocked 0.5 s, written in 4.0 s",
+        "         upload: checkpoint-epoch0-step4-files0, 1.0 GB at 205 MB/s, 16 streams, 0 queued",
+        "       8 save: checkpoint-epoch0-step8-files0, 1.2 GB, blocked 0.8 s, written in 6.1 s",
+        "         upload: checkpoint-epoch0-step8-files0, 1.2 GB at 210 MB/s, 16 streams, 2 queued",
+    ]
 
 
 def test_gpu_lines_through_nvml(monkeypatch):
