@@ -270,7 +270,8 @@ def training_record(run: Run, state: TrainState, window: LogWindow, lr: float, g
             "elapsed_s": time.perf_counter() - run_start, "epoch": state.position.epoch,
             "shards_skipped": state.position.shards_skipped,
             "mfu": run.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
-            "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device)}, first_non_finite
+            "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device),  # this process's; null on CPU
+            "max_steps": run.config.max_steps}, first_non_finite
 
 
 def diverged_message(run: Run, state: TrainState, first_non_finite: int | None) -> str:

@@ -64,9 +64,12 @@ def test_best_loss_follows_validation_loss_when_validating() -> None:
     assert (metrics.best_loss, metrics.best_step) == (6.0, 2)
     summary = metrics.summary(4)
     assert summary["eval_loss"] == 7.0 and summary["best_eval_loss"] == 6.0 and summary["steps_since_best"] == 2
+    assert metrics.state_dict()["validation_history"] == [  # the curve the viewer plots
+        {"step": 2, "eval_loss": 6.0, "eval_perplexity": math.exp(6.0)},
+        {"step": 4, "eval_loss": 7.0, "eval_perplexity": math.exp(7.0)}]
     plain = TrainingMetrics()
     plain.record(1, 5.0, 1e-3)
-    plain.record_validation(2, {"eval_loss": 6.0})
+    plain.record_validation(2, {"eval_loss": 6.0, "eval_perplexity": math.exp(6.0)})
     assert plain.best_loss == 5.0  # without validation on, best_loss stays the training loss
 
 

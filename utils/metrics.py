@@ -21,6 +21,8 @@ class TrainingMetrics:
     shards_skipped: int = 0
     validation_metrics: dict[str, Any] = field(default_factory=dict)
     """The latest validation (eval_loss, eval_perplexity, eval_tokens, eval_step) and the best one so far."""
+    validation_history: list[dict[str, float]] = field(default_factory=list)
+    """Every validation: [{"step", "eval_loss", "eval_perplexity"}], the newest history_length of them."""
     best_from_validation: bool = False
     """Set when the run validates: best_loss/best_step then follow the validation loss, not the training loss."""
 
@@ -39,6 +41,8 @@ class TrainingMetrics:
         if math.isfinite(loss) and (best is None or loss < best):
             best, best_step = loss, step
         self.validation_metrics = {**results, "eval_step": step, "best_eval_loss": best, "best_eval_step": best_step}
+        entry = {"step": step, "eval_loss": loss, "eval_perplexity": results["eval_perplexity"]}
+        self.validation_history = (self.validation_history + [entry])[-self.history_length:]
         if self.best_from_validation and best is not None:
             self.best_loss, self.best_step = best, best_step
 
@@ -71,7 +75,8 @@ class TrainingMetrics:
     def state_dict(self) -> dict[str, Any]:
         return {"loss_history": self.loss_history, "learning_rates": self.learning_rates,
                 "best_loss": self.best_loss, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
-                "shards_skipped": self.shards_skipped, "validation_metrics": self.validation_metrics}
+                "shards_skipped": self.shards_skipped, "validation_metrics": self.validation_metrics,
+                "validation_history": self.validation_history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

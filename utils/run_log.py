@@ -79,7 +79,8 @@ class RunLog:
         if not self.main_process:
             return
         self._append(record)
-        self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        scalars = {k: v for k, v in record.items() if k not in ("step", "max_steps") and v is not None}
+        self.accelerator.log(scalars, step=record["step"])
         assert self.progress is not None
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_sec']:,.0f}",
