@@ -39,7 +39,7 @@ class FakeAccelerator:
     def save_state(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / WEIGHTS).write_bytes(b"weights of " + Path(folder).name.encode())
-        (Path(folder) / "random_states_0.pkl").write_bytes(b"rng")
+        torch.save({"step": 0}, Path(folder) / "random_states_0.pkl")
 
     def load_state(self, folder: str) -> None:
         if not (Path(folder) / WEIGHTS).read_bytes().startswith(b"weights"):
@@ -92,7 +92,8 @@ def test_a_save_writes_a_whole_named_folder_and_keeps_the_newest(tmp_path: Path)
     assert names(config.checkpoint_dir) == ["checkpoint-epoch0-step8-files1", "checkpoint-epoch0-step12-files1"]
     final = Path(config.checkpoint_dir) / "checkpoint-epoch0-step12-files1"
     assert {p.name for p in final.iterdir()} == {WEIGHTS, "random_states_0.pkl", "tokenizer.json", "metadata.json",
-                                                  "training_config.json", "training_metrics.json", "data_state.json"}
+                                                  "training_config.json", "training_metrics.json", "data_state.json",
+                                                  "checksums.json"}
     metadata = json.loads((final / "metadata.json").read_text())
     assert metadata["step"] == 12 and metadata["training_progress"]["files_processed"] == 1
     assert metadata["training_progress"]["tokens_seen"] == 12 * 128
@@ -193,6 +194,7 @@ def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path
     other_stream = TrainState(replace(SPEC, seed=1), TrainingMetrics())
     with pytest.raises(DataError, match="trained with seed=1234"):
         checkpointer.load(target, other_stream)
+    (target.path / "checksums.json").unlink()  # as a checkpoint of an earlier version: loading itself fails
     (target.path / WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
@@ -209,3 +211,40 @@ def test_a_resume_that_would_reshape_the_schedule_unasked_is_refused(tmp_path: P
     stretched = replace(longer, lr_decay_steps=12, warmup_steps=5, min_lr_ratio=0.2)
     assert schedule_changes(make_checkpointer(stretched).find_resume("latest"), stretched) == [
         "lr_decay_steps: 8 -> 12", "warmup_steps: 2 -> 5", "min_lr_ratio: 0.1 -> 0.2"]
+
+
+def test_a_damaged_or_malformed_checkpoint_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    checkpointer = make_checkpointer(config)
+    checkpointer.save(state_at(4), "scheduled")
+    target = checkpointer.find_resume("latest")
+    recorded = json.loads((target.path / "checksums.json").read_text())["files"]
+    assert set(recorded) == {p.name for p in target.path.iterdir()} - {"checksums.json"}
+
+    weights = target.path / WEIGHTS
+    saved = weights.read_bytes()
+    weights.write_bytes(saved.replace(b"weights", b"WEIGHTS"))  # same size, other bytes
+    with pytest.raises(CheckpointError, match=f"{weights}: damaged \\(crc32c .*; resume from another checkpoint"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+    weights.write_bytes(saved)
+    (target.path / "random_states_0.pkl").unlink()
+    with pytest.raises(CheckpointError, match="random_states_0.pkl: missing"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+
+    # A checkpoint of an earlier version records no checksums: its RNG files must at least load.
+    (target.path / "checksums.json").unlink()
+    weights.write_bytes(b"weights again")
+    torch.save({"step": 0}, target.path / "random_states_0.pkl")
+    checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+    (target.path / "random_states_0.pkl").write_bytes(torch.load.__doc__.encode()[:10])  # truncated, say
+    with pytest.raises(CheckpointError, match="random_states_0.pkl: unreadable"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+    torch.save({"step": 0}, target.path / "random_states_0.pkl")
+    (target.path / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="metadata.json: not a checkpoint's metadata"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+    (target.path / "metadata.json").write_text('{"step": 4}')
+    data_state = json.loads((target.path / "data_state.json").read_text())
+    (target.path / "data_state.json").write_text(json.dumps({k: v for k, v in data_state.items() if k != "position"}))
+    with pytest.raises(CheckpointError, match="unreadable train state"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))

@@ -269,3 +269,17 @@ def test_train_refuses_an_export_folder_it_may_not_replace_before_training(tmp_p
     assert "is not an exported model folder (no config.json); refusing to replace it" in result.stderr
     # train.py creates (and probes) checkpoint_dir at start; nothing is saved in it.
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*")) and (precious / "notes.txt").read_text() == "keep"
+
+
+def test_a_damaged_checkpoint_is_not_exported_or_generated_from(tmp_path: Path, trained: Path, capsys) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint_of(trained), damaged)
+    weights = damaged / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit flipped in the weights: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    assert export_hf.main([str(damaged), str(tmp_path / "out")]) == 2
+    assert generate.main([str(damaged), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"error: {weights}: damaged (crc32c {errors[0].split('crc32c ')[1]}"] * 2
+    assert not (tmp_path / "out").exists()

@@ -168,15 +168,22 @@ def test_a_diverging_run_stops_before_a_nan_reaches_a_checkpoint(tmp_path: Path,
     assert not np.isfinite(read_metrics(tmp_path / "logs")[-1]["loss"])  # the log shows what happened
 
 
-def test_a_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data: Path) -> None:
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data: Path) -> None:
     config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, lr_decay_steps=4)
     assert run_train("--config", str(config)).returncode == 0
-    optimizer_file = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1] / "optimizer.bin"
-    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated, as by a full disk
-    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
-    assert result.returncode == 2
-    assert "unreadable checkpoint" in result.stderr and checkpoints(tmp_path)[-1] in result.stderr
-    assert "Traceback" not in result.stderr
+    checkpoint = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]
+    recorded = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    assert set(recorded) == {p.name for p in checkpoint.iterdir()} - {"checksums.json"}
+    for name in ("model.safetensors", "optimizer.bin"):  # 64 random bytes inside: same size, loads fine, wrong
+        damaged = checkpoint / name
+        original = damaged.read_bytes()
+        middle = len(original) // 2
+        damaged.write_bytes(original[:middle] + np.random.default_rng(0).bytes(64) + original[middle + 64:])
+        result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {damaged}: damaged (crc32c ")
+        damaged.write_bytes(original)
+    assert run_train("--config", str(config), "--resume", "latest", "--max-steps", "4").returncode == 0
 
 
 def test_resume_refusals_never_start_fresh_or_overwrite(tmp_path: Path, sample_data: Path) -> None:

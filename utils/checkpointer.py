@@ -26,12 +26,14 @@ from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
 from utils.archive import folder_size
 from utils.async_save import BackgroundWriter, HostBuffers, StateSnapshot, write_rng_state
+from utils.checksum import ChecksumError, record_checksums, verify_checksums
 from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
                                     prune_checkpoints, read_json, remove_incomplete_saves, write_json_atomic)
 from utils.manifest import UploadManifest
 from utils.resume import ResumeTarget, check_resumable, resume_target
 from utils.storage import Storage
 from utils.train_state import TrainState
+from utils.training_utils import first_process_decides
 from utils.uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -81,14 +83,19 @@ class Checkpointer:
                 log.info(f"Removed {name}: an incomplete save left by a crash")
 
     def load(self, target: ResumeTarget, state: TrainState) -> None:
-        """Restores the model, optimizer, schedule and RNG (Accelerate) and the train state."""
+        """Restores the model, optimizer, schedule and RNG (Accelerate) and the train state, once the first
+        process has checked every file against the checksums recorded at save time."""
+        first_process_decides(self.accelerator, lambda: check_files(target.path))
         try:
             self.accelerator.load_state(str(target.path))
         except Exception as error:  # truncated or corrupt files raise anything from EOFError to RuntimeError
             detail = " ".join(str(error).split())[:300]
             raise CheckpointError(f"{target.path}: unreadable checkpoint ({type(error).__name__}: {detail}); resume "
                                   "from another one (python scripts/checkpoint_viewer.py list)") from None
-        state.load_state_dict(read_state_files(target.path), target.name)
+        try:
+            state.load_state_dict(read_state_files(target.path), target.name)
+        except (KeyError, TypeError, ValueError) as error:  # JSON files of the right syntax but not our shape
+            raise CheckpointError(f"{target.path}: unreadable train state ({type(error).__name__}: {error})") from None
         self.last_saved_step, self.last_saved_name = state.step, target.name
 
     def start(self, report: Callable[[dict[str, Any]], None], model: torch.nn.Module, optimizer: Any,
@@ -217,8 +224,28 @@ def use_async_saves(setting: bool | str, device: torch.device, fsdp: bool) -> bo
 
 def read_state_files(checkpoint: Path) -> dict[str, Any]:
     """The TrainState.state_dict() saved in a checkpoint's JSON files."""
-    return {"step": read_json(checkpoint / "metadata.json")["step"], "data": read_json(checkpoint / "data_state.json"),
+    metadata = read_json(checkpoint / "metadata.json")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("step"), int):
+        raise CheckpointError(f"{checkpoint / 'metadata.json'}: not a checkpoint's metadata (no integer 'step')")
+    return {"step": metadata["step"], "data": read_json(checkpoint / "data_state.json"),
             "metrics": read_json(checkpoint / "training_metrics.json")}
+
+
+def check_files(checkpoint: Path) -> None:
+    """Every file as it was saved (checksums.json); for a checkpoint of an earlier version, which records no
+    checksums, at least the RNG files must load (Accelerate would skip a truncated one without a word)."""
+    try:
+        if verify_checksums(checkpoint):
+            return
+    except ChecksumError as error:
+        raise CheckpointError(f"{error}; resume from another checkpoint (python scripts/checkpoint_viewer.py "
+                              "list)") from None
+    log.info(f"Note: {checkpoint.name} records no checksums (saved by an earlier version): its files are not verified")
+    for rng_file in sorted(checkpoint.glob("random_states_*.pkl")):
+        try:
+            torch.load(rng_file, weights_only=False)
+        except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
+            raise CheckpointError(f"{rng_file}: unreadable ({type(error).__name__}: {error})") from None
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str, json_files: dict[str, Any],
@@ -270,6 +297,7 @@ def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any]
         write_json_atomic(tmp / filename, value)
     for filename, source in copied_files.items():
         shutil.copyfile(source, tmp / filename)
+    record_checksums(tmp)  # last: of every file, so that a damaged one is refused when loaded or uploaded
     fsync_tree(tmp)
     os.rename(tmp, final)
     fsync_dir(folder)  # the rename itself survives a power loss

@@ -2,6 +2,7 @@
 the checksums.json a checkpoint records of its own files so that a damaged file is refused, never loaded."""
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -40,8 +41,8 @@ def record_checksums(folder: Path) -> dict[str, dict[str, int | str]]:
     return files
 
 
-def verify_checksums(folder: Path, only: set[str] | None = None) -> bool:
-    """Checks the files of a checkpoint against its checksums.json (`only`: those of these relative paths);
+def verify_checksums(folder: Path, only: Callable[[str], bool] = lambda name: True) -> bool:
+    """Checks the files of a checkpoint against its checksums.json (those whose relative path `only` accepts);
     False when the checkpoint records none (saved by an earlier version). A file missing, of another size or
     another crc32c is a ChecksumError naming it."""
     record = folder / CHECKSUMS_FILE
@@ -53,7 +54,7 @@ def verify_checksums(folder: Path, only: set[str] | None = None) -> bool:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ChecksumError(f"{record}: unreadable ({type(error).__name__}: {error})") from None
     for name, (size, crc) in sorted(expected.items()):
-        if only is not None and name not in only:
+        if not only(name):
             continue
         path = folder / name
         if not path.is_file():

@@ -27,6 +27,7 @@ from transformers.initialization import no_init_weights
 from configs.model_config import ModelShape, build_model_config
 from utils.archive import extract_archive, split_archive_name
 from utils.checkpoint_utils import CheckpointError
+from utils.checksum import ChecksumError, verify_checksums
 from utils.destination import download_checkpoint, remote_checkpoints
 from utils.storage import StorageError, is_gcs_url, open_storage
 
@@ -78,6 +79,11 @@ def check_checkpoint(checkpoint: Path) -> None:
         raise ExportError(f"{checkpoint}: not a training checkpoint (no training_config.json)")
     if not (checkpoint / MODEL_FILE).is_file() and not (checkpoint / FSDP_MODEL_DIR).is_dir():
         raise ExportError(f"{checkpoint}: no model weights (neither {MODEL_FILE} nor {FSDP_MODEL_DIR}/)")
+    try:  # the files an export reads, as they were saved (a checkpoint of an earlier version records no checksums)
+        verify_checksums(checkpoint, only=lambda name: name in (MODEL_FILE, "training_config.json", TOKENIZER_FILE)
+                         or name.startswith(f"{FSDP_MODEL_DIR}/"))
+    except ChecksumError as error:
+        raise ExportError(str(error)) from None
 
 
 def checkpoint_model_config(checkpoint: Path) -> GPTNeoXConfig:
