@@ -31,6 +31,7 @@ from utils.data_utils import BatchLoader, DataError, ShardUnavailableError
 from utils.destination import open_destination
 from utils.evaluation import Evaluator
 from utils.export import ExportError, check_export_target, export_checkpoint
+from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics
 from utils.model import build_model
 from utils.performance import MfuMeter, StopVote, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
@@ -88,7 +89,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
         log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
         uploads_left = run.checkpointer.finish()
-        accelerator.end_training()
+        run.log.end()
         return 1 if uploads_left else 0
 
     loader = data.loader(state.position, accelerator)
@@ -100,7 +101,11 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
         loader.close()
         # At the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued.
         uploads_left = run.checkpointer.finish()
-        accelerator.end_training()
+        run.log.end()
+    if stop.failure is not None or run.log.failure is not None:
+        saved = f"; saved {run.checkpointer.last_saved_name}" if run.checkpointer.last_saved_name else ""
+        print(f"error: {stop.failure or run.log.failure}{saved}", file=sys.stderr)
+        return 1
 
     # --- export ----------------------------------------------------------------------------------
     if exit_code == 0 and config.export_hf_dir is not None and accelerator.is_main_process:
@@ -169,17 +174,19 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
         for line in data.describe(tokens_per_step):
             log.info(line)
     run_log = RunLog(accelerator, config.log_dir)
-    run_log.start_trackers()
+    run_log.start_trackers(state.step if resume_from is not None else None)
     checkpointer.start(run_log.event, model, prepared_optimizer, prepared_scheduler)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
                 run_log, mfu_meter, tokens_per_step), data, state)
 
 
 def claim_output_folders(config: TrainingConfig) -> None:
-    """On the first process: the output folders can be written, and no other run uses checkpoint_dir."""
+    """On the first process: the output folders can be written, no other run uses checkpoint_dir, and its
+    uploads.json (if any) can be read: found now, not at the first save."""
     check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
     check_writable_folder(config.log_dir, "log_dir")
     lock_for_this_run(config.checkpoint_dir)  # held until the process exits
+    UploadManifest(config.checkpoint_dir, "").read()
 
 
 def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> int:
@@ -192,6 +199,8 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
         while state.step < config.max_steps:
             lr, grad_norm = train_step(run, loader, state, window)
             run.log.step_done()
+            if run.log.failure is not None:  # a full log disk, say: save while the checkpoint disk has room
+                stop.fail(run.log.failure)
             # Every process must stop (and save) at the same step, or a collective save would hang.
             stop_now, save_due = stop_vote.decide(stop.requested, run.checkpointer.time_due())
             should_save = run.checkpointer.should_save(state.step, stop_now, save_due)

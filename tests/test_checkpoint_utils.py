@@ -68,6 +68,23 @@ def test_torch_running_out_of_disk_is_one_error_line_too(tmp_path: Path, monkeyp
     with pytest.raises(CheckpointError, match=r"saving checkpoint-epoch0-step2-files0 in .* unexpected pos"):
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
     assert list_checkpoints(tmp_path) == []
+    # torch never says why: the free space does.
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
+    with pytest.raises(CheckpointError, match=r"in .* failed: no space left on device \(0 MB free\): \[enforce fail"):
+        save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
+
+
+def test_a_json_file_that_cannot_be_written_is_left_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "uploads.json"
+    checkpoint_utils.write_json_atomic(path, {"version": 1})
+
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_utils.os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot write \\(No space left on device\\)$"):
+        checkpoint_utils.write_json_atomic(path, {"version": 2})
+    assert path.read_text() == '{\n  "version": 1\n}' and not path.with_name("uploads.json.tmp").exists()
 
 
 def test_leftovers_of_a_download_cut_short_are_removed(tmp_path: Path) -> None:

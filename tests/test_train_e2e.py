@@ -1,6 +1,7 @@
 """train.py end to end on CPU: checkpoints, exact resume, refusals, signals, bad data, two processes."""
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -321,3 +322,23 @@ def test_unwritable_output_folders_are_refused_before_training(tmp_path: Path, s
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert f"{flag[2:].replace('-', '_')} {tmp_path / 'a_file'}: not a writable folder" in result.stderr
         assert "Model:" not in result.stderr  # refused before the model was built
+
+
+def test_a_resume_after_a_kill_logs_each_step_once(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=6, save_steps=4, keep_checkpoints=5)
+    assert run_train("--config", str(config)).returncode == 0
+    # As if killed after logging step 6 but before its checkpoint: the log is ahead of the newest checkpoint.
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-epoch0-step6-files0")
+    result = run_train("--config", str(config), "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in read_metrics(tmp_path / "logs")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_unreadable_upload_record_is_found_before_training(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "uploads.json").write_text('{"checkpoints": {"checkpoint-epoch0-st')  # cut short
+    result = run_train("--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "Model:" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'checkpoints' / 'uploads.json'}: "
+                                                             "unreadable")

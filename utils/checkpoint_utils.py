@@ -87,13 +87,18 @@ def read_json(path: Path) -> Any:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Writes through a temporary file and a rename, so readers never see half a file."""
+    """Writes through a temporary file and a rename, so readers never see half a file. A write that fails (a
+    full disk) leaves the file as it was, no temporary file behind, and is one CheckpointError line."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(value, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
 def fsync_dir(folder: Path) -> None:

@@ -37,6 +37,8 @@ from utils.training_utils import first_process_decides
 from utils.uploader import Uploader
 
 log = logging.getLogger(__name__)
+LOW_DISK_BYTES = 256 * 1024 * 1024
+"""Below this much free space, a failed save is reported as the disk being full."""
 
 
 class Checkpointer:
@@ -305,12 +307,20 @@ def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any]
 
 @contextmanager
 def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
-    """A failed write (a full disk, say; torch's writer raises RuntimeError) as one CheckpointError line; the
-    half-written .tmp- folder is removed at the next start."""
+    """A failed write as one CheckpointError line; the half-written .tmp- folder is removed at the next start.
+    torch's writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos": the free space
+    says what it was."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
-        raise CheckpointError(f"saving {name} in {folder} failed: {' '.join(str(error).split())[:300]}") from None
+    except (OSError, RuntimeError, CheckpointError) as error:
+        detail = " ".join(str(error).split())[:300]
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_DISK_BYTES and "No space left" not in detail:
+            detail = f"no space left on device ({free / 1e6:,.0f} MB free): {detail}"
+        raise CheckpointError(f"saving {name} in {folder} failed: {detail}") from None
 
 
 def prune_without_uploads(checkpoint_dir: str | Path, keep: int) -> list[str]:

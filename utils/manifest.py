@@ -62,8 +62,8 @@ class UploadManifest:
         return records
 
     def read(self) -> dict[str, UploadRecord]:
-        with self._locked():
-            return self._read_unlocked()
+        """The records as they are now; no lock needed, as every write is an atomic rename."""
+        return self._read_unlocked()
 
     def update(self, name: str, **changes: Any) -> UploadRecord:
         with self._locked():

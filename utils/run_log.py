@@ -5,8 +5,10 @@ LogWindow keeps the steps since the last logging step: their summed loss stays o
 waits for the GPU only at a logging step, and their training time leaves out validation and saving.
 """
 import json
+import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +55,31 @@ class LogWindow:
 
 
 class RunLog:
+    """Writes the run's logs; a write that fails (a full log disk) is remembered in `failure` rather than raised,
+    so that the loop can still save a checkpoint before it stops."""
+
     def __init__(self, accelerator: Accelerator, log_dir: str) -> None:
         self.accelerator = accelerator
         self.main_process = accelerator.is_main_process
         self.log_dir = Path(log_dir)
         self.metrics_file = self.log_dir / "metrics.jsonl"
         self.progress: tqdm | None = None
+        self.failure: str | None = None
+        """Why the logs could not be written (one line naming the folder); nothing more is written after it."""
         self._lock = threading.Lock()  # background saves and uploads report from their own threads
 
-    def start_trackers(self) -> None:
-        if self.main_process:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.accelerator.init_trackers("tensorboard")
+    def start_trackers(self, resumed_step: int | None) -> None:
+        """TensorBoard, and on a resume the logs cut back to the resumed step: the steps after it are trained again
+        (after a kill, the log can be ahead of the newest checkpoint), so each step appears once."""
+        if not self.main_process:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None and self.metrics_file.exists():
+            self._write_guarded("metrics.jsonl", lambda: rewind(self.metrics_file, resumed_step))
+        # TensorBoard hides the events of the steps after purge_step of the earlier writers.
+        purge = {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step is not None else {}
+        self._write_guarded("TensorBoard events", lambda: self.accelerator.init_trackers("tensorboard",
+                                                                                         init_kwargs=purge))
 
     def start_progress(self, max_steps: int, step: int) -> None:
         self.progress = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
@@ -80,7 +95,7 @@ class RunLog:
             return
         self._append(record)
         scalars = {k: v for k, v in record.items() if k not in ("step", "max_steps") and v is not None}
-        self.accelerator.log(scalars, step=record["step"])
+        self._write_guarded("TensorBoard events", lambda: self.accelerator.log(scalars, step=record["step"]))
         assert self.progress is not None
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_sec']:,.0f}",
@@ -92,7 +107,7 @@ class RunLog:
         if not self.main_process:
             return
         self._append({"step": step, **results})
-        self.accelerator.log(results, step=step)
+        self._write_guarded("TensorBoard events", lambda: self.accelerator.log(results, step=step))
         tqdm.write(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
                    f"perplexity {results['eval_perplexity']:.2f}")
 
@@ -102,9 +117,43 @@ class RunLog:
             self._append(record)
 
     def _append(self, record: dict[str, Any]) -> None:
-        with self._lock, open(self.metrics_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        def append() -> None:
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self._write_guarded("metrics.jsonl", append)
+
+    def _write_guarded(self, what: str, write: Callable[[], Any]) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            try:
+                write()
+            except OSError as error:
+                self.failure = f"log_dir {self.log_dir}: cannot write {what} ({error.strerror or error})"
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+    def end(self) -> None:
+        """Accelerate's end of training on every process: the trackers close (TensorBoard writes what it still
+        holds), the process group goes."""
+        try:
+            self.accelerator.end_training()
+        except OSError as error:
+            self.failure = self.failure or f"log_dir {self.log_dir}: cannot write TensorBoard events ({error.strerror})"
+
+
+def rewind(metrics_file: Path, step: int) -> None:
+    """Drops the lines of the steps after `step` (written by a run killed after its last checkpoint)."""
+    kept = []
+    for line in metrics_file.read_text().splitlines(keepends=True):
+        try:
+            line_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by the kill
+        if not isinstance(line_step, int) or line_step <= step:
+            kept.append(line)
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics_file)

@@ -132,6 +132,8 @@ class StopRequest:
 
     def __init__(self, launcher_pid: int | None = None) -> None:
         self.signal_number: int | None = None
+        self.failure: str | None = None
+        """Why the run itself asked to stop (its logs cannot be written): reported once the checkpoint is saved."""
         self.launcher_pid = launcher_pid
         self.launcher_gone = False
 
@@ -153,9 +155,15 @@ class StopRequest:
             self.launcher_gone = True  # this process was handed to another parent: the launcher died
             print(f"\nThe launcher (pid {self.launcher_pid}) is gone: finishing this step, then saving a checkpoint.",
                   file=sys.stderr, flush=True)
-        return self.signal_number is not None or self.launcher_gone
+        return self.signal_number is not None or self.launcher_gone or self.failure is not None
+
+    def fail(self, reason: str) -> None:
+        """Stop and save, as for a signal, then exit 1 with `reason`."""
+        if self.failure is None:
+            self.failure = reason
+            print(f"\n{reason}: finishing this step, then saving a checkpoint.", file=sys.stderr, flush=True)
 
     @property
     def exit_code(self) -> int:
         """The shell's convention (130 for Ctrl+C, 143 for SIGTERM); 1 when another process was signalled."""
-        return 128 + self.signal_number if self.signal_number is not None else 1
+        return 128 + self.signal_number if self.signal_number is not None else 1  # launcher gone, or a failure
