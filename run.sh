@@ -7,6 +7,25 @@ set -euo pipefail
 # Not cd'ing there: paths given as flags stay relative to where the command runs, as with train.py.
 REPO=$(cd "$(dirname "$0")" && pwd)
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  cat <<'USAGE'
+usage: bash run.sh CONFIG [MAX_STEPS] [more train.py flags]
+
+Sets up venv/ (bash setup.sh) and, for the tiny config, the sample data when missing, then trains CONFIG
+(test, production, tiny or a JSON path) with one process per visible GPU (accelerate launch; one process on a
+CPU-only machine). MAX_STEPS is --max-steps. Every other flag goes to train.py: python train.py --help lists them.
+
+  bash run.sh tiny                              # the CPU smoke run
+  bash run.sh production --resume auto          # the same command on every boot of a preemptible machine
+  NUM_MACHINES=2 MACHINE_RANK=0 MAIN_ADDRESS=10.0.0.2 bash run.sh production   # on each machine, its rank
+
+Environment: CUDA_VISIBLE_DEVICES picks the GPUs; GPUS_PER_MACHINE overrides their count; NUM_MACHINES,
+MACHINE_RANK, MAIN_ADDRESS, MAIN_PORT (29500) for several machines; TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300) is
+how long the launcher waits, after passing on a SIGTERM, for the final checkpoint.
+USAGE
+  exit 0
+fi
+
 CONFIG=${1:-test}
 shift || true
 ARGS=(--config "$CONFIG")

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from configs.command_line import config_from_args, parse_args
+from configs.command_line import config_from_args, parse_args, resolved_config_json
 from configs.training_config import ConfigError, TrainingConfig
 from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
 from utils.checkpoint_utils import CheckpointError, check_writable_folder, list_checkpoints, lock_for_this_run
@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     # Taken first: if the launcher dies during start-up (a long resume download), its death still shows.
     launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
     try:
         config = config_from_args(args)
+        if args.print_config:
+            print(resolved_config_json(config))
+            return 0
         accelerator = make_accelerator(config)
         with logging_redirect_tqdm():
             return train(config, accelerator, args.resume, launcher_pid)
@@ -130,6 +133,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
     checkpointer = Checkpointer(config, shape, accelerator, remote, shared_disk)
     resume_from = checkpointer.find_resume(resume)
+    checkpointer.claim(resuming=resume_from is not None)
     checkpointer.remove_incomplete_saves()
 
     # --- model -----------------------------------------------------------------------------------
@@ -186,6 +190,8 @@ def claim_output_folders(config: TrainingConfig) -> None:
     check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
     check_writable_folder(config.log_dir, "log_dir")
     lock_for_this_run(config.checkpoint_dir)  # held until the process exits
+    if Path(config.log_dir).resolve() != Path(config.checkpoint_dir).resolve():
+        lock_for_this_run(config.log_dir, "--log-dir")
     UploadManifest(config.checkpoint_dir, "").read()
 
 
@@ -216,9 +222,12 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
                 torch.cuda.synchronize()  # the step's queued work belongs to training time, not to the pause
             pause_start = time.perf_counter()  # validation and saving are left out of tokens/s and MFU
             if validating:  # on the held-out batches, before a save so the checkpoint records it
-                results = run.evaluator.evaluate(run.model, accelerator).as_record()
-                state.metrics.record_validation(state.step, results)
-                run.log.validation(state.step, results)
+                result = run.evaluator.evaluate(run.model, accelerator, lambda: stop_vote.decide(stop.requested)[0])
+                if result is None:  # stopped between batches: the checkpoint records no half validation
+                    stop_now = should_save = True
+                else:
+                    state.metrics.record_validation(state.step, result.as_record())
+                    run.log.validation(state.step, result.as_record())
             if should_save:
                 run.checkpointer.save(state, "stop requested" if stop_now else "scheduled")
             window.pause(time.perf_counter() - pause_start)

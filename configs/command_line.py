@@ -1,8 +1,10 @@
 """train.py's command line: its flags, and the TrainingConfig they and the config file make together."""
 import argparse
+import json
 from typing import Any
 
-from configs.training_config import TrainingConfig, load_config, path_from_here
+from configs.model_config import shape_as_dict
+from configs.training_config import PATH_FIELDS, ConfigError, TrainingConfig, load_config, path_from_here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -12,8 +14,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="test",
                         help="test, production, tiny (configs/NAME.json) or the path of a JSON config")
     parser.add_argument("--max-steps", type=int, help="override max_steps (optimizer steps)")
-    parser.add_argument("--resume", metavar="NAME|latest",
-                        help="continue from a checkpoint in checkpoint_dir: its folder name, or 'latest'")
+    parser.add_argument("--resume", metavar="NAME|latest|auto",
+                        help="continue from a checkpoint in checkpoint_dir or at the upload destination: its folder "
+                             "name, 'latest', or 'auto' (the newest where there is one, else a fresh start: the same "
+                             "command for every boot of a preemptible machine)")
     parser.add_argument("--data", help="override where the tokenized_*.npz shards are: a folder or gs://BUCKET[/PREFIX]")
     parser.add_argument("--gcs-credentials", metavar="KEY.json",
                         help="service-account key for gs:// data; without it, Application Default Credentials "
@@ -28,7 +32,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the device's dense bf16 peak in TFLOP/s for MFU; unset, it is looked up by GPU name")
     parser.add_argument("--skip-preflight", action="store_true",
                         help="do not stop when the memory estimate says the run will not fit")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="set any TrainingConfig field (configs/training_config.py), repeatable: VALUE is JSON "
+                             "(3e-4, true, null, [\"tensorboard\"]) or else a string; model.FIELD sets a field of the "
+                             "model shape, e.g. --set model.seq_len=1024")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file, flags and --set together) as JSON and exit")
     return parser.parse_args(argv)
+
+
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs: JSON values, or plain strings; paths typed here are relative to this folder."""
+    parsed: dict[str, Any] = {}
+    for setting in settings:
+        key, sign, text = setting.partition("=")
+        if not sign or not key.strip():
+            raise ConfigError(f"--set {setting!r}: expected KEY=VALUE, e.g. --set learning_rate=3e-4")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text  # a bare word: gs://bucket/run1, data/mine
+        if key in PATH_FIELDS and isinstance(value, str):
+            value = path_from_here(value)
+        parsed[key.strip()] = value
+    return parsed
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -43,7 +70,11 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         overrides["background_upload"] = False
     if args.skip_preflight:
         overrides["memory_preflight"] = False
-    config = load_config(args.config, overrides)
-    if args.upload_destination == "none":
-        config.upload_destination = None
+    config = load_config(args.config, overrides, parse_settings(args.settings)
+                         | ({"upload_destination": None} if args.upload_destination == "none" else {}))
     return config.with_repo_paths()
+
+
+def resolved_config_json(config: TrainingConfig) -> str:
+    """--print-config: every field, and the model shape its preset and overrides give."""
+    return json.dumps({**config.to_dict(), "model_shape": shape_as_dict(config.model_shape())}, indent=2)

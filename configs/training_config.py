@@ -107,6 +107,10 @@ class TrainingConfig:
     fsdp: bool = False
     """Shard weights, gradients and optimizer state across the GPUs (FSDP2 through Accelerate), for runs whose
     optimizer state does not fit one GPU. CUDA only; checkpoints are then saved sharded."""
+    process_group_timeout_s: float = 3600.0
+    """How long a process waits at a collective for the others (NCCL's watchdog otherwise stops a run after 10
+    minutes): long enough for the first process's long work while the others wait, such as the resume download
+    of a 17 GB checkpoint or a synchronous upload."""
     memory_preflight: bool = True
     """Before building the model, estimate the memory it needs and stop with advice if it cannot fit
     (--skip-preflight turns this off)."""
@@ -253,6 +257,8 @@ class TrainingConfig:
             raise ConfigError(f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got {self.archive_format!r}")
         for name in ("upload_workers", "upload_attempts"):
             positive(name)
+        if not self.process_group_timeout_s > 0:
+            raise ConfigError(f"process_group_timeout_s must be positive, got {self.process_group_timeout_s!r}")
         if not isinstance(self.upload_timeout_s, (int, float)) or self.upload_timeout_s < 0:
             raise ConfigError(f"upload_timeout_s must be >= 0, got {self.upload_timeout_s!r}")
         if self.upload_destination is not None and not self.upload_destination.strip("/"):
@@ -331,8 +337,11 @@ def config_from_dict(values: dict[str, Any], source: str) -> TrainingConfig:
         raise ConfigError(f"{source}: {error}") from None
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> TrainingConfig:
-    """The JSON config with CLI overrides (None values are ignored) applied on top."""
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None,
+                settings: dict[str, Any] | None = None) -> TrainingConfig:
+    """The JSON config with CLI overrides applied on top: `overrides` from flags (None values are flags not
+    given), then `settings` from --set KEY=VALUE (None is a value there; "model.FIELD" keys change one field
+    of the model shape)."""
     path = config_path(name_or_path)
     try:
         values = json.loads(path.read_text())
@@ -340,8 +349,14 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> T
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    values.update(given)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None} | (settings or {})
+    for key, value in given.items():
+        if key.startswith("model."):
+            if not isinstance(values.get("model", {}), dict):
+                raise ConfigError(f"{path}: model must be a JSON object, got {values['model']!r}")
+            values["model"] = {**values.get("model", {}), key[len("model."):]: value}
+        else:
+            values[key] = value
     # An error may come from a command-line value, so the message names those too.
     source = str(path) + (f" with {', '.join(f'{k}={v}' for k, v in given.items())} from the command line"
                           if given else "")

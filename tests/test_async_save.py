@@ -64,8 +64,8 @@ def test_kill_9_during_a_background_write_leaves_no_checkpoint_and_resume_takes_
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    stdout, _ = process.communicate(timeout=60)
-    assert "checkpoint-epoch0-step2-files0 is still being written: waiting for it" in stdout
+    _, stderr = process.communicate(timeout=60)
+    assert "checkpoint-epoch0-step2-files0 is still being written: waiting for it" in stderr
     assert names(tmp_path) == ["checkpoint-epoch0-step2-files0"]  # nothing partial looks complete
 
     result = run_train("--config", str(config), "--resume", "latest")

@@ -70,7 +70,7 @@ def test_background_uploads_verify_prune_and_report(tmp_path: Path, sample_data:
         remote = dest / f"{name}.tar.zst"
         assert states[name]["state"] == "uploaded" and states[name]["crc32c"] == crc32c_of_file(remote)
         assert states[name]["size"] == remote.stat().st_size
-    assert "💾 Saving checkpoint at step 2" in result.stdout and f"✅ Saved {names[0]}" in result.stdout
+    assert "💾 Saving checkpoint at step 2" in result.stderr and f"✅ Saved {names[0]}" in result.stderr
     log = result.stderr
     order = [f"🚀 Starting background upload for {names[0]}",
              f"✅ Checkpoint {names[0]} queued for background upload", f"📦 Creating archive: {names[0]}.tar.zst",

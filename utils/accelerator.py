@@ -6,11 +6,12 @@ for the remaining fp32 matmuls, torch.compile after wrapping (so checkpoints kee
 DDP gradients as views into the all-reduce buckets, or FSDP2 when configured.
 """
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
-                              TorchDynamoPlugin)
+                              InitProcessGroupKwargs, TorchDynamoPlugin)
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from configs.training_config import ConfigError, TrainingConfig
@@ -38,8 +39,11 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # prepare() compiles the model after wrapping it, so checkpoints keep the plain parameter names.
         dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp),
         fsdp_plugin=fsdp_plugin(config.activation_checkpointing, precision) if config.fsdp else None,
-        # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        kwargs_handlers=[
+            # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_s)),
+        ],
     )
     check_process_group(accelerator.num_processes)
     if config.fsdp and accelerator.distributed_type != DistributedType.FSDP:

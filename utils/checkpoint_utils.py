@@ -124,11 +124,11 @@ RUN_LOCK = ".run.lock"
 _held_run_locks: list[TextIO] = []  # open for the life of the process; the OS lets go when it ends, even on kill -9
 
 
-def lock_for_this_run(checkpoint_dir: str | Path) -> None:
-    """One run at a time per checkpoint folder: a second one (started twice by mistake, or workers left
+def lock_for_this_run(folder: str | Path, flag: str = "--checkpoint-dir") -> None:
+    """One run at a time per checkpoint (or log) folder: a second one (started twice by mistake, or workers left
     behind by a killed launcher) would save, upload and prune in the same folder. The first process holds
-    an exclusive lock on checkpoint_dir/.run.lock until it exits."""
-    folder = Path(checkpoint_dir)
+    an exclusive lock on FOLDER/.run.lock until it exits."""
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / RUN_LOCK, "a+")
@@ -141,10 +141,10 @@ def lock_for_this_run(checkpoint_dir: str | Path) -> None:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise CheckpointError(f"another training run ({holder}) is using {folder}; stop it first, "
-                              "or set --checkpoint-dir for a new run") from None
+                              f"or set {flag} for a new run") from None
     except OSError as error:  # a filesystem without locks (some FUSE mounts): say so, and go on
         log.warning(f"⚠️  Cannot lock {folder / RUN_LOCK} ({error.strerror or error}): make sure no other run "
-                    "uses this checkpoint_dir")
+                    "uses this folder")
         handle.close()
         return
     handle.seek(0)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
-from tqdm import tqdm
 
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
@@ -31,6 +30,7 @@ from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata,
                                     prune_checkpoints, read_json, remove_incomplete_saves, write_json_atomic)
 from utils.manifest import UploadManifest
 from utils.resume import ResumeTarget, check_resumable, resume_target
+from utils.run_identity import claim_run
 from utils.storage import Storage
 from utils.train_state import TrainState
 from utils.training_utils import first_process_decides
@@ -67,6 +67,8 @@ class Checkpointer:
         """The model, optimizer and schedule an asynchronous save copies; None for synchronous saves."""
         self.buffers = HostBuffers(pin=torch.cuda.is_available())
         self.writer = BackgroundWriter()
+        self.run_id: str | None = None
+        """This run's id (claim()), recorded in every checkpoint's metadata.json."""
 
     # --- at start --------------------------------------------------------------------------------
     def find_resume(self, resume: str | None) -> ResumeTarget | None:
@@ -77,6 +79,11 @@ class Checkpointer:
         if target is not None:
             check_resumable(target, self.config, self.shape)
         return target
+
+    def claim(self, resuming: bool) -> None:
+        """The run's id, its checkpoint and log folders and its upload destination claimed for it (the first
+        process decides; another run's folders are refused)."""
+        self.run_id = first_process_decides(self.accelerator, lambda: claim_run(self.config, self.remote, resuming))
 
     def remove_incomplete_saves(self) -> None:
         """The .tmp- leftovers of a crash, on the disks that hold checkpoints."""
@@ -145,7 +152,7 @@ class Checkpointer:
         waited = self.wait_for_write(announce=True)
         name, step = state.checkpoint_name, state.step
         if main_process:
-            tqdm.write(f"💾 Saving checkpoint at step {step} ({reason})")
+            log.info(f"💾 Saving checkpoint at step {step} ({reason})")
         files = self.checkpoint_json(state)  # now: the state moves on while a background write runs
         copied = {"tokenizer.json": self.tokenizer} if self.tokenizer is not None else {}
         if self.snapshot_objects is None:
@@ -174,13 +181,13 @@ class Checkpointer:
     def wait_for_write(self, announce: bool = False) -> float:
         """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""
         if announce and self.writer.busy:
-            tqdm.write(f"⏳ {self.writer.name} is still being written: waiting for it before the next save")
+            log.info(f"⏳ {self.writer.name} is still being written: waiting for it before the next save")
         return self.writer.wait()
 
     def saved(self, final: Path, step: int, blocked: float, writing: float) -> None:
         """On the main process, once a checkpoint folder is complete: report it, hand it to the uploader, prune."""
         size = folder_size(final)
-        tqdm.write(f"✅ Saved {final.name}")
+        log.info(f"✅ Saved {final.name}")
         if self.report is not None:
             self.report({"event": "save", "step": step, "checkpoint": final.name, "bytes": size,
                          "seconds_blocked": round(blocked, 3), "seconds_writing": round(writing, 3),
@@ -188,16 +195,17 @@ class Checkpointer:
         if self.uploader is not None:  # returns at once, unless --no-background-upload
             self.uploader.submit_new(final)
         for deleted in self.prune():
-            tqdm.write(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
+            log.info(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
 
     def checkpoint_json(self, state: TrainState) -> dict[str, Any]:
         """The JSON files of a checkpoint of `state`, by file name."""
         saved = state.state_dict()
         return {
             "training_config.json": {**self.config.to_dict(), "model_shape": shape_as_dict(self.shape)},
-            "metadata.json": build_metadata(state.step, state.position.epoch, state.files_consumed,
-                                            state.metrics.tokens_seen, saved["metrics"], state.metrics.summary(state.step),
-                                            system_info(self.accelerator)),
+            "metadata.json": {**build_metadata(state.step, state.position.epoch, state.files_consumed,
+                                               state.metrics.tokens_seen, saved["metrics"],
+                                               state.metrics.summary(state.step), system_info(self.accelerator)),
+                              "run_id": self.run_id},
             "training_metrics.json": saved["metrics"],
             "data_state.json": saved["data"],
         }

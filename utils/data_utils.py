@@ -403,7 +403,7 @@ class BatchLoader:
                     raise DataError(f"{self.source.description}: no shard holds a full sample of "
                                     f"{self.spec.seq_len} tokens")
                 epoch, window, epoch_has_samples = epoch + 1, 0, False
-                log.info("data: starting epoch %d", epoch)
+                self._say(logging.INFO, "data: starting epoch %d", epoch)
 
     def _hand_out(self, window: _Window, start: int, mine: list[np.ndarray]) -> bool:
         """Walks the window from sample `start`, a micro-batch (world_size x batch samples) at a time, keeping
@@ -458,6 +458,11 @@ class BatchLoader:
         return _Window(epoch, first, after, parts, offsets,
                        window_sample_order(int(offsets[-1]), self.spec.seed, epoch, window), first_sample, skipped)
 
+    def _say(self, level: int, message: str, *args: Any) -> None:
+        """Every process walks the same stream and meets the same epochs and bad shards: the first one says so."""
+        if self.rank == 0:
+            log.log(level, message, *args)
+
     def _load(self, name: str) -> np.ndarray | None:
         """The shard's packed samples, or None when it is skipped (bad under skip_bad_shards, or too short)."""
         path = self.source.fetch(name)  # ShardUnavailableError is not the shard's fault: never skipped
@@ -466,12 +471,13 @@ class BatchLoader:
         except DataError as error:
             if not self.skip_bad_shards:
                 raise
-            log.warning("skipping bad shard: %s", error)
+            self._say(logging.WARNING, "skipping bad shard: %s", error)
             return None
         finally:
             self.source.release(name)  # its tokens are in memory now: the cache may evict it
         samples = pack(tokens, self.spec.seq_len)
         if len(samples) == 0:
-            log.warning("skipping %s: %d tokens, fewer than one sample of %d", path, len(tokens), self.spec.seq_len)
+            self._say(logging.WARNING, "skipping %s: %d tokens, fewer than one sample of %d", path, len(tokens),
+                      self.spec.seq_len)
             return None
         return samples

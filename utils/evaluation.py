@@ -9,6 +9,7 @@ utils/data_utils) and the mean is reduced across processes.
 """
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -117,13 +118,17 @@ class Evaluator:
         self.batches = batches
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> ValidationResult:
-        # Every process runs the same number of forward passes, so collectives inside a wrapped
-        # (DDP) model stay matched across processes.
+    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator,
+                 stop_agreed: Callable[[], bool] = lambda: False) -> ValidationResult | None:
+        """The validation loss, or None when stop_agreed() says (before a batch) that every process stops: a
+        stop request is honoured between batches, not after all of them. stop_agreed must give every process
+        the same answer at the same batch, so that the collectives inside a wrapped (DDP) model stay matched."""
         model.eval()
         try:
             total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
             for input_ids in self.batches:
+                if stop_agreed():
+                    return None
                 input_ids = input_ids.to(accelerator.device, non_blocking=True)
                 # Packed samples have no padding: every batch holds the same number of predicted tokens,
                 # so the mean of the batch means is the mean over all tokens.

@@ -18,7 +18,7 @@ from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, read_json
 from utils.destination import (check_fresh_destination, check_no_newer_at_destination, download_checkpoint,
-                               find_local_or_remote)
+                               find_local_or_remote, remote_checkpoints)
 from utils.storage import ObjectInfo, Storage, StorageError
 from utils.training_utils import first_process_decides
 
@@ -49,8 +49,14 @@ class ResumeTarget:
 def choose_checkpoint(checkpoint_dir: str, resume: str | None,
                       remote: Storage | None) -> tuple[str, ObjectInfo | None] | None:
     """On the first process: the checkpoint's name, and its archive at the destination if there is one;
-    None for a fresh start. Refuses a fresh start or a resume that would overwrite checkpoints."""
+    None for a fresh start. Refuses a fresh start or a resume that would overwrite checkpoints. "auto" is
+    "latest" where a checkpoint exists, locally or at the destination, and a fresh start where none does."""
     existing = list_checkpoints(checkpoint_dir)
+    if resume == "auto":
+        resume = "latest" if existing or (remote is not None and holds_checkpoints(remote)) else None
+        where = f"{checkpoint_dir}" + (f" or at {remote.url}" if remote is not None else "")
+        log.info("--resume auto: resuming the newest checkpoint" if resume else
+                 f"--resume auto: no checkpoint in {where}, so a fresh start")
     if resume is None:
         if existing:
             raise CheckpointError(f"{checkpoint_dir} already holds checkpoints (newest {existing[-1].name}); "
@@ -66,6 +72,14 @@ def choose_checkpoint(checkpoint_dir: str, resume: str | None,
     if remote is not None:
         check_no_newer_at_destination(remote, info)
     return info.name, remote_object
+
+
+def holds_checkpoints(remote: Storage) -> bool:
+    """Whether the destination holds any checkpoint."""
+    try:
+        return bool(remote_checkpoints(remote))
+    except StorageError as error:
+        raise UploadError(f"listing checkpoints at {remote.url}: {error}") from None
 
 
 def resume_target(checkpoint_dir: str, resume: str | None, remote: Storage | None, accelerator: Accelerator,

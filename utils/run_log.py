@@ -5,6 +5,7 @@ LogWindow keeps the steps since the last logging step: their summed loss stays o
 waits for the GPU only at a logging step, and their training time leaves out validation and saving.
 """
 import json
+import logging
 import os
 import threading
 import time
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class LogWindow:
@@ -108,7 +111,7 @@ class RunLog:
             return
         self._append({"step": step, **results})
         self._write_guarded("TensorBoard events", lambda: self.accelerator.log(results, step=step))
-        tqdm.write(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
+        log.info(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
                    f"perplexity {results['eval_perplexity']:.2f}")
 
     def event(self, record: dict[str, Any]) -> None:

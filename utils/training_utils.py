@@ -124,7 +124,8 @@ class TrainingDiverged(Exception):
 # ---------------------------------------------------------------------------------------------
 
 class StopRequest:
-    """First Ctrl+C or SIGTERM: ask the loop to finish its step, save and exit. Second Ctrl+C: exit now.
+    """First Ctrl+C, SIGTERM or SIGHUP (a closed ssh session; torchrun passes it on): ask the loop to finish its
+    step (or validation batch), save and exit with the shell's code for the signal. Second Ctrl+C: exit now.
 
     Under a launcher (torchrun, accelerate launch: `launcher_pid`), the launcher's death asks the same: the
     workers it leaves behind would otherwise train on unseen, racing the user's next run in the same folder.
@@ -138,8 +139,8 @@ class StopRequest:
         self.launcher_gone = False
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signal_number, self._handle)
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
         if self.signal_number is not None and signal_number == signal.SIGINT:
@@ -165,5 +166,6 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        """The shell's convention (130 for Ctrl+C, 143 for SIGTERM); 1 when another process was signalled."""
+        """The shell's convention (130 for Ctrl+C, 143 for SIGTERM, 129 for SIGHUP); 1 when another process was
+        signalled, the launcher is gone, or the run failed."""
         return 128 + self.signal_number if self.signal_number is not None else 1  # launcher gone, or a failure
