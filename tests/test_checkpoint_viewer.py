@@ -241,12 +241,18 @@ def test_view_shows_the_detailed_summary(capsys, checkpoints):
         assert expected in out, expected
 
 
+def as_an_earlier_version(checkpoints: Path) -> None:
+    """Checkpoints as saved before training_metrics.json recorded the validation history."""
+    for path in checkpoints.glob("checkpoint-*/training_metrics.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "validation_history"}))
+
+
 def without_validation(checkpoint: Path) -> list[float]:
     """Rewrites a checkpoint's JSON files as a run without validation writes them: best_loss is the best
     training loss, and validation_metrics holds only training statistics. Returns the training losses."""
     metrics = json.loads((checkpoint / "training_metrics.json").read_text())
     best = min(metrics["loss_history"], key=lambda entry: entry["loss"])
-    metrics |= {"best_loss": best["loss"], "best_step": best["step"], "validation_metrics": {}}
+    metrics |= {"best_loss": best["loss"], "best_step": best["step"], "validation_metrics": {}, "validation_history": []}
     (checkpoint / "training_metrics.json").write_text(json.dumps(metrics))
     meta = json.loads((checkpoint / "metadata.json").read_text())
     meta["best_loss"] = best["loss"]
@@ -356,6 +362,9 @@ def drawn(checkpoints: Path, name: str, log_dir: Path) -> tuple[dict[str, list[t
 
 
 def test_plot_draws_the_validation_loss_as_a_curve_of_its_own(capsys, checkpoints, logs, tmp_path):
+    recorded = json.loads((checkpoints / STEP8 / "training_metrics.json").read_text())["validation_history"]
+    assert [entry["step"] for entry in recorded] == [4, 8]  # the checkpoint records its curve
+    as_an_earlier_version(checkpoints)  # which did not: metrics.jsonl has it
     code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(logs), "--save", str(tmp_path / "p.png"))
     assert code == 0 and f"📏 Validation loss from {logs / 'metrics.jsonl'} (2 points)\n" in out
     logged = [(float(r["step"]), r["eval_loss"]) for r in read_metrics(logs) if "eval_loss" in r]
@@ -388,6 +397,7 @@ def test_plot_prefers_the_checkpoints_own_validation_history(capsys, checkpoints
 
 
 def test_plot_without_validation_history_says_so_in_one_line(capsys, checkpoints, tmp_path):
+    as_an_earlier_version(checkpoints)
     target = str(tmp_path / "p.png")
     code, out, _ = viewer(capsys, checkpoints, "plot", STEP8, "--log-dir", str(tmp_path / "nowhere"), "--save", target)
     lines = [line for line in out.splitlines() if line.startswith("📏")]
@@ -411,6 +421,7 @@ def test_plot_of_a_run_without_validation_marks_the_best_training_loss(checkpoin
 
 
 def test_plot_log_dir_defaults_to_the_configs_then_to_logs(capsys, checkpoints, logs, tmp_path, monkeypatch):
+    as_an_earlier_version(checkpoints)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_preset": "tiny", "checkpoint_dir": str(checkpoints), "log_dir": str(logs)}))
     code = main(["plot", STEP8, "--config", str(config), "--save", str(tmp_path / "p.png")])

@@ -1,0 +1,153 @@
+"""Unattended runs on preemptible machines: one command for every boot (--resume auto), every signal saves, any
+config field from the command line, and a destination or log folder never shared by two runs."""
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from configs.command_line import config_from_args, parse_args
+from configs.training_config import ConfigError, load_config
+from utils.checkpoint_utils import UploadError, list_checkpoints
+from utils.run_identity import RUN_ID_FILE, claim_run
+from utils.storage import open_storage
+
+
+def start_train(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(config), *args],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_steps(log_dir: Path, steps: int, process: subprocess.Popen) -> None:
+    metrics, deadline = log_dir / "metrics.jsonl", time.monotonic() + 120
+    while not metrics.exists() or len(read_metrics(log_dir)) < steps:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+
+
+def test_the_same_command_starts_resumes_after_sighup_and_finishes_like_an_uninterrupted_run(
+        tmp_path: Path, sample_data: Path) -> None:
+    options = dict(max_steps=30, save_steps=5, lr_decay_steps=30, upload_destination=str(tmp_path / "uploads"))
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert run_train("--config", str(write_config(straight, sample_data, **options))).returncode == 0
+
+    config = write_config(tmp_path, sample_data, **options)
+    process = start_train(config, "--resume", "auto")  # empty folders: a fresh start
+    wait_for_steps(tmp_path / "logs", 7, process)
+    process.send_signal(signal.SIGHUP)  # the ssh session closed
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, stderr[-3000:]
+    assert "--resume auto: no checkpoint in" in stderr and "SIGHUP received" in stderr
+    stopped_at = list_checkpoints(tmp_path / "checkpoints")[-1].step
+    assert stopped_at >= 7
+
+    result = run_train("--config", str(config), "--resume", "auto")  # the next boot: the same command
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--resume auto: resuming the newest checkpoint" in result.stderr
+    assert f"Resumed from checkpoint-epoch0-step{stopped_at}-files0" in result.stderr
+    resumed = {line["step"]: line["loss"] for line in read_metrics(tmp_path / "logs")}
+    assert resumed == {line["step"]: line["loss"] for line in read_metrics(straight / "logs")}  # bit-identical
+
+
+def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_at_the_destination(tmp_path: Path,
+                                                                             sample_data: Path) -> None:
+    first, fresh = tmp_path / "first", tmp_path / "fresh"
+    for folder in (first, fresh):
+        folder.mkdir()
+    uploads = str(tmp_path / "uploads")
+    assert run_train("--config", str(write_config(first, sample_data, max_steps=4, save_steps=4, lr_decay_steps=8,
+                                                  upload_destination=uploads))).returncode == 0
+    config = write_config(fresh, sample_data, max_steps=8, save_steps=4, lr_decay_steps=8, upload_destination=uploads)
+    result = run_train("--config", str(config), "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from checkpoint-epoch0-step4-files0" in result.stderr and "Downloading" in result.stderr
+    run_id = (first / "checkpoints" / RUN_ID_FILE).read_text().strip()
+    assert (fresh / "checkpoints" / RUN_ID_FILE).read_text().strip() == run_id  # the same run, carried on
+    metadata = json.loads((fresh / "checkpoints" / "checkpoint-epoch0-step8-files0" / "metadata.json").read_text())
+    assert metadata["run_id"] == run_id
+
+
+def test_a_destination_or_log_folder_of_another_run_is_refused(tmp_path: Path, sample_data: Path) -> None:
+    uploads = str(tmp_path / "uploads")
+    first = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, upload_destination=uploads)
+    assert run_train("--config", str(first)).returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    # Its own checkpoint folder, but the first run's logs: it would append to them.
+    shared_logs = write_config(other, sample_data, max_steps=2, log_dir=str(tmp_path / "logs"), upload_destination=None)
+    result = run_train("--config", str(shared_logs))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: log_dir {tmp_path / 'logs'} already holds the metrics of another run" in result.stderr
+    # A fresh checkpoint folder resuming with another run's id at the destination is refused too.
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / RUN_ID_FILE).write_text("0123456789abcdef\n")
+    resumed = run_train("--config", str(write_config(other, sample_data, max_steps=4, upload_destination=uploads,
+                                                     lr_decay_steps=4)), "--resume", "auto")
+    assert resumed.returncode == 2 and f"error: the upload destination {uploads} belongs to another run" in resumed.stderr
+
+
+def claim_in_a_process(folder: Path, destination: str, barrier: Any, outcomes: Any) -> None:
+    config = load_config("tiny").with_repo_paths()
+    config.checkpoint_dir, config.log_dir = str(folder / "checkpoints"), str(folder / "logs")
+    for path in (config.checkpoint_dir, config.log_dir):
+        Path(path).mkdir(parents=True)
+    barrier.wait()
+    try:
+        outcomes.put(claim_run(config, open_storage(destination), resuming=False))
+    except UploadError as error:
+        outcomes.put(str(error))
+
+
+def test_two_runs_claiming_one_destination_at_the_same_instant_one_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "uploads").mkdir()
+    context = multiprocessing.get_context("fork")
+    barrier, outcomes = context.Barrier(6), context.Queue()
+    runs = [context.Process(target=claim_in_a_process, args=(tmp_path / f"run{index}", str(tmp_path / "uploads"),
+                                                            barrier, outcomes)) for index in range(6)]
+    for run in runs:
+        run.start()
+    results = [outcomes.get(timeout=60) for _ in runs]
+    for run in runs:
+        run.join(timeout=60)
+    claimed = [result for result in results if "claimed by another run" not in result]
+    assert len(claimed) == 1, results
+    assert json.loads((tmp_path / "uploads" / RUN_ID_FILE).read_text())["run_id"] == claimed[0]
+    assert not [path for path in (tmp_path / "uploads").iterdir() if path.name != RUN_ID_FILE]  # no leftovers
+
+
+def test_any_field_from_the_command_line_and_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
+    config = config_from_args(parse_args(["--config", "tiny", "--set", "learning_rate=3e-4", "--set",
+                                          "model.seq_len=128", "--set", "trackers=[\"tensorboard\"]", "--set",
+                                          "upload_destination=null", "--set", "data=somewhere/else"]))
+    assert config.learning_rate == 3e-4 and config.model_shape().seq_len == 128
+    assert config.model_shape().hidden_size == 128  # the tiny preset's, untouched by model.seq_len
+    assert config.upload_destination is None and config.data == str(Path("somewhere/else").absolute())
+    for setting, message in (("learnig_rate=1", "unknown key(s) learnig_rate"), ("max_steps=ten", "max_steps has the "
+                             "wrong type"), ("model.layers=3", "unknown model field(s) layers"),
+                             ("warmup_steps", "--set 'warmup_steps': expected KEY=VALUE")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(parse_args(["--config", "tiny", "--set", setting]))
+
+    result = run_train("--config", "tiny", "--set", "max_steps=7", "--print-config")
+    assert result.returncode == 0
+    printed = json.loads(result.stdout)
+    assert printed["max_steps"] == 7 and printed["model_shape"]["vocab_size"] == 4096
+    bad = run_train("--config", "tiny", "--set", "learnig_rate=1")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {REPO_ROOT / 'configs' / 'tiny.json'} with learnig_rate=1 from the command line: unknown key(s) "
+        "learnig_rate"]
+
+
+def test_run_sh_help_prints_its_usage() -> None:
+    result = subprocess.run(["bash", str(REPO_ROOT / "run.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("usage: bash run.sh CONFIG [MAX_STEPS]")
+    assert "--resume auto" in result.stdout
