@@ -53,7 +53,7 @@ class Uploader:
     def __init__(self, storage: Storage, checkpoint_dir: str | Path, archive_format: str = FILES_FORMAT,
                  background: bool = True, workers: int = 1, attempts: int = 5, retry_delay_s: float = 2.0,
                  queue_size: int = 4, keep_local: int | None = None, progress_interval_s: float = 30.0,
-                 streams: int = FILES_STREAMS, report: Report | None = None, part_bytes: int = PART_BYTES) -> None:
+                 streams: int = FILES_STREAMS, report: Report | None = None, part_bytes: int | None = None) -> None:
         check_archive_format(archive_format)
         self.storage = storage
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -64,7 +64,7 @@ class Uploader:
         self.keep_local = keep_local
         self.progress_interval_s = progress_interval_s
         self.streams = streams if archive_format == FILES_FORMAT else 1
-        self.part_bytes = part_bytes
+        self.part_bytes = part_bytes if part_bytes is not None else PART_BYTES  # read at run time: tests shrink it
         self.report = report
         self._report_lock = threading.Lock()
         self._last_rate: float | None = None  # MB/s of the latest verified upload, for the falling-behind warning
