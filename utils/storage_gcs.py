@@ -20,6 +20,7 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import storage as gcs
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
+from requests.adapters import HTTPAdapter
 
 from utils.storage import (CHUNK_BYTES, GCS_SCHEME, PART_BYTES, NotFoundError, ObjectInfo, OnBytes,
                            PreconditionFailedError, StorageError, shorten_middle)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 3
 """Whole-object attempts when a download arrives complete but fails the library's crc32c check."""
 LEFTOVER_PART_AGE_S = 24 * 3600.0
+POOL_CONNECTIONS = 64
+"""HTTP connections kept per host: more than any number of concurrent streams a run uses."""
 
 
 def make_client(credentials: str | None) -> tuple[gcs.Client, str]:
@@ -96,6 +99,10 @@ class GCSStorage:
     def __init__(self, client: gcs.Client, bucket: str, prefix: str, auth: str, timeout_s: float,
                  retry_deadline_s: float) -> None:
         self.client = client
+        # One connection per concurrent transfer: requests' default pool of 10 per host would open and drop
+        # connections (and warn) once more streams than that run at once.
+        client._http.mount("https://", HTTPAdapter(pool_maxsize=POOL_CONNECTIONS))
+        client._http.mount("http://", HTTPAdapter(pool_maxsize=POOL_CONNECTIONS))
         self.bucket = client.bucket(bucket)
         self.prefix = prefix
         self.url = f"{GCS_SCHEME}{bucket}" + (f"/{prefix}" if prefix else "")
