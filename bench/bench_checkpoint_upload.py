@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""What checkpoint uploads cost the training loop, and how fast each archive format goes.
+"""What checkpoint uploads cost the training loop, how fast each format goes, and what a restore holds on disk.
 
-    python bench/bench_checkpoint_upload.py                   # archive formats on 512 MB, then the loop
+    python bench/bench_checkpoint_upload.py                   # formats, streams and restores on 512 MB, then the loop
     python bench/bench_checkpoint_upload.py --size-mb 2048 --no-emulator
+    python bench/bench_checkpoint_upload.py --skip-formats --skip-loop --streams 1 4 16   # streams and restores only
 
 1. Archive formats: a synthetic checkpoint shaped like a real one (float32 weights ~ N(0, 0.02), Adam's
    exp_avg and exp_avg_sq) is streamed as tar, tar.zst and tar.gz (a) into a crc32c counter only (the
    archiver's own speed on one core), (b) into a local-folder destination and (c) into fake-gcs-server
    on 127.0.0.1 (the emulator stands in for the network; real GCS differs). MB/s are checkpoint bytes
    per second; the ratio is archive size / checkpoint size.
-2. The loop: a GPT-NeoX model trains on random tokens on this machine; each checkpoint is saved with
+2. Streams: the same checkpoint uploaded in the files layout (each file an object, large files in parts of
+   --part-mb) with 1 and with N concurrent streams, to a local-folder destination and to the emulator (MB/s
+   of checkpoint bytes, verified). Then restores from the emulator (files layout and tar.zst, as a resume
+   does them) with the peak of the bytes on the restore disk, sampled every few milliseconds, against the
+   checkpoint size: a restore that wrote the archive first would peak at about twice the checkpoint.
+3. The loop: a GPT-NeoX model trains on random tokens on this machine; each checkpoint is saved with
    utils/checkpoint_utils.save_checkpoint and handed to the Uploader (local-folder destination). It reports
    the time the loop is blocked per checkpoint (the local save plus the hand-over) and the mean step time
    with an upload in flight against without one.
@@ -17,11 +23,16 @@ This prints figures; it is not a test.
 """
 import argparse
 import logging
+import os
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -36,7 +47,7 @@ from configs.training_config import ARCHIVE_FORMATS  # noqa: E402
 from utils.archive import HashingWriter, folder_size, write_archive  # noqa: E402
 from utils.checkpoint_utils import checkpoint_name  # noqa: E402
 from utils.checkpointer import save_checkpoint  # noqa: E402
-from utils.destination import open_destination  # noqa: E402
+from utils.destination import download_checkpoint, open_destination  # noqa: E402
 from utils.uploader import Uploader  # noqa: E402
 
 
@@ -53,21 +64,25 @@ def synthetic_checkpoint(folder: Path, size_mb: int) -> Path:
     return path
 
 
+def start_emulator(folder: Path) -> Any:
+    from gcs_emulator import GCSEmulator
+    server = GCSEmulator(folder)
+    server.start()
+    server.create_bucket("bench")
+    os.environ.update(server.env)
+    os.environ["GCS_RETRY_DEADLINE_S"] = "120"  # the tests' short deadline is for a stopped emulator
+    os.environ["GCS_TIMEOUT_S"] = "60"
+    return server
+
+
 def bench_formats(size_mb: int, emulator: bool, work: Path) -> None:
     source = synthetic_checkpoint(work / "formats", size_mb)
     total = folder_size(source)
     print(f"\n1. Archive formats on a {total / 1e6:,.0f} MB synthetic checkpoint (MB/s of checkpoint bytes)")
-    server = None
-    if emulator:
-        from gcs_emulator import GCSEmulator
-        server = GCSEmulator(work / "gcs")
-        server.start()
-        server.create_bucket("bench")
-        import os
-        os.environ.update(server.env)
+    server = start_emulator(work / "gcs-formats") if emulator else None
     print(f"{'format':8s} {'ratio':>6s} {'archive only':>13s} {'to local folder':>16s} {'to emulator':>12s}")
     try:
-        for archive_format in ARCHIVE_FORMATS:
+        for archive_format in ARCHIVE_FORMATS[1:]:  # the archives; the files layout is section 2
             sink = HashingWriter()
             start = time.perf_counter()
             write_archive(source, sink, archive_format)
@@ -82,6 +97,79 @@ def bench_formats(size_mb: int, emulator: bool, work: Path) -> None:
                 (source.parent / "uploads.json").unlink()
             emulator_rate = f"{rates[1]:12,.0f}" if server else f"{'-':>12s}"
             print(f"{archive_format:8s} {sink.size / total:6.3f} {archive_only:13,.0f} {rates[0]:16,.0f} {emulator_rate}")
+    finally:
+        if server:
+            server.stop()
+
+
+def disk_peak(folder: Path, action: Callable[[], Any]) -> tuple[int, Any]:
+    """The most bytes of files under `folder` while `action()` runs, sampled every 5 ms."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = 0
+            for path in folder.rglob("*"):
+                try:
+                    total += path.stat().st_size if path.is_file() else 0
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+            peak[0] = max(peak[0], total)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())), result
+
+
+def timed_upload(destination: str, source: Path, archive_format: str, streams: int, part_mb: int) -> float:
+    """MB/s of one verified upload of `source` (its record removed afterwards, so the next one uploads anew)."""
+    uploader = Uploader(open_destination(destination), source.parent, archive_format, background=False,
+                        streams=streams, part_bytes=part_mb * 1024 * 1024)
+    start = time.perf_counter()
+    uploader.submit(source)
+    seconds = time.perf_counter() - start
+    assert uploader.is_verified(source.name)
+    (source.parent / "uploads.json").unlink()
+    return folder_size(source) / 1e6 / seconds
+
+
+def bench_streams(size_mb: int, streams: list[int], part_mb: int, emulator: bool, work: Path) -> None:
+    source = synthetic_checkpoint(work / "streams", size_mb)
+    total = folder_size(source)
+    print(f"\n2. Files layout on a {total / 1e6:,.0f} MB synthetic checkpoint, parts of {part_mb} MiB "
+          f"(MB/s of checkpoint bytes, verified)")
+    server = start_emulator(work / "gcs-streams") if emulator else None
+    try:
+        print(f"{'streams':>8s} {'to local folder':>16s} {'to emulator':>12s}")
+        for count in streams:
+            local = timed_upload(str(work / f"dest-files-{count}"), source, "files", count, part_mb)
+            shutil.rmtree(work / f"dest-files-{count}")
+            remote = f"{timed_upload(f'gs://bench/streams{count}', source, 'files', count, part_mb):12,.0f}" \
+                if server else f"{'-':>12s}"
+            print(f"{count:8d} {local:16,.0f} {remote}")
+        if server is None:
+            return
+        print(f"\n   Restores from the emulator ({max(streams)} streams for the files layout), as a resume does them:")
+        print(f"   {'format':8s} {'MB/s':>6s} {'disk peak':>10s} {'checkpoint':>11s} {'peak / checkpoint':>18s}")
+        for archive_format, url in (("files", f"gs://bench/streams{max(streams)}"), ("tar.zst", "gs://bench/restore")):
+            storage = open_destination(url)
+            if archive_format != "files":
+                Uploader(storage, source.parent, archive_format, background=False).submit(source)
+                (source.parent / "uploads.json").unlink()
+            target = work / f"restore-{archive_format}"
+            target.mkdir()
+            obj = storage.stat(f"{source.name}.files.json" if archive_format == "files" else f"{source.name}.tar.zst")
+            start = time.perf_counter()
+            peak, _ = disk_peak(target, lambda: download_checkpoint(storage, obj, target, streams=max(streams)))
+            rate = total / 1e6 / (time.perf_counter() - start)
+            print(f"   {archive_format:8s} {rate:6,.0f} {peak / 1e6:8,.0f} MB {total / 1e6:8,.0f} MB {peak / total:18.3f}")
+            shutil.rmtree(target)
     finally:
         if server:
             server.stop()
@@ -124,7 +212,7 @@ def bench_loop(hidden: int, layers: int, steps: int, archive_format: str, work: 
             in_flight.append(step())
     assert uploader.wait(600) == [] and all(uploader.is_verified(checkpoint_name(0, i, 0)) for i in range(8))
     size = folder_size(checkpoints / checkpoint_name(0, 0, 0))
-    print(f"\n2. The loop: GPT-NeoX {params / 1e6:,.1f} M parameters on {accelerator.device}, "
+    print(f"\n3. The loop: GPT-NeoX {params / 1e6:,.1f} M parameters on {accelerator.device}, "
           f"{size / 1e6:,.0f} MB checkpoint, archive {archive_format}, torch threads {torch.get_num_threads()}")
     print(f"   blocked per checkpoint: {statistics.mean(blocked):.3f} s (local save {statistics.mean(saves):.3f} s, "
           f"hand-over {statistics.mean(blocked) - statistics.mean(saves):.4f} s)")
@@ -140,10 +228,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="model width for the loop")
     parser.add_argument("--layers", type=int, default=4, help="model depth for the loop")
     parser.add_argument("--steps", type=int, default=10, help="steps timed without an upload")
-    parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="tar.zst", help="format for the loop")
+    parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="files", help="format for the loop")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="stream counts to compare")
+    parser.add_argument("--part-mb", type=int, default=32, help="part size of the files layout in MiB")
+    parser.add_argument("--skip-streams", action="store_true", help="skip the streams and restore figures")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads for the loop (default: torch's choice)")
-    parser.add_argument("--skip-formats", action="store_true", help="only the loop")
-    parser.add_argument("--skip-loop", action="store_true", help="only the archive formats")
+    parser.add_argument("--skip-formats", action="store_true", help="skip the archive formats")
+    parser.add_argument("--skip-loop", action="store_true", help="skip the training loop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.torch_threads:
@@ -151,6 +242,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as folder:
         if not args.skip_formats:
             bench_formats(args.size_mb, not args.no_emulator, Path(folder))
+        if not args.skip_streams:
+            bench_streams(args.size_mb, args.streams, args.part_mb, not args.no_emulator, Path(folder))
         if not args.skip_loop:
             bench_loop(args.hidden, args.layers, args.steps, args.archive_format, Path(folder))
 

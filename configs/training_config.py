@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.model_config import INIT_METHODS, ModelConfigError, ModelShape, resolve_shape
-from utils.archive import ARCHIVE_FORMATS
+from utils.archive import ARCHIVE_FORMATS, FILES_FORMAT, FILES_STREAMS
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -164,12 +164,18 @@ class TrainingConfig:
     background_upload: bool = True
     """Upload checkpoints in a background thread; False blocks training during each upload."""
     upload_destination: str | None = None
-    """Where each checkpoint is uploaded as <name>.<archive_format>: gs://BUCKET/PREFIX or a local folder
-    (relative paths are taken from the repo root); None uploads nothing. While uploads are on, a checkpoint
-    is deleted locally only once its upload is verified. --resume also finds checkpoints here."""
-    archive_format: str = "tar.zst"
-    """tar.zst (zstd level 1, ~0.7 GB/s on one core, ~7% smaller for float32 weights), tar (no compression,
-    fastest) or tar.gz (the original format; gzip runs at ~30 MB/s on one core, too slow for large checkpoints)."""
+    """Where each checkpoint is uploaded (files layout: <name>/<file> objects and <name>.files.json; archives:
+    <name>.<archive_format>): gs://BUCKET/PREFIX or a local folder (relative paths are taken from the repo
+    root); None uploads nothing. While uploads are on, a checkpoint is deleted locally only once its upload is
+    verified and still there. --resume also finds checkpoints here."""
+    archive_format: str = FILES_FORMAT
+    """files (each file its own object, large ones in parts, upload_streams at once; <name>.files.json written
+    last marks it complete), tar.zst (one archive, one stream; zstd level 1, ~7% smaller for float32 weights),
+    tar (one archive, no compression) or tar.gz (the original format; gzip runs at ~30 MB/s on one core).
+    Checkpoints in any of these formats at the destination are read back (resume, export, listings)."""
+    upload_streams: int = FILES_STREAMS
+    """Concurrent transfers (file parts) for the upload of one checkpoint in the files layout; one stream to GCS
+    carries roughly 100-200 MB/s, and each holds a 16 MB chunk in memory while it is sent."""
     upload_workers: int = 1
     """Background upload threads; each archives and uploads one checkpoint at a time."""
     upload_attempts: int = 5
@@ -255,7 +261,7 @@ class TrainingConfig:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
         if self.archive_format not in ARCHIVE_FORMATS:
             raise ConfigError(f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got {self.archive_format!r}")
-        for name in ("upload_workers", "upload_attempts"):
+        for name in ("upload_workers", "upload_attempts", "upload_streams"):
             positive(name)
         if not self.process_group_timeout_s > 0:
             raise ConfigError(f"process_group_timeout_s must be positive, got {self.process_group_timeout_s!r}")

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
 from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
                                     parse_checkpoint_name, read_json)
-from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value,  # noqa: E402
-                           holders_hint, subfolders_holding, upload_label)
+from utils.display import (fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value, holders_hint,  # noqa: E402
+                           subfolders_holding, upload_label)
 from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noqa: E402
 from utils.metrics import TrainingMetrics  # noqa: E402
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
@@ -247,6 +247,8 @@ def list_remote(checkpoint_dir: Path, manifest: ManifestSnapshot | None, local_n
         raise CheckpointError(f"--remote: no upload destination known ({reason})")
     try:
         from utils.storage import StorageError, open_storage
+        from utils.archive import human_size, split_archive_name
+        from utils.destination import checkpoint_bytes
     except ImportError as error:
         raise CheckpointError(f"--remote: remote listing unavailable (cannot import utils.storage: {error})") from None
     try:
@@ -255,23 +257,23 @@ def list_remote(checkpoint_dir: Path, manifest: ManifestSnapshot | None, local_n
         storage = open_storage(manifest.destination, credentials,
                                timeout_s=float(os.environ.get("GCS_TIMEOUT_S", "10")),
                                retry_deadline_s=float(os.environ.get("GCS_RETRY_DEADLINE_S", "20")))
-        objects = storage.list("checkpoint-*")
-    except StorageError as error:
+        # Both layouts: <name>.files.json (sized by the files it lists) and <name>.tar* archives.
+        objects = [(item, split[0], checkpoint_bytes(storage, item)) for item in storage.list("checkpoint-*")
+                   if (split := split_archive_name(item.name)) is not None]
+    except (StorageError, CheckpointError) as error:
         raise CheckpointError(f"--remote: cannot list {manifest.destination}: {error}") from None
 
-    def step_of(object_name: str) -> int:
-        parsed = parse_checkpoint_name(object_name.split(".", 1)[0])
+    def step_of(name: str) -> int:
+        parsed = parse_checkpoint_name(name)
         return parsed[1] if parsed else -1
 
-    objects = sorted(objects, key=lambda item: (step_of(item.name), item.name))
+    objects = sorted(objects, key=lambda entry: (step_of(entry[1]), entry[0].name))
     print()
     print(f"☁️  {len(objects)} remote checkpoint{'s' if len(objects) != 1 else ''} in {manifest.destination}:")
     print(RULE)
-    for index, item in enumerate(objects, 1):
-        base = item.name.split(".", 1)[0]
-        step = step_of(item.name)
-        print(f"{index:2d}. {item.name:<46} Step: {step if step >= 0 else '?':<6} Size: {fmt_bytes(item.size):<10} "
-              f"Local: {'yes' if base in local_names else 'no'}")
+    for index, (item, name, size) in enumerate(objects, 1):
+        print(f"{index:2d}. {item.name:<46} Step: {step_of(name):<6} Size: {human_size(size):<10} "
+              f"Local: {'yes' if name in local_names else 'no'}")
     return 0
 
 

@@ -7,9 +7,10 @@
     python scripts/upload_manager.py upload-all --config test      # every local checkpoint not yet verified
 
 The checkpoint folder and destination come from the config (checkpoint_dir, upload_destination; relative
-to the repository) unless --checkpoint-dir / --destination are given (relative to the current folder). The
-upload state lives in <checkpoint_dir>/uploads.json, shared with a training run that may be running at the
-same time; status and list show only the records about the destination in use.
+to the repository) unless --checkpoint-dir / --destination are given (relative to the current folder); with
+--checkpoint-dir alone, the destination is the one recorded in that folder's uploads.json (the tool says so).
+The upload state lives in <checkpoint_dir>/uploads.json, shared with a training run that may be running at
+the same time; status and list show only the records about the destination in use.
 """
 import argparse
 import logging
@@ -19,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config, path_from_here  # noqa: E402
-from utils.archive import folder_size, human_size  # noqa: E402
+from utils.archive import folder_size, human_size, split_archive_name  # noqa: E402
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, parse_checkpoint_name  # noqa: E402
-from utils.destination import open_destination, remote_checkpoints  # noqa: E402
-from utils.manifest import UploadManifest, UploadRecord  # noqa: E402
+from utils.destination import checkpoint_bytes, open_destination, remote_checkpoints  # noqa: E402
+from utils.manifest import UploadManifest, UploadRecord, read_snapshot  # noqa: E402
 from utils.storage import StorageError, is_gcs_url  # noqa: E402
 from utils.uploader import Uploader  # noqa: E402
 
@@ -56,19 +57,29 @@ class Settings:
         # --checkpoint-dir as typed: messages name the folder the way the user did.
         self.checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(config.checkpoint_dir)
         destination = config.upload_destination
+        self.destination_note: str | None = None
+        recorded = read_snapshot(self.checkpoint_dir) if args.checkpoint_dir and not args.destination else None
+        if recorded is not None and recorded.destination:
+            # That folder's checkpoints went there; the config's default destination may be another run's.
+            destination = recorded.destination
+            self.destination_note = (f"Destination {destination}: recorded in {self.checkpoint_dir / 'uploads.json'} "
+                                     "(pass --destination to choose another)")
         if destination is not None and not is_gcs_url(destination):
             destination = str(Path(destination).resolve())  # as the uploader names it in the records' remote URLs
         self.destination = destination
         self.archive_format = config.archive_format
         self.attempts = config.upload_attempts
+        self.streams = config.upload_streams
         self.credentials = config.gcs_credentials
 
     def uploader(self, check_write: bool = True) -> Uploader:
         """check_write=False for commands that only read the destination (status)."""
         if self.destination is None:
             raise UploadError("the config sets no upload_destination; pass --destination gs://BUCKET/PREFIX or a folder")
+        if self.destination_note:
+            print(self.destination_note)
         return Uploader(open_destination(self.destination, self.credentials, check_write), self.checkpoint_dir,
-                        self.archive_format, background=False, attempts=self.attempts)
+                        self.archive_format, background=False, attempts=self.attempts, streams=self.streams)
 
     def require_checkpoint_dir(self) -> None:
         if not self.checkpoint_dir.is_dir():
@@ -111,6 +122,8 @@ def command_list(settings: Settings) -> int:
         print(f"No checkpoints in {settings.checkpoint_dir}")
         return 0
     where = f" (upload state for {settings.destination})" if settings.destination else ""
+    if settings.destination_note:
+        print(settings.destination_note)
     print(f"📁 {len(checkpoints)} checkpoint(s) in {settings.checkpoint_dir}{where}:")
     for index, info in enumerate(checkpoints, 1):
         record = records.get(info.name)
@@ -135,8 +148,8 @@ def command_status(settings: Settings) -> int:
         state = record.state if record else ("local" if name in local else "remote")
         local_size = human_size(folder_size(local[name].path)) if name in local else "-"
         obj = remote[name][1] if name in remote else None
-        remote_size = human_size(obj.size) if obj else "-"
-        archive = obj.name[len(name) + 1:] if obj else "-"
+        remote_size = human_size(checkpoint_bytes(uploader.storage, obj)) if obj else "-"
+        archive = (split_archive_name(obj.name) or ("", "?"))[1] if obj else "-"
         crc = (record.crc32c if record and record.crc32c else (obj.crc32c if obj else None)) or "-"
         note = ""
         if record and record.state == "failed":
@@ -159,18 +172,22 @@ def command_upload(settings: Settings, names: list[str] | None) -> int:
         what = f"checkpoint {names[0]!r} not found in" if names else "checkpoint folder"
         raise UploadError(f"{what} {settings.checkpoint_dir}: the folder does not exist "
                           "(pass --checkpoint-dir or --config)")
-    uploader = settings.uploader()
+    # The local side first: nothing to upload needs no network (and no minutes of retries of an unreachable one).
     local = [info.name for info in list_checkpoints(settings.checkpoint_dir)]
+    if names is None and not local:
+        print(f"No checkpoints to upload in {settings.checkpoint_dir}")
+        return 0
+    for name in names or []:
+        if name not in local:
+            raise UploadError(f"checkpoint {name!r} not found in {settings.checkpoint_dir} "
+                              f"(existing: {', '.join(local) or 'none'})")
+    uploader = settings.uploader()
     if names is None:  # upload-all
         records = uploader.manifest.read()
         skipped = [name for name in local if uploader.is_verified(name, records)]
         names = [name for name in local if name not in skipped]
         for name in skipped:
             print(f"⏭️  {name}: already uploaded and verified")
-    for name in names:
-        if name not in local:
-            raise UploadError(f"checkpoint {name!r} not found in {settings.checkpoint_dir} "
-                              f"(existing: {', '.join(local) or 'none'})")
     everything = uploader.manifest.read()
     mine = records_for(uploader.manifest, uploader.destination)
     for name in names:

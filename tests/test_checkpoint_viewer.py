@@ -215,7 +215,7 @@ def test_list_remote_on_a_gcs_bucket(capsys, checkpoints, gcs_server):
     assert code == 0, err
     remote = out.split("1 remote checkpoint in gs://bucket/Checkpoints")[1]
     rows = [line for line in remote.splitlines() if "Size:" in line]
-    assert len(rows) == 1 and f"{STEP8}.tar.zst" in rows[0] and "4.9 KB" in rows[0] and "Local: yes" in rows[0]
+    assert len(rows) == 1 and f"{STEP8}.tar.zst" in rows[0] and "5.0 KB" in rows[0] and "Local: yes" in rows[0]
 
 
 # --- view ------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from configs.model_config import ModelShape, build_model_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from scripts import export_hf, generate
 from utils.archive import write_archive
+from utils.destination import open_destination
+from utils.export import materialize_checkpoint
+from utils.uploader import Uploader
 
 PROMPT = "Return the number of"
 
@@ -188,6 +191,39 @@ def test_export_from_local_archive_and_gcs(trained: Path, sample_data: Path, tmp
         torch.testing.assert_close(logits(model.eval(), input_ids), reference, rtol=0, atol=0)
         assert (out / "tokenizer.json").is_file()  # carried inside the checkpoint
     assert export_hf.main(["gs://bucket/Checkpoints/checkpoint-epoch0-step9-files0", str(tmp_path / "none")]) == 2
+
+
+def test_export_and_generate_from_the_files_layout(trained: Path, sample_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture, gcs_server) -> None:  # noqa: F811
+    checkpoint = checkpoint_of(trained)
+    gcs_server.create_bucket("bucket")
+    for url in ("gs://bucket/Checkpoints", str(tmp_path / "uploads")):
+        Uploader(open_destination(url), checkpoint.parent, "files", background=False).submit(checkpoint)
+    input_ids = sample_ids(sample_data)
+    reference = logits(training_model(checkpoint), input_ids)
+    local_manifest = tmp_path / "uploads" / f"{checkpoint.name}.files.json"
+    for source in (f"gs://bucket/Checkpoints/{checkpoint.name}", f"gs://bucket/Checkpoints/{local_manifest.name}",
+                   str(local_manifest)):
+        out = tmp_path / f"hf-{len(list(tmp_path.glob('hf-*')))}"
+        assert export_hf.main([source, str(out), "--dtype", "fp32"]) == 0, source
+        model = AutoModelForCausalLM.from_pretrained(out)
+        torch.testing.assert_close(logits(model.eval(), input_ids), reference, rtol=0, atol=0)
+        assert (out / "tokenizer.json").is_file()
+    greedy = ["--prompt", PROMPT, "--max-new-tokens", "5", "--temperature", "0"]
+    capsys.readouterr()
+    assert generated([f"gs://bucket/Checkpoints/{checkpoint.name}", *greedy], capsys) == \
+        generated([str(checkpoint), *greedy], capsys)
+    # Export and generation read the weights and the JSON files only: the optimizer and RNG states stay behind.
+    materialized = materialize_checkpoint(f"gs://bucket/Checkpoints/{checkpoint.name}", tmp_path / "work")
+    names = {path.name for path in materialized.iterdir()}
+    assert {"model.safetensors", "training_config.json", "tokenizer.json", "metadata.json"} <= names
+    assert "optimizer.bin" in {path.name for path in checkpoint.iterdir()}
+    assert not {name for name in names if name.startswith(("optimizer", "random_states", "scheduler"))}
+    archive = tmp_path / f"{checkpoint.name}.tar"
+    with open(archive, "wb") as handle:
+        write_archive(checkpoint, handle, "tar")
+    from_archive = materialize_checkpoint(str(archive), tmp_path / "work2")
+    assert not (from_archive / "optimizer.bin").exists() and (from_archive / "model.safetensors").is_file()
 
 
 # --- generation --------------------------------------------------------------------------------

@@ -248,12 +248,15 @@ def test_the_next_window_is_downloaded_while_this_one_trains(gcs_server: GCSEmul
 
 
 def test_missing_bucket_is_a_one_line_error_before_training(gcs_server: GCSEmulator, tmp_path: Path) -> None:
-    result = run_train("--config", str(write_config(tmp_path, "gs://no-such-bucket/data")), env=gcs_server.env)
+    cache = tmp_path / "cache"
+    result = run_train("--config", str(write_config(tmp_path, "gs://no-such-bucket/data", cache_dir=str(cache))),
+                       env=gcs_server.env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: gs://no-such-bucket: bucket does not exist"
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # the folder is made (and checked) at start
     assert "Model:" not in result.stderr  # refused before training
+    assert not cache.exists()  # no cache folder for a bucket that does not exist (it appears with a first fetch)
 
 
 def test_two_processes_download_each_shard_once(gcs_server: GCSEmulator, tmp_path: Path) -> None:

@@ -66,15 +66,18 @@ def test_background_uploads_verify_prune_and_report(tmp_path: Path, sample_data:
     names = [f"checkpoint-epoch0-step{step}-files0" for step in (2, 4, 6, 8)]
     assert local_names(tmp_path / "checkpoints") == names[-1:]  # older ones pruned once verified
     states = records(tmp_path / "checkpoints")
-    for name in names:
-        remote = dest / f"{name}.tar.zst"
+    for name in names:  # the files layout (the default): every file an object, the manifest written last
+        remote = dest / f"{name}.files.json"
         assert states[name]["state"] == "uploaded" and states[name]["crc32c"] == crc32c_of_file(remote)
         assert states[name]["size"] == remote.stat().st_size
+        listed = {entry["path"] for entry in json.loads(remote.read_text())["files"]}
+        assert listed == {path.relative_to(dest / name).as_posix() for path in (dest / name).rglob("*") if path.is_file()}
+        assert {"model.safetensors", "optimizer.bin", "metadata.json", "data_state.json"} <= listed
     assert "💾 Saving checkpoint at step 2" in result.stderr and f"✅ Saved {names[0]}" in result.stderr
     log = result.stderr
     order = [f"🚀 Starting background upload for {names[0]}",
-             f"✅ Checkpoint {names[0]} queued for background upload", f"📦 Creating archive: {names[0]}.tar.zst",
-             f"☁️  Uploading to {dest}/{names[0]}.tar.zst", f"✅ Successfully uploaded {names[0]}"]
+             f"✅ Checkpoint {names[0]} queued for background upload", f"☁️  Uploading {names[0]} to {dest}/{names[0]}/",
+             f"✅ Successfully uploaded {names[0]}"]
     positions = [log.index(line) for line in order]
     assert positions == sorted(positions)
     everything = result.stdout + log
@@ -92,12 +95,13 @@ def test_background_uploads_verify_prune_and_report(tmp_path: Path, sample_data:
     manifest = json.loads((tmp_path / "checkpoints" / "uploads.json").read_text())
     manifest["checkpoints"][names[-1]]["state"] = "failed"
     (tmp_path / "checkpoints" / "uploads.json").write_text(json.dumps(manifest))
-    (dest / f"{names[-1]}.tar.zst").unlink()
+    (dest / f"{names[-1]}.files.json").unlink()
     rerun = run_train("--config", str(config), "--resume", "latest")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Nothing to train: step 8 has reached max_steps 8" in rerun.stderr
     assert records(tmp_path / "checkpoints")[names[-1]]["state"] == "uploaded"
-    assert (dest / f"{names[-1]}.tar.zst").is_file()
+    assert (dest / f"{names[-1]}.files.json").is_file()
+    assert f"♻️  {names[-1]}: " in rerun.stderr  # its files, still there, were not sent again
 
 
 def test_resume_from_remote_after_local_checkpoints_are_deleted_is_exact(tmp_path: Path, sample_data: Path) -> None:
@@ -121,7 +125,7 @@ def test_resume_from_remote_after_local_checkpoints_are_deleted_is_exact(tmp_pat
     a = load_file(str(straight / "checkpoints" / final / "model.safetensors"))
     b = load_file(str(split / "checkpoints" / final / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
-    assert (split / "uploads" / f"{final}.tar.zst").is_file()
+    assert (split / "uploads" / f"{final}.files.json").is_file()
 
     # Branching off an older checkpoint would save under names already uploaded (never overwritten), so
     # the new checkpoints could never be uploaded: refused, before anything is written.
@@ -223,7 +227,8 @@ def test_two_processes_upload_once_and_resume_from_remote(tmp_path: Path, sample
                           lr_decay_steps=6)
     first = run_train("--config", str(config), launcher=launcher)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.name for p in dest.iterdir()) == [f"checkpoint-epoch0-step{s}-files0.tar.zst" for s in (2, 4)]
+    assert sorted(p.name for p in dest.iterdir()) == [f"checkpoint-epoch0-step{s}-files0{suffix}" for s in (2, 4)
+                                                      for suffix in ("", ".files.json")]
     assert first.stderr.count("Starting background upload for checkpoint-epoch0-step4-files0") == 1  # rank 0 only
 
     shutil.rmtree(tmp_path / "checkpoints")

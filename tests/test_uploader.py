@@ -4,6 +4,7 @@ import filecmp
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
 from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils.storage import LocalStorage, crc32c_of_file, open_storage
-from utils.archive import HashingWriter, extract_archive, write_archive
+from utils.archive import TAR_FORMATS, HashingWriter, extract_archive, write_archive
 from utils.checkpoint_utils import UploadError
 from utils.checkpointer import prune_without_uploads
 from utils.destination import check_fresh_destination, download_checkpoint, find_local_or_remote, open_destination
@@ -47,7 +48,7 @@ def records(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads((checkpoint_dir / "uploads.json").read_text())["checkpoints"]
 
 
-@pytest.mark.parametrize("archive_format", ARCHIVE_FORMATS)
+@pytest.mark.parametrize("archive_format", TAR_FORMATS)
 def test_archive_round_trip_is_deterministic_and_measured(tmp_path: Path, archive_format: str) -> None:
     folder = make_checkpoint(tmp_path / "checkpoints", STEP4)
     archive = tmp_path / f"{STEP4}.{archive_format}"
@@ -82,10 +83,15 @@ def test_an_archive_with_foreign_entries_is_refused(tmp_path: Path) -> None:
 
 def test_config_validates_upload_fields() -> None:
     assert TrainingConfig(upload_destination="gs://bucket/Checkpoints", archive_format="tar").archive_format == "tar"
+    assert (TrainingConfig().archive_format, TrainingConfig().upload_streams) == ("files", 16)
+    assert set(ARCHIVE_FORMATS) == {"files", "tar.zst", "tar", "tar.gz"}
     with pytest.raises(ConfigError, match="archive_format"):
         TrainingConfig(archive_format="zip")
     with pytest.raises(ConfigError, match="upload_workers"):
         TrainingConfig(upload_workers=0)
+    for bad in (0, -2, True):
+        with pytest.raises(ConfigError, match="^upload_streams must be a positive integer"):
+            TrainingConfig(upload_streams=bad)
     with pytest.raises(ConfigError, match="names no bucket"):
         TrainingConfig(upload_destination="gs://")
 
@@ -482,3 +488,53 @@ def test_upload_manager_status_shows_only_records_of_its_destination(
     assert upload_manager.main(["upload-all", "--config", str(config)]) == 0
     assert "2 uploaded, 0 failed" in capsys.readouterr().out
     assert all(record["remote_url"].startswith(str(real)) for record in records(checkpoints).values())
+
+
+# --- upload_manager: the local side first, the recorded destination, one-line errors (issue 16) ---------
+
+def test_upload_all_with_nothing_to_upload_never_touches_the_network(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("GCS_RETRY_DEADLINE_S", "120")  # a network call would retry for two minutes
+    (tmp_path / "checkpoints").mkdir()
+    started = time.monotonic()
+    code = upload_manager.main(["upload-all", "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                                "--destination", "gs://refocused-ai/Checkpoints"])
+    assert code == 0 and time.monotonic() - started < 10
+    assert capsys.readouterr().out == f"No checkpoints to upload in {tmp_path / 'checkpoints'}\n"
+    code = upload_manager.main(["upload", STEP4, "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                                "--destination", "gs://refocused-ai/Checkpoints"])
+    assert code == 2 and f"checkpoint '{STEP4}' not found" in capsys.readouterr().err
+
+
+def test_an_unreachable_destination_is_one_line_naming_it_once_with_its_reason(
+        gcs_server: GCSEmulator, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCS_RETRY_DEADLINE_S", "1")
+    gcs_server.stop()
+    with caplog.at_level("WARNING"), pytest.raises(UploadError) as error:
+        open_destination("gs://ckpts/Checkpoints")
+    message = str(error.value)
+    assert message.startswith("upload destination gs://ckpts/Checkpoints: still failing after 1 s of retries: "
+                              "ConnectionError: ")
+    assert message.count("gs://ckpts/Checkpoints") == 1 and "\n" not in message and len(message) < 400
+    assert "Connection refused" in message[-40:]  # the reason, at the end of the library's message, is kept
+    retrying = [r.message for r in caplog.records if "retrying for up to 1 s" in r.message]
+    assert len(retrying) == 1 and retrying[0].startswith("⏳ listing gs://ckpts/Checkpoints failed (ConnectionError")
+
+
+def test_status_of_a_folder_uses_the_destination_recorded_there(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoints, recorded, default = tmp_path / "checkpoints", tmp_path / "recorded", tmp_path / "default"
+    make_checkpoint(checkpoints, STEP4, size=1000)
+    Uploader(open_destination(str(recorded)), checkpoints, "files", background=False).submit(checkpoints / STEP4)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"upload_destination": str(default)}))  # another run's bucket
+    default.mkdir()
+    assert upload_manager.main(["status", "--config", str(config), "--checkpoint-dir", str(checkpoints)]) == 0
+    out = capsys.readouterr().out
+    assert f"Destination {recorded}: recorded in {checkpoints / 'uploads.json'}" in out and f"Remote: {recorded}" in out
+    row = next(line for line in out.splitlines() if line.startswith(STEP4))
+    assert " uploaded " in row and " files " in row and "3.6 KB" in row  # the checkpoint's, not its manifest's
+    assert upload_manager.main(["status", "--config", str(config), "--checkpoint-dir", str(checkpoints),
+                                "--destination", str(default)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded in" not in out and f"Remote: {default}" in out

@@ -1,42 +1,66 @@
-"""The upload destination: gs://bucket/prefix or a local folder, and the checkpoint archives it holds.
+"""The upload destination: gs://bucket/prefix or a local folder, and the checkpoints it holds.
 
 Opening it checks it once (a listing and a small write probe), so that a wrong bucket or a missing
-permission fails before training. The catalogue of remote checkpoints serves --resume ("latest" may be a
-remote one), the refusals that keep a run from writing under names already uploaded, and the download of a
-remote checkpoint, unpacked into the checkpoint folder and recorded as uploaded.
+permission fails before training, and clears what uploads cut short left there (dead writers' temporary
+files, part objects older than a day). The catalogue of remote checkpoints (files layout and archives)
+serves --resume ("latest" may be a remote one), the refusals that keep a run from writing under names
+already uploaded, and the restore of a remote checkpoint into the checkpoint folder, recorded as uploaded.
 """
 import logging
 import secrets
-from dataclasses import replace
+import time
 from pathlib import Path
 
-from utils.archive import extract_archive, split_archive_name
-from utils.checkpoint_utils import (TMP_PREFIX, CheckpointInfo, UploadError, find_checkpoint, list_checkpoints,
-                                    parse_checkpoint_name)
+from utils.archive import (FILES_FORMAT, FILES_STREAMS, Include, everything, human_size, parse_files_manifest,
+                           split_archive_name)
+from utils.checkpoint_utils import CheckpointInfo, UploadError, find_checkpoint, list_checkpoints, parse_checkpoint_name
 from utils.manifest import UploadManifest
-from utils.storage import LocalStorage, ObjectInfo, Storage, StorageError, crc32c_of_file, open_storage
+from utils.storage import LocalStorage, ObjectInfo, Storage, StorageError, open_storage
+from utils.storage_folder import remote_url, restore_archive, restore_files
 
 log = logging.getLogger(__name__)
-
-
-def remote_url(storage: Storage, object_name: str) -> str:
-    return f"{storage.url.rstrip('/')}/{object_name}"
 
 
 def open_destination(url: str, credentials: str | None = None, check_write: bool = True) -> Storage:
     """The upload destination, checked once by listing it and (check_write) by writing and deleting a small
     probe object, so that a wrong bucket or missing permission is a one-line error before training starts
-    rather than after the first checkpoint. A local folder is created."""
+    rather than after the first checkpoint. A local folder is created. Opened for writing (a run, upload-all),
+    it also removes the leftovers of uploads that were cut short."""
     try:
         storage = open_storage(url, credentials)
         if isinstance(storage, LocalStorage):
             storage.root.mkdir(parents=True, exist_ok=True)
         storage.list("checkpoint-*")
     except (StorageError, OSError) as error:
-        raise UploadError(f"upload destination {url}: {error}") from None
+        raise UploadError(f"upload destination {url}: {reason_after(error, storage_url(url))}") from None
     if check_write:
         _probe_write(storage, url)
+        remove_leftovers(storage)
     return storage
+
+
+def storage_url(url: str) -> str:
+    """How the storage names itself in its errors: gs:// URLs without a trailing "/", folders absolute."""
+    return url.rstrip("/") if url.startswith("gs://") else str(Path(url).resolve())
+
+
+def reason_after(error: BaseException, subject: str) -> str:
+    """The error's message without a leading "<subject>: ", for a line that names the subject already."""
+    message = str(error)
+    return message[len(subject) + 2:] if message.startswith(f"{subject}: ") else message
+
+
+def remove_leftovers(storage: Storage) -> None:
+    """Housekeeping, so it never stops a run: what dead writers left (local temporary files, old parts)."""
+    try:
+        removed = storage.remove_leftovers()
+    except (StorageError, OSError) as error:
+        log.warning(f"⚠️  Could not look for leftovers of cut-short uploads at {storage.url}: {error}")
+        return
+    if removed:
+        names = ", ".join(info.name for info in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        log.info(f"🧹 Removed {len(removed)} leftover(s) of uploads cut short at {storage.url} "
+                 f"({human_size(sum(info.size for info in removed))}): {names}")
 
 
 def _probe_write(storage: Storage, url: str) -> None:
@@ -56,19 +80,9 @@ def _probe_write(storage: Storage, url: str) -> None:
                     "delete it by hand")
 
 
-def stored_object(storage: Storage, object_name: str) -> ObjectInfo | None:
-    """stat() with the crc32c filled in: a local folder does not keep one, so it is computed from the file."""
-    info = storage.stat(object_name)
-    if info is not None and info.crc32c is None:
-        root = getattr(storage, "root", None)  # LocalStorage's folder
-        if not isinstance(root, Path):
-            raise UploadError(f"{remote_url(storage, object_name)}: the destination reports no crc32c to verify")
-        info = replace(info, crc32c=crc32c_of_file(root / object_name))
-    return info
-
-
 def remote_checkpoints(storage: Storage) -> dict[str, tuple[CheckpointInfo, ObjectInfo]]:
-    """Checkpoint archives at the destination by checkpoint name (info.path is where it would unpack to)."""
+    """Checkpoints at the destination by name, each with the object that stands for it: its files manifest
+    (<name>.files.json, preferred) or its archive. info.path is where it would be restored to."""
     found: dict[str, tuple[CheckpointInfo, ObjectInfo]] = {}
     for obj in storage.list("checkpoint-*"):
         split = split_archive_name(obj.name)
@@ -87,7 +101,8 @@ def find_local_or_remote(checkpoint_dir: str | Path, name: str, storage: Storage
                          ) -> tuple[CheckpointInfo, ObjectInfo | None]:
     """`name` or "latest" among the local checkpoints and, when a destination is set, the remote ones.
 
-    Returns the checkpoint (its path under checkpoint_dir) and, when the destination holds it, its archive:
+    Returns the checkpoint (its path under checkpoint_dir) and, when the destination holds it, its object
+    (files manifest or archive):
     to download here when it is only there, or on another machine whose disk lacks it. "latest" takes a
     remote checkpoint only when it is newer than every local one.
     """
@@ -140,26 +155,52 @@ def check_fresh_destination(storage: Storage) -> None:
                           " pass --resume latest to continue from them, or set another upload_destination")
 
 
-def download_checkpoint(storage: Storage, obj: ObjectInfo, checkpoint_dir: str | Path) -> Path:
-    """Downloads (size and crc32c checked) and unpacks a remote checkpoint archive into checkpoint_dir,
-    and records it as uploaded, so it is not uploaded again."""
+def checkpoint_bytes(storage: Storage, obj: ObjectInfo) -> int:
+    """The size of a remote checkpoint: its files' sizes (read from the manifest) or its archive's."""
+    split = split_archive_name(obj.name)
+    if split is None or split[1] != FILES_FORMAT:
+        return obj.size
+    entries = parse_files_manifest(storage.read_bytes(obj.name), split[0], remote_url(storage, obj.name))
+    return sum(entry.size for entry in entries)
+
+
+def restore_checkpoint(storage: Storage, obj: ObjectInfo, dest_dir: str | Path, streams: int = FILES_STREAMS,
+                       include: Include = everything) -> Path:
+    """Streams a remote checkpoint (files layout or archive) into dest_dir/.tmp-<name>/ and renames it to
+    dest_dir/<name> when complete and checked (size and crc32c); the files `include` accepts only."""
     split = split_archive_name(obj.name)
     if split is None:
-        raise UploadError(f"{obj.name} is not a checkpoint archive")
+        raise UploadError(f"{obj.name} is not a checkpoint at {storage.url}")
     name, archive_format = split
-    folder = Path(checkpoint_dir)
+    folder = Path(dest_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    archive = folder / f"{TMP_PREFIX}{obj.name}"
-    log.info(f"⬇️  Downloading {remote_url(storage, obj.name)} ({obj.size / 1e6:,.1f} MB)")
+    if (folder / name).exists():
+        raise UploadError(f"{folder / name} already exists; not restoring over it")
+    size = checkpoint_bytes(storage, obj)
+    log.info(f"⬇️  Downloading {remote_url(storage, obj.name)} ({human_size(size)})")
+    started = time.monotonic()
     try:
-        info = storage.download(obj.name, archive)
+        if archive_format == FILES_FORMAT:
+            path = restore_files(storage, name, folder, streams, include)
+        else:
+            path = restore_archive(storage, obj.name, archive_format, name, folder, include)
     except StorageError as error:
         raise UploadError(f"downloading {remote_url(storage, obj.name)}: {error}") from None
-    try:
-        path = extract_archive(archive, archive_format, folder, name)
-    finally:
-        archive.unlink(missing_ok=True)
-    UploadManifest(folder, storage.url).update(name, state="uploaded", remote_url=remote_url(storage, obj.name),
-                                               size=info.size, crc32c=info.crc32c, error=None)
-    log.info(f"📂 Unpacked {name} into {folder}")
+    seconds = max(time.monotonic() - started, 1e-6)
+    verb = "Restored" if archive_format == FILES_FORMAT else "Unpacked"
+    log.info(f"📂 {verb} {name} into {folder} ({human_size(size)} in {seconds:,.1f} s, "
+             f"{size / 1e6 / seconds:,.0f} MB/s)")
+    return path
+
+
+def download_checkpoint(storage: Storage, obj: ObjectInfo, checkpoint_dir: str | Path,
+                        streams: int = FILES_STREAMS) -> Path:
+    """Restores a remote checkpoint into checkpoint_dir (restore_checkpoint) and records it as uploaded,
+    so it is not uploaded again."""
+    path = restore_checkpoint(storage, obj, checkpoint_dir, streams)
+    if obj.crc32c is None:  # listed in a local folder, which keeps no crc32c
+        obj = storage.stat_with_crc32c(obj.name) or obj
+    UploadManifest(checkpoint_dir, storage.url).update(path.name, state="uploaded",
+                                                       remote_url=remote_url(storage, obj.name), size=obj.size,
+                                                       crc32c=obj.crc32c, error=None)
     return path

@@ -25,10 +25,10 @@ from transformers import GenerationConfig, GPTNeoXConfig, GPTNeoXForCausalLM, Pr
 from transformers.initialization import no_init_weights
 
 from configs.model_config import ModelShape, build_model_config
-from utils.archive import extract_archive, split_archive_name
+from utils.archive import FILES_FORMAT, extract_archive, split_archive_name
 from utils.checkpoint_utils import CheckpointError
 from utils.checksum import ChecksumError, verify_checksums
-from utils.destination import download_checkpoint, remote_checkpoints
+from utils.destination import remote_checkpoints, restore_checkpoint
 from utils.storage import StorageError, is_gcs_url, open_storage
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -80,8 +80,8 @@ def check_checkpoint(checkpoint: Path) -> None:
     if not (checkpoint / MODEL_FILE).is_file() and not (checkpoint / FSDP_MODEL_DIR).is_dir():
         raise ExportError(f"{checkpoint}: no model weights (neither {MODEL_FILE} nor {FSDP_MODEL_DIR}/)")
     try:  # the files an export reads, as they were saved (a checkpoint of an earlier version records no checksums)
-        verify_checksums(checkpoint, only=lambda name: name in (MODEL_FILE, "training_config.json", TOKENIZER_FILE)
-                         or name.startswith(f"{FSDP_MODEL_DIR}/"))
+        verify_checksums(checkpoint, only=lambda name: (checkpoint / name).exists() and (
+            name in (MODEL_FILE, "training_config.json", TOKENIZER_FILE) or name.startswith(f"{FSDP_MODEL_DIR}/")))
     except ChecksumError as error:
         raise ExportError(str(error)) from None
 
@@ -185,28 +185,43 @@ def load_checkpoint_model(checkpoint: Path) -> GPTNeoXForCausalLM:
     return model
 
 
+def export_files(relative_path: str) -> bool:
+    """What export and generation read of a checkpoint: the weights and the JSON files (config, tokenizer),
+    not the optimizer state or the RNG states (two thirds of a checkpoint)."""
+    return (relative_path == MODEL_FILE or relative_path.startswith(FSDP_MODEL_DIR + "/")
+            or relative_path.endswith(".json"))
+
+
 def materialize_checkpoint(reference: str, workdir: Path) -> Path:
-    """A local checkpoint folder for `reference`: a checkpoint folder as is; a checkpoint archive
-    (<name>.tar, .tar.zst, .tar.gz, as utils/uploader.py writes them) unpacked into workdir; a remote
-    gs://bucket/prefix/<name>[.tar.zst|...] downloaded (size and crc32c checked) and unpacked into workdir."""
+    """A local checkpoint folder for `reference`, holding at least what export and generation read: a checkpoint
+    folder as is; a local checkpoint archive (<name>.tar, .tar.zst, .tar.gz) or files manifest
+    (<name>.files.json beside its <name>/ folder) unpacked or copied into workdir; gs://bucket/prefix/<name>
+    (or its archive or manifest) streamed into workdir, checked (size and crc32c). What is copied into workdir
+    skips the optimizer and RNG states (export_files)."""
     try:
         if is_gcs_url(reference):
             prefix, _, object_name = reference.rstrip("/").rpartition("/")
             storage = open_storage(prefix)
-            if split_archive_name(object_name) is None:  # a bare checkpoint name: find its archive
+            if split_archive_name(object_name) is None:  # a bare checkpoint name: find its files or archive
                 found = remote_checkpoints(storage).get(object_name)
                 if found is None:
-                    raise ExportError(f"{reference}: no checkpoint archive {object_name}.tar* at {prefix}")
+                    raise ExportError(f"{reference}: no checkpoint {object_name} at {prefix} (neither "
+                                      f"{object_name}.files.json nor {object_name}.tar*)")
                 obj = found[1]
             else:
                 obj = storage.stat(object_name)
                 if obj is None:
                     raise ExportError(f"{reference}: no such object")
-            return download_checkpoint(storage, obj, workdir)
+            return restore_checkpoint(storage, obj, workdir, include=export_files)
         path = Path(reference)
         split = split_archive_name(path.name)
+        if path.is_file() and split is not None and split[1] == FILES_FORMAT:
+            storage = open_storage(str(path.parent))
+            info = storage.stat(path.name)
+            assert info is not None
+            return restore_checkpoint(storage, info, workdir, include=export_files)
         if path.is_file() and split is not None:
-            return extract_archive(path, split[1], workdir, split[0])
+            return extract_archive(path, split[1], workdir, split[0], include=export_files)
     except (StorageError, CheckpointError) as error:
         raise ExportError(f"{reference}: {error}") from None
     return path

@@ -64,7 +64,6 @@ class CachedShardSource:
         self.description = f"{storage.url}/{pattern} via {storage.auth}, cached in {folder}"
         self.downloaded: list[str] = []
         """Shards this process downloaded, in order (the others came from the cache)."""
-        (folder / ".locks").mkdir(parents=True, exist_ok=True)
         self._started = time.time()
         self._infos: dict[str, ObjectInfo] = {}
         self._in_use: set[str] = set()  # from fetch() to release(): never evicted by this process
@@ -156,6 +155,9 @@ class CachedShardSource:
             return False
 
     def _lock_file(self, name: str, kind: str) -> IO[bytes]:
+        # The cache folder appears with the first shard fetched: a bucket that turns out not to exist (the
+        # listing fails) leaves no folder behind.
+        (self.folder / ".locks").mkdir(parents=True, exist_ok=True)
         return open(self.folder / ".locks" / f"{name}.{kind}", "a+b")
 
     def _ensure(self, name: str) -> None:
@@ -179,6 +181,8 @@ class CachedShardSource:
     def _cached_files(self) -> list[tuple[str, int, float]]:
         """(name, size, mtime) of each complete file in the cache."""
         files = []
+        if not self.folder.is_dir():  # nothing fetched yet
+            return files
         for entry in os.scandir(self.folder):
             if entry.name.endswith(".tmp") or entry.name.startswith("."):
                 continue

@@ -1,46 +1,59 @@
-"""Checkpoint uploads: archive -> upload -> verify -> record, in background threads.
+"""Checkpoint uploads: upload -> verify -> record, in background threads.
 
-A complete checkpoint folder is handed to an Uploader. A worker thread streams it as one archive
-(utils/archive.py) straight into a resumable upload at the destination (gs://bucket/prefix or a local
-folder), so no second copy is written to local disk. The upload never overwrites an object
-(if_generation_match=0) and counts as done only once the stored object's size and crc32c equal those of
-the bytes sent. Every state change is written to <checkpoint_dir>/uploads.json (utils/manifest.py), so
-that scripts/upload_manager.py and a restarted run see it, and a checkpoint whose upload is not verified
-is never pruned.
+A complete checkpoint folder is handed to an Uploader. In the files layout (the default), a worker thread
+uploads each file as an object of its own, large ones in parts, `streams` transfers at once, and writes
+<name>.files.json last (utils/storage_folder.py); in an archive format it streams the folder as one archive
+(utils/archive.py) into one resumable upload. Either way no second copy is written to local disk, nothing
+is ever overwritten (if_generation_match=0), and a checkpoint counts as uploaded only once every stored
+object's size and crc32c equal those of the bytes sent. Every state change is written to
+<checkpoint_dir>/uploads.json (utils/manifest.py), so that scripts/upload_manager.py and a restarted run see
+it. A checkpoint is deleted locally only when its upload is verified and its remote copy is still there
+with the recorded size and crc32c (one metadata request, just before).
+
+Each verified upload is reported to the `report` callback as {"event": "upload", "checkpoint", "bytes",
+"seconds", "mb_per_s", "streams", "queue"}; a checkpoint handed over while more than one is still waiting
+logs one warning line, and disk_warning() says when the checkpoint disk would not hold the next save.
 """
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from utils.archive import (HashingWriter, archive_name, check_archive_format, folder_size, human_size,
-                           measure_archive, write_archive)
-from utils.checkpoint_utils import CheckpointInfo, UploadError, list_checkpoints, prune_checkpoints
-from utils.destination import remote_url, stored_object
+from utils.archive import FILES_FORMAT, FILES_STREAMS, archive_name, check_archive_format, folder_size, human_size
+from utils.checkpoint_utils import CheckpointInfo, list_checkpoints, prune_checkpoints
 from utils.manifest import UploadManifest, UploadRecord, by_step, one_line
-from utils.storage import ObjectInfo, PreconditionFailedError, Storage
+from utils.storage import PART_BYTES, ObjectInfo, Storage, StorageError
+from utils.storage_folder import UploadConflict, remote_url, upload_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class UploadConflict(UploadError):
-    """A different object already holds the remote name; it is never overwritten."""
+Report = Callable[[dict[str, Any]], None]
+"""Receives one dict per verified upload; called from upload worker threads, one call at a time."""
 
 
 class Uploader:
-    """Archives, uploads and verifies checkpoints of one checkpoint folder.
+    """Uploads and verifies checkpoints of one checkpoint folder.
 
     background=True: submit() returns at once and `workers` threads upload from a bounded queue
     (a checkpoint that finds the queue full stays "local" and is queued when a place frees up).
     background=False: submit() uploads before returning. Either way a failure is retried with
     exponential backoff up to `attempts` times, then recorded as "failed"; the checkpoint stays local.
+    streams: concurrent transfers for one checkpoint of the files layout. report: called after each
+    verified upload with its figures (see the module docstring), from the worker thread that did it; the
+    Uploader holds a lock around the call, so a callback that appends to a file needs none of its own, but
+    it must return quickly (the next upload waits). An exception it raises is logged, never fatal.
     """
 
-    def __init__(self, storage: Storage, checkpoint_dir: str | Path, archive_format: str = "tar.zst",
+    def __init__(self, storage: Storage, checkpoint_dir: str | Path, archive_format: str = FILES_FORMAT,
                  background: bool = True, workers: int = 1, attempts: int = 5, retry_delay_s: float = 2.0,
-                 queue_size: int = 4, keep_local: int | None = None, progress_interval_s: float = 30.0) -> None:
+                 queue_size: int = 4, keep_local: int | None = None, progress_interval_s: float = 30.0,
+                 streams: int = FILES_STREAMS, report: Report | None = None, part_bytes: int | None = None) -> None:
         check_archive_format(archive_format)
         self.storage = storage
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -50,6 +63,11 @@ class Uploader:
         self.retry_delay_s = retry_delay_s
         self.keep_local = keep_local
         self.progress_interval_s = progress_interval_s
+        self.streams = streams if archive_format == FILES_FORMAT else 1
+        self.part_bytes = part_bytes if part_bytes is not None else PART_BYTES  # read at run time: tests shrink it
+        self.report = report
+        self._report_lock = threading.Lock()
+        self._last_rate: float | None = None  # MB/s of the latest verified upload, for the falling-behind warning
         self.manifest = UploadManifest(checkpoint_dir, storage.url)
         self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._overflow: list[str] = []
@@ -77,7 +95,33 @@ class Uploader:
                 and record.remote_url.startswith(self.destination.rstrip("/") + "/"))
 
     def may_delete(self, info: CheckpointInfo) -> bool:
-        return self.is_verified(info.name)
+        """Verified, and the remote copy is still there as verified: uploads.json may be stale (a bucket
+        deleted mid-run, an object deleted by hand), and deleting on its word would lose the checkpoint."""
+        record = self.manifest.read().get(info.name)
+        return self.is_verified(info.name, {info.name: record} if record else {}) and \
+            self._still_at_destination(info.name, record)  # type: ignore[arg-type]
+
+    def _still_at_destination(self, name: str, record: UploadRecord) -> bool:
+        assert record.remote_url is not None
+        object_name = record.remote_url[len(self.destination.rstrip("/")) + 1:]
+        try:
+            stored = self.storage.stat_with_crc32c(object_name)
+        except (StorageError, OSError) as error:
+            log.warning(f"⚠️  Keeping {name} locally: cannot check its copy at {record.remote_url} ({error})")
+            return False
+        if stored is not None and (stored.size, stored.crc32c) == (record.size, record.crc32c):
+            return True
+        found = "gone" if stored is None else f"different (size {stored.size}, crc32c {stored.crc32c})"
+        log.warning(f"⚠️  Keeping {name} locally: its uploaded copy {record.remote_url} is {found}, not the "
+                    f"verified size {record.size} and crc32c {record.crc32c}; upload-all uploads it again")
+        self.manifest.update(name, state="failed", error=f"the uploaded copy was {found} when checked before "
+                                                         "deleting the local checkpoint; upload it again")
+        return False
+
+    def unverified_checkpoints(self) -> list[Path]:
+        """Local checkpoints whose upload is not verified: they stay on disk whatever keep_checkpoints says."""
+        records = self.manifest.read()
+        return [info.path for info in list_checkpoints(self.checkpoint_dir) if not self.is_verified(info.name, records)]
 
     def prune(self, keep: int) -> list[str]:
         """Deletes all but the newest `keep` local checkpoints, sparing any whose upload is not verified."""
@@ -107,8 +151,11 @@ class Uploader:
         with self._changed:  # only this and _refill put into the queue, both under this lock
             if name in self._unfinished:
                 return  # already on its way
+            waiting = len(self._unfinished)
             self._unfinished.add(name)
             log.info(f"🚀 Starting background upload for {name}")
+            if waiting > 1:
+                log.warning(self._behind_warning(name, waiting))
             if self._queue.full():
                 self.manifest.update(name, state="local", error=None)
                 self._overflow.append(name)
@@ -116,6 +163,12 @@ class Uploader:
             else:
                 self._enqueue(name)
                 log.info(f"✅ Checkpoint {name} queued for background upload")
+
+    def _behind_warning(self, name: str, waiting: int) -> str:
+        rate = f" at {self._last_rate:,.0f} MB/s" if self._last_rate is not None else ""
+        return (f"⚠️  Uploads are not keeping up{rate}: {name} joins {waiting} checkpoints still uploading or queued; "
+                "save less often (a larger save_steps, or save_every_minutes) or upload faster (more upload_streams, "
+                f"now {self.streams})")
 
     def _enqueue(self, name: str) -> None:
         # Recorded before it is queued, so a worker's "uploading" always comes after "queued".
@@ -232,6 +285,7 @@ class Uploader:
         attempts = previous.attempts if previous.remote_url == url else 0  # counted per destination
         if previous.remote_url != url:  # a size and crc32c verified elsewhere say nothing about this upload
             self.manifest.update(name, size=None, crc32c=None)
+        started = time.monotonic()
         for attempt in range(1, self.attempts + 1):
             attempts += 1
             self.manifest.update(name, state="uploading", remote_url=url, attempts=attempts)
@@ -254,64 +308,71 @@ class Uploader:
                 time.sleep(delay)
                 continue
             record = self.manifest.update(name, state="uploaded", size=obj.size, crc32c=obj.crc32c, error=None)
+            self._report(name, folder_size(folder), time.monotonic() - started)
             if self.keep_local is not None:
                 for deleted in self.prune(self.keep_local):
                     log.info(f"🗑️  Cleaned up {deleted} (uploaded and verified; keeping the newest {self.keep_local})")
             return record
         raise AssertionError("unreachable")
 
-    def _transfer(self, folder: Path, object_name: str) -> ObjectInfo:
-        """One attempt: stream the archive into a new object and verify it, or accept an identical one."""
-        url = remote_url(self.storage, object_name)
-        existing = stored_object(self.storage, object_name)
-        if existing is not None:
-            return self._accept_existing(folder, existing, url)
-        total = folder_size(folder)
-        log.info(f"📦 Creating archive: {object_name} from {human_size(total)} of checkpoint files (streamed, "
-                 f"no local copy)")
-        log.info(f"☁️  Uploading to {url}")
+    def _report(self, name: str, size: int, seconds: float) -> None:
+        seconds = max(seconds, 1e-6)
+        self._last_rate = size / 1e6 / seconds
+        if self.report is None:
+            return
+        with self._changed:
+            queued = max(len(self._unfinished) - 1, 0)  # this one is still counted until its worker moves on
+        figures = {"event": "upload", "checkpoint": name, "bytes": size, "seconds": round(seconds, 3),
+                   "mb_per_s": round(self._last_rate, 1), "streams": self.streams, "queue": queued}
+        with self._report_lock:
+            try:
+                self.report(figures)
+            except Exception as error:  # a reporting problem must not fail a verified upload
+                log.error(f"❌ The upload report callback failed: {one_line(error)}")
+
+    def _progress_reporter(self, name: str, total: int) -> Callable[[int], None]:
+        """on_bytes for the transfer threads: counts under the lock and logs a line every progress_interval_s."""
         started = time.monotonic()
-        last_report = [started]
-        done = [0]
+        state = {"done": 0, "logged": started}
 
         def on_bytes(count: int) -> None:
-            done[0] += count
             with self._changed:
-                self._progress[folder.name] = (done[0], total)
-            now = time.monotonic()
-            if now - last_report[0] >= self.progress_interval_s:
-                last_report[0] = now
-                log.info(f"☁️  {folder.name}: {100 * done[0] / max(total, 1):.0f}% "
-                         f"({human_size(done[0])} of {human_size(total)}, {done[0] / 1e6 / (now - started):,.0f} MB/s)")
+                state["done"] += count
+                done = state["done"]
+                self._progress[name] = (done, total)
+                now = time.monotonic()
+                if now - state["logged"] < self.progress_interval_s:
+                    return
+                state["logged"] = now
+            log.info(f"☁️  {name}: {100 * done / max(total, 1):.0f}% ({human_size(done)} of {human_size(total)}, "
+                     f"{done / 1e6 / (now - started):,.0f} MB/s)")
 
-        try:
-            # On an exception inside the block the writer abandons the upload instead of finishing it,
-            # so a partial archive never becomes an object.
-            with self.storage.open_writer(object_name) as writer:
-                sink = HashingWriter(writer)
-                write_archive(folder, sink, self.archive_format, on_bytes)
-        except PreconditionFailedError:
-            # Another uploader (upload_manager, a second run) got there first.
-            existing = stored_object(self.storage, object_name)
-            if existing is None:
-                raise
-            return self._accept_existing(folder, existing, url)
-        stored = stored_object(self.storage, object_name)
-        if stored is None or stored.size != sink.size or stored.crc32c != sink.crc32c:
-            found = f"size {stored.size}, crc32c {stored.crc32c}" if stored else "no object"
-            raise UploadError(f"{url}: verification failed: sent {sink.size} bytes with crc32c {sink.crc32c}, "
-                              f"found {found}")
+        return on_bytes
+
+    def _transfer(self, folder: Path, object_name: str) -> ObjectInfo:
+        """One attempt: upload the checkpoint and verify it, or accept an identical one already there."""
+        total = folder_size(folder)
+        started = time.monotonic()
+        stored = upload_checkpoint(self.storage, folder, object_name, self.archive_format, self.streams,
+                                   self._progress_reporter(folder.name, total), self.part_bytes)
         seconds = max(time.monotonic() - started, 1e-6)
-        log.info(f"✅ Successfully uploaded {folder.name}: {human_size(stored.size)}, crc32c {stored.crc32c}, verified "
-                 f"({seconds:,.1f} s, {stored.size / 1e6 / seconds:,.0f} MB/s)")
-        return stored
+        if stored.sent:
+            log.info(f"✅ Successfully uploaded {folder.name}: {human_size(total)}, "
+                     f"{remote_url(self.storage, object_name)} crc32c {stored.info.crc32c}, verified ({seconds:,.1f} s, "
+                     f"{total / 1e6 / seconds:,.0f} MB/s)")
+        return stored.info
 
-    def _accept_existing(self, folder: Path, existing: ObjectInfo, url: str) -> ObjectInfo:
-        """An object of this name is already there: done if it is this checkpoint's archive, else a conflict."""
-        size, crc32c = measure_archive(folder, self.archive_format)
-        if existing.size == size and existing.crc32c == crc32c:
-            log.info(f"✅ {folder.name} is already at {url} (same size and crc32c): nothing to upload")
-            return existing
-        raise UploadConflict(f"{url} already exists and differs from local {folder.name} (remote {existing.size} "
-                             f"bytes, crc32c {existing.crc32c}; local archive {size} bytes, crc32c {crc32c}); "
-                             "refusing to overwrite it: delete it or choose another upload_destination")
+
+def disk_warning(checkpoint_dir: str | Path, next_save_bytes: int, unverified: Sequence[Path]) -> str | None:
+    """One warning line when the disk holding checkpoint_dir would not take the next save (about
+    next_save_bytes) beside the checkpoints it already holds, of which `unverified` (not yet verified at the
+    destination: Uploader.unverified_checkpoints()) cannot be deleted to make room; None when it would."""
+    free = shutil.disk_usage(checkpoint_dir).free
+    if free >= next_save_bytes:
+        return None
+    pinned = sum(folder_size(path) for path in unverified)
+    why = (f"{len(unverified)} checkpoint(s) ({human_size(pinned)}) wait for a verified upload and are never "
+           "deleted before it: uploads are not keeping up or failing (python scripts/upload_manager.py status); "
+           "save less often (save_steps, save_every_minutes) or upload faster (upload_streams)"
+           if unverified else "free disk space or lower keep_checkpoints")
+    return f"⚠️  {checkpoint_dir}: {human_size(free)} free, the next save needs about {human_size(next_save_bytes)}; {why}"
