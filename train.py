@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.command_line import config_from_args, parse_args, resolved_config_json
+from configs.model_config import shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
 from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
 from utils.checkpoint_utils import CheckpointError, check_writable_folder, list_checkpoints, lock_for_this_run
@@ -177,9 +178,10 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
         log.info(f"Speed: {describe_fast_path(config, accelerator, mfu_meter)}")
         for line in data.describe(tokens_per_step):
             log.info(line)
-    run_log = RunLog(accelerator, config.log_dir)
-    run_log.start_trackers(state.step if resume_from is not None else None)
-    checkpointer.start(run_log.event, model, prepared_optimizer, prepared_scheduler)
+    run_log = RunLog(accelerator, config)
+    run_log.start_trackers(state.step, {**config.to_dict(), "model_shape": shape_as_dict(shape),
+                                        "run_id": checkpointer.run_id, "num_processes": accelerator.num_processes})
+    checkpointer.start(run_log.event, (model, prepared_optimizer, prepared_scheduler), data.tokenizer)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
                 run_log, mfu_meter, tokens_per_step), data, state)
 

@@ -17,6 +17,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("bf16", "fp32")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+"""Accelerate's trackers, by name, and the package each needs."""
 PATH_FIELDS = ("data", "checkpoint_dir", "log_dir", "cache_dir", "eval_data", "tokenizer", "export_hf_dir",
                "upload_destination")
 """Fields that may name a local path (or a gs:// URL)."""
@@ -136,6 +139,12 @@ class TrainingConfig:
     logging_steps: int = 100
     """Write a metrics line (and sync with the GPU) every this many optimizer steps."""
     log_dir: str = "logs"
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the metrics of every logging step go besides metrics.jsonl: any of Accelerate's trackers
+    (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio) whose package is installed;
+    [] for metrics.jsonl only. Each gets the resolved config as its hyperparameters."""
+    project_name: str = "refocused-ai"
+    """The trackers' project (wandb's and mlflow's project, TensorBoard's subfolder of log_dir)."""
     loss_history_length: int = 1000
     """Logged losses and learning rates kept in metadata.json."""
 
@@ -153,7 +162,8 @@ class TrainingConfig:
 
     # --- tokenizer and export ------------------------------------------------------------------
     tokenizer: str | None = None
-    """The run's tokenizer.json, copied into each checkpoint; None uses tokenizer.json in the data folder if any."""
+    """The run's tokenizer.json, copied into each checkpoint; None uses tokenizer.json beside the shards (in the
+    data folder, or fetched from the gs:// prefix) if there is one."""
     export_hf_dir: str | None = None
     """At the end of training, export the final checkpoint as a Hugging Face model folder here (replacing an
     earlier export there); None for no export."""
@@ -257,6 +267,13 @@ class TrainingConfig:
             raise ConfigError(f"eval_holdout_files must be a non-negative integer, got {self.eval_holdout_files!r}")
         if self.eval_holdout_files and self.eval_data is not None:
             raise ConfigError("set either eval_data or eval_holdout_files, not both")
+        if not isinstance(self.trackers, list) or not all(isinstance(name, str) for name in self.trackers):
+            raise ConfigError(f"trackers must be a list of tracker names, got {self.trackers!r}")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            raise ConfigError(f"trackers: unknown {', '.join(unknown)}; known: {', '.join(TRACKERS)}")
+        if not self.project_name or "/" in self.project_name:
+            raise ConfigError(f"project_name must be a name without '/', got {self.project_name!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
         if self.archive_format not in ARCHIVE_FORMATS:
@@ -386,4 +403,6 @@ def _type_matches(value: Any, annotation: Any) -> bool:
         return text.startswith("str")
     if isinstance(value, dict):
         return text.startswith("dict")
+    if isinstance(value, list):
+        return text.startswith("list")
     return False

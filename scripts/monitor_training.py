@@ -452,10 +452,10 @@ def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: i
 
 
 def tensorboard_dir(log_dir: Path) -> Path:
-    """train.py's TensorBoard events are in <log_dir>/tensorboard; until that exists (or when the runs are in
-    subfolders, as logs/tiny after the quick start), log_dir itself: tensorboard searches it recursively."""
-    events = log_dir / "tensorboard"
-    return events if events.is_dir() else log_dir
+    """The folder of train.py's TensorBoard events, <log_dir>/<project_name>; until it exists (or when the runs
+    are in subfolders, as logs/tiny after the quick start), log_dir itself: tensorboard searches it recursively."""
+    found = sorted(log_dir.glob("*/events.out.tfevents.*"))
+    return found[0].parent if found else log_dir
 
 
 def watch(view: RunView, once: bool, refresh: float) -> int:

@@ -67,7 +67,7 @@ def make_checkpointer(config: TrainingConfig, accelerator: FakeAccelerator | Non
     remote = open_destination(config.upload_destination) if config.upload_destination else None
     checkpointer = Checkpointer(config, config.model_shape(), accelerator or FakeAccelerator(), remote,
                                 shared_disk=True)
-    checkpointer.start(lambda record: None, None, None, None)
+    checkpointer.start(lambda record: None, (None, None, None), config.tokenizer_path())
     return checkpointer
 
 

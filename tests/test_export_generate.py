@@ -114,6 +114,9 @@ def test_export_refuses_to_overwrite_and_bad_checkpoints(trained: Path, tmp_path
     shutil.copytree(checkpoint_of(trained), broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     assert export_hf.main([str(broken), str(tmp_path / "x")]) == 2
+    assert "model.safetensors: damaged (15 bytes" in capsys.readouterr().err  # checksums.json says what it was
+    (broken / "checksums.json").unlink()  # as a checkpoint of an earlier version, which records none
+    assert export_hf.main([str(broken), str(tmp_path / "x")]) == 2
     assert "model.safetensors: unreadable" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

@@ -123,7 +123,7 @@ def test_config_gives_folders_and_max_steps(capsys, run):
     code = main(["--once", "--config", str(run / "config.json")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "Step: 8 / 8" in out and "max steps from config" in out
+    assert "Step: 8 / 8" in out and "max steps from the run's log" in out
     assert str(run / "checkpoints") in out
 
 
@@ -164,7 +164,7 @@ def test_after_the_quick_start_the_defaults_point_at_the_runs_subfolders(capsys,
     shutil.copytree(run / "checkpoints", tmp_path / "checkpoints" / "tiny",
                     ignore=lambda _, names: [n for n in names if not n.endswith(".json") and "." in n])
     (tmp_path / "logs" / "other").mkdir()  # holds no metrics: not named
-    assert (tmp_path / "logs" / "tiny" / "tensorboard").is_dir()
+    assert (tmp_path / "logs" / "tiny" / "refocused-ai").is_dir()  # the project_name's TensorBoard folder
     code = main(["--once"])
     out = capsys.readouterr().out
     assert code == 0
@@ -172,22 +172,22 @@ def test_after_the_quick_start_the_defaults_point_at_the_runs_subfolders(capsys,
             in out.splitlines())
     assert ("💾 No checkpoints yet in checkpoints; checkpoints/tiny holds some: pass --checkpoint-dir "
             "checkpoints/tiny or --config tiny" in out.splitlines())
-    assert "📈 TensorBoard: tensorboard --logdir logs" in out.splitlines()  # it finds logs/tiny/tensorboard
+    assert "📈 TensorBoard: tensorboard --logdir logs" in out.splitlines()  # it finds logs/tiny/refocused-ai
     code = main(["--once", "--logs-only"])
     assert code == 0 and "No metrics yet in logs/metrics.jsonl; logs/tiny holds some" in capsys.readouterr().out
     code = main(["--once", "--config", "tiny"])
     out = capsys.readouterr().out
-    assert code == 0 and "Step: 8 / 200" in out
-    assert f"📈 TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'tiny' / 'tensorboard'}" in out.splitlines()
+    assert code == 0 and "Step: 8 / 8" in out  # the run's own max_steps, logged, not the config's 200
+    assert f"📈 TensorBoard: tensorboard --logdir {tmp_path / 'logs' / 'tiny' / 'refocused-ai'}" in out.splitlines()
 
 
 def test_logs_only_once_prints_the_tail(capsys, run):
     code, out, _ = monitor(capsys, run, "--logs-only", "--once", "--lines", "3")
     assert code == 0
     rows = out.splitlines()[1:]
-    assert [int(row.split()[0]) for row in rows] == [6, 7, 8]
+    assert [int(row.split()[0]) for row in rows] == [7, 8, 8] and rows[-1].split()[1] == "save:"  # step 8's save
     last = read_metrics(run / "logs")[-1]
-    assert rows[-1].split()[1] == f"{last['loss']:.6f}"
+    assert rows[-2].split()[1] == f"{last['loss']:.6f}"
 
 
 def add_validation(copy: Path, step: int, loss: float, perplexity: float) -> dict:
@@ -217,7 +217,8 @@ def test_logs_only_shows_validation_lines_as_validation(capsys, copy):
     code, out, _ = monitor(capsys, copy, "--logs-only", "--once", "--lines", "3")
     assert code == 0
     rows = out.splitlines()[1:]
-    assert [row.split()[0] for row in rows] == ["7", "8", "8"]
+    assert [row.split()[:2] for row in rows][:2] == [["8", rows[0].split()[1]], ["8", "save:"]]
+    assert rows[-1].split()[:1] == ["8"]
     assert rows[-1].split()[1:] == ["validation:", "loss", "7.250000,", "perplexity", "1408.10"]
     assert "nan" not in out and "n/a" not in out
 
@@ -226,7 +227,10 @@ GB = 2**30
 
 
 def add_events(copy: Path) -> None:
-    """Appends event lines as train.py writes them: saves, uploads, and a kind this monitor does not know."""
+    """Replaces the run's event lines with these, as train.py writes them: saves, uploads, and a kind this
+    monitor does not know."""
+    metrics = copy / "logs" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"event"' not in line))
     events = [
         {"event": "save", "step": 4, "checkpoint": "checkpoint-epoch0-step4-files0", "bytes": GB,
          "seconds_blocked": 0.5, "seconds_writing": 4.0},
@@ -347,5 +351,5 @@ def test_logs_only_follows_a_growing_log(copy):
     wait_for(lines, "2.500000", seen)
     output = stop(process, lines, seen)
     rows = [line.split()[0] for line in output.splitlines() if line.strip() and line.split()[0].isdigit()]
-    assert rows == ["7", "8", "9"]
+    assert rows == ["8", "8", "9"]  # step 8's training line and its save, then step 9
     assert "Monitor stopped" in output and "Traceback" not in output

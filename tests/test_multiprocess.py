@@ -152,7 +152,7 @@ def test_machines_with_their_own_disks_resume_from_the_same_checkpoint(tmp_path:
     assert sorted(p.name for p in (tmp_path / "disk0").glob("checkpoint-*")) == [STEP2, STEP4]
     assert not any((tmp_path / "disk1").iterdir())  # machine 1's RNG-only save folders are not left behind
 
-    archive = uploads / f"{STEP4}.tar.zst"
+    archive = uploads / f"{STEP4}.files.json"
     archive.rename(tmp_path / "step4-archive")  # now only machine 0 holds step 4: machine 1 cannot resume it
     machine0, machine1 = run_two_machines(config, tmp_path, "6", "--resume", "latest")
     assert machine0.returncode != 0 and machine1.returncode != 0
@@ -164,7 +164,7 @@ def test_machines_with_their_own_disks_resume_from_the_same_checkpoint(tmp_path:
     (tmp_path / "step4-archive").rename(archive)
     for result in run_two_machines(config, tmp_path, "6", "--resume", "latest"):
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "Unpacked checkpoint-epoch0-step4-files0" in results_text(result)  # machine 1 downloaded it,
+    assert "Restored checkpoint-epoch0-step4-files0" in results_text(result)  # machine 1 downloaded it,
     assert not list((tmp_path / "disk1").glob("*checkpoint-*"))  # and deleted its copy once loaded
     resumed = read_metrics(tmp_path / "logs0")
 

@@ -60,7 +60,7 @@ def test_tiny_run_writes_complete_checkpoints_and_learns(tmp_path: Path, sample_
     assert last < first - 0.5
     assert metadata["current_loss"] == pytest.approx(lines[-1]["loss"])
     assert metadata["best_loss"] == pytest.approx(min(x["loss"] for x in lines))
-    assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "logs" / "refocused-ai").rglob("events.out.tfevents.*"))  # project_name
 
 
 @pytest.mark.parametrize("init, output_std, other_std", [("pythia", 2 / (2 * 64 ** 0.5), (2 / (5 * 64)) ** 0.5),

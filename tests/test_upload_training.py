@@ -227,8 +227,8 @@ def test_two_processes_upload_once_and_resume_from_remote(tmp_path: Path, sample
                           lr_decay_steps=6)
     first = run_train("--config", str(config), launcher=launcher)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.name for p in dest.iterdir()) == [f"checkpoint-epoch0-step{s}-files0{suffix}" for s in (2, 4)
-                                                      for suffix in ("", ".files.json")]
+    assert sorted(p.name for p in dest.glob("checkpoint-*")) == [f"checkpoint-epoch0-step{s}-files0{suffix}"
+                                                                 for s in (2, 4) for suffix in ("", ".files.json")]
     assert first.stderr.count("Starting background upload for checkpoint-epoch0-step4-files0") == 1  # rank 0 only
 
     shutil.rmtree(tmp_path / "checkpoints")

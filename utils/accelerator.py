@@ -10,11 +10,12 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
                               InitProcessGroupKwargs, TorchDynamoPlugin)
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from configs.training_config import ConfigError, TrainingConfig
+from configs.training_config import TRACKERS, ConfigError, TrainingConfig
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -34,7 +35,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # Our schedule is a function of the optimizer step; Accelerate would otherwise step it once
         # per process per step, running the schedule N times too fast on N processes.
         step_scheduler_with_optimizer=False,
-        log_with="tensorboard",
+        log_with=installed_trackers(config.trackers) or None,
         project_dir=config.log_dir,
         # prepare() compiles the model after wrapping it, so checkpoints keep the plain parameter names.
         dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp),
@@ -50,6 +51,16 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         raise ConfigError("fsdp is set but Accelerate did not enable FSDP; launch on several GPUs with "
                           "`bash run.sh CONFIG` or `accelerate launch`")
     return accelerator
+
+
+def installed_trackers(names: list[str]) -> list[str]:
+    """The configured trackers, each of whose package must be installed: never silently dropped."""
+    available = {str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"trackers: {name} needs its package, which is not installed "
+                              f"(pip install {TRACKERS[name]}), or leave it out of trackers")
+    return names
 
 
 def check_process_group(seen_processes: int) -> None:

@@ -23,18 +23,19 @@ from accelerate.utils import DistributedType, broadcast_object_list
 
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
-from utils.archive import folder_size
+from utils.archive import FILES_FORMAT, folder_size
 from utils.async_save import BackgroundWriter, HostBuffers, StateSnapshot, write_rng_state
 from utils.checksum import ChecksumError, record_checksums, verify_checksums
 from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
-                                    prune_checkpoints, read_json, remove_incomplete_saves, write_json_atomic)
+                                    list_checkpoints, prune_checkpoints, read_json, remove_incomplete_saves,
+                                    write_json_atomic)
 from utils.manifest import UploadManifest
 from utils.resume import ResumeTarget, check_resumable, resume_target
 from utils.run_identity import claim_run
 from utils.storage import Storage
 from utils.train_state import TrainState
 from utils.training_utils import first_process_decides
-from utils.uploader import Uploader
+from utils.uploader import Uploader, disk_warning
 
 log = logging.getLogger(__name__)
 LOW_DISK_BYTES = 256 * 1024 * 1024
@@ -55,7 +56,8 @@ class Checkpointer:
         self.remote = remote
         self.shared_disk = shared_disk
         self.shape = shape
-        self.tokenizer = config.tokenizer_path()  # copied into every checkpoint, so that each is self-contained
+        self.tokenizer: Path | None = None
+        """Copied into every checkpoint, so that each is self-contained (given by start())."""
         self.uploader: Uploader | None = None
         self.last_saved_step = 0
         self.last_saved_name: str | None = None
@@ -107,14 +109,15 @@ class Checkpointer:
             raise CheckpointError(f"{target.path}: unreadable train state ({type(error).__name__}: {error})") from None
         self.last_saved_step, self.last_saved_name = state.step, target.name
 
-    def start(self, report: Callable[[dict[str, Any]], None], model: torch.nn.Module, optimizer: Any,
-              scheduler: Any) -> None:
-        """Before the first save: where its figures go, asynchronous saves of these prepared objects (if on), and
-        the main process's uploader, which first picks up uploads an earlier run left unfinished."""
+    def start(self, report: Callable[[dict[str, Any]], None], prepared: tuple[torch.nn.Module, Any, Any],
+              tokenizer: Path | None) -> None:
+        """Before the first save: where its figures go, asynchronous saves of the prepared model, optimizer and
+        schedule (if on), the tokenizer to copy, and the main process's uploader, which first picks up uploads an
+        earlier run left unfinished."""
         config = self.config
-        self.report = report
+        self.report, self.tokenizer = report, tokenizer
         if use_async_saves(config.async_save, self.accelerator.device, config.fsdp):
-            self.snapshot_objects = (model, optimizer, scheduler)
+            self.snapshot_objects = prepared
         if self.accelerator.is_main_process:
             cadence = (f"every {config.save_every_minutes:g} minutes" if config.save_every_minutes is not None
                        else f"every {config.save_steps} steps")
@@ -123,12 +126,14 @@ class Checkpointer:
             log.info(f"Checkpoints: {cadence} to {self.folder}, written {how}, newest {config.keep_checkpoints} kept")
         if self.remote is None or not self.accelerator.is_main_process:
             return
-        mode = (f"in the background ({config.upload_workers} worker(s))" if config.background_upload
-                else "synchronously")
-        log.info(f"Uploads: checkpoints go to {self.remote.url} as .{config.archive_format} {mode} ({self.remote.auth})")
+        mode = (f"in the background ({config.upload_workers} worker(s), {config.upload_streams} streams each)"
+                if config.background_upload else f"synchronously ({config.upload_streams} streams)")
+        layout = "in the files layout" if config.archive_format == FILES_FORMAT else f"as .{config.archive_format}"
+        log.info(f"Uploads: checkpoints go to {self.remote.url} {layout} {mode} ({self.remote.auth})")
         self.uploader = Uploader(self.remote, config.checkpoint_dir, config.archive_format,
                                  background=config.background_upload, workers=config.upload_workers,
-                                 attempts=config.upload_attempts, keep_local=config.keep_checkpoints)
+                                 attempts=config.upload_attempts, keep_local=config.keep_checkpoints,
+                                 streams=config.upload_streams, report=report)
         self.uploader.submit_pending()
 
     # --- during training -------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class Checkpointer:
         waited = self.wait_for_write(announce=True)
         name, step = state.checkpoint_name, state.step
         if main_process:
+            self.warn_if_the_disk_fills()
             log.info(f"💾 Saving checkpoint at step {step} ({reason})")
         files = self.checkpoint_json(state)  # now: the state moves on while a background write runs
         copied = {"tokenizer.json": self.tokenizer} if self.tokenizer is not None else {}
@@ -177,6 +183,17 @@ class Checkpointer:
                     self.saved(final, step, blocked, time.monotonic() - writing)
                 self.writer.start(name, write)
         self.last_saved_step, self.last_saved_name = step, name
+
+    def warn_if_the_disk_fills(self) -> None:
+        """Before a save, one line when the disk would not hold it (about the size of the last one) beside the
+        checkpoints it keeps: said before a save fails for lack of space, with the way out."""
+        saved = list_checkpoints(self.folder)
+        if not saved:
+            return
+        unverified = self.uploader.unverified_checkpoints() if self.uploader is not None else []
+        warning = disk_warning(self.folder, folder_size(saved[-1].path), unverified)
+        if warning is not None:
+            log.warning(warning)
 
     def wait_for_write(self, announce: bool = False) -> float:
         """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""

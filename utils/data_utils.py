@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+TOKENIZER_FILE = "tokenizer.json"
+"""The run's tokenizer, beside the shards (scripts/prepare_data.py writes it there)."""
 
 
 class DataError(Exception):
@@ -168,6 +170,10 @@ class ShardSource(Protocol):
         """The shard has been read; its cached copy may be evicted."""
         ...
 
+    def tokenizer(self) -> Path | None:
+        """A local copy of the tokenizer.json beside the shards, or None where there is none."""
+        ...
+
 
 class LocalShardSource:
     def __init__(self, folder: str | Path, pattern: str) -> None:
@@ -191,6 +197,10 @@ class LocalShardSource:
 
     def release(self, name: str) -> None:
         pass
+
+    def tokenizer(self) -> Path | None:
+        path = self.folder / TOKENIZER_FILE
+        return path if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The data of a run, set up from its config and model shape in one call (litgpt's get_dataloaders): the shard
 source, the training stream and the loader that continues it from a position, and the validation batches."""
 from dataclasses import dataclass
+from pathlib import Path
 
 from accelerate import Accelerator
 
@@ -20,6 +21,9 @@ class RunData:
     validation: ValidationData | None
     evaluator: Evaluator | None
     """The held-out batches of this process, read once and kept so every validation sees the same ones."""
+    tokenizer: Path | None
+    """The run's tokenizer.json (the config's, else the one beside the shards, fetched from a bucket), copied into
+    every checkpoint; None when there is none."""
 
     def loader(self, position: DataPosition, accelerator: Accelerator) -> BatchLoader:
         """This process's micro-batches from `position` on, read by a background thread."""
@@ -32,7 +36,10 @@ class RunData:
     def describe(self, tokens_per_step: int) -> list[str]:
         """The start-up log lines about the data."""
         lines = [f"Data: {len(self.spec.shards)} shards from {self.source.description} | "
-                 f"{tokens_per_step:,} tokens per step"]
+                 f"{tokens_per_step:,} tokens per step",
+                 f"Tokenizer: {self.tokenizer}, copied into every checkpoint" if self.tokenizer is not None else
+                 "Tokenizer: none (no tokenizer field, no tokenizer.json beside the shards): checkpoints hold the "
+                 "model only, and export_hf.py and generate.py will need --tokenizer"]
         if self.validation is not None and self.evaluator is not None:
             lines.append(f"Validation: {len(self.validation.shards)} held-out shards from "
                          f"{self.validation.source.description}, {len(self.evaluator.batches)} batches per process "
@@ -44,6 +51,7 @@ def open_data(config: TrainingConfig, shape: ModelShape, accelerator: Accelerato
     """The shards config.data holds (a local folder, or gs:// through a prefetching disk cache), the max_files
     of them picked by the seed, less any held out for validation."""
     source = open_shard_source(config)
+    tokenizer = config.tokenizer_path() if config.tokenizer is not None else source.tokenizer()
     shards, validation = split_validation(config, source, select_shards(source.list_shards(), config.max_files,
                                                                         config.seed))
     spec = StreamSpec(tuple(shards), seq_len=shape.seq_len, seed=config.seed, vocab_size=shape.vocab_size,
@@ -52,4 +60,4 @@ def open_data(config: TrainingConfig, shape: ModelShape, accelerator: Accelerato
     evaluator = None if validation is None else Evaluator(read_validation_batches(
         validation, spec, config.per_device_train_batch_size, accelerator.process_index, accelerator.num_processes,
         config.eval_batches))
-    return RunData(config, source, spec, validation, evaluator)
+    return RunData(config, source, spec, validation, evaluator, tokenizer)

@@ -17,6 +17,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from configs.training_config import TrainingConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -61,28 +63,31 @@ class RunLog:
     """Writes the run's logs; a write that fails (a full log disk) is remembered in `failure` rather than raised,
     so that the loop can still save a checkpoint before it stops."""
 
-    def __init__(self, accelerator: Accelerator, log_dir: str) -> None:
+    def __init__(self, accelerator: Accelerator, config: TrainingConfig) -> None:
         self.accelerator = accelerator
+        self.config = config
         self.main_process = accelerator.is_main_process
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(config.log_dir)
         self.metrics_file = self.log_dir / "metrics.jsonl"
         self.progress: tqdm | None = None
         self.failure: str | None = None
         """Why the logs could not be written (one line naming the folder); nothing more is written after it."""
         self._lock = threading.Lock()  # background saves and uploads report from their own threads
 
-    def start_trackers(self, resumed_step: int | None) -> None:
-        """TensorBoard, and on a resume the logs cut back to the resumed step: the steps after it are trained again
-        (after a kill, the log can be ahead of the newest checkpoint), so each step appears once."""
+    def start_trackers(self, step: int, hyperparameters: dict[str, Any]) -> None:
+        """The trackers, given the run's hyperparameters, and the logs cut back to `step`, where training
+        starts: the steps after it are trained again (after a kill, the log can be ahead of the newest
+        checkpoint; a fresh start may find the log of an attempt that saved nothing), so each step appears once."""
         if not self.main_process:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if resumed_step is not None and self.metrics_file.exists():
-            self._write_guarded("metrics.jsonl", lambda: rewind(self.metrics_file, resumed_step))
-        # TensorBoard hides the events of the steps after purge_step of the earlier writers.
-        purge = {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step is not None else {}
-        self._write_guarded("TensorBoard events", lambda: self.accelerator.init_trackers("tensorboard",
-                                                                                         init_kwargs=purge))
+        if self.metrics_file.exists():
+            self._write_guarded("metrics.jsonl", lambda: rewind(self.metrics_file, step))
+        if self.config.trackers:
+            # TensorBoard hides the events of the steps after purge_step that earlier writers left.
+            options = {"tensorboard": {"purge_step": step + 1}}
+            self._write_guarded("the trackers' logs", lambda: self.accelerator.init_trackers(
+                self.config.project_name, config=flat_hyperparameters(hyperparameters), init_kwargs=options))
 
     def start_progress(self, max_steps: int, step: int) -> None:
         self.progress = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
@@ -98,7 +103,7 @@ class RunLog:
             return
         self._append(record)
         scalars = {k: v for k, v in record.items() if k not in ("step", "max_steps") and v is not None}
-        self._write_guarded("TensorBoard events", lambda: self.accelerator.log(scalars, step=record["step"]))
+        self._write_guarded("the trackers' logs", lambda: self.accelerator.log(scalars, step=record["step"]))
         assert self.progress is not None
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_sec']:,.0f}",
@@ -110,7 +115,7 @@ class RunLog:
         if not self.main_process:
             return
         self._append({"step": step, **results})
-        self._write_guarded("TensorBoard events", lambda: self.accelerator.log(results, step=step))
+        self._write_guarded("the trackers' logs", lambda: self.accelerator.log(results, step=step))
         log.info(f"📏 Validation at step {step}: loss {results['eval_loss']:.4f}, "
                    f"perplexity {results['eval_perplexity']:.2f}")
 
@@ -144,7 +149,21 @@ class RunLog:
         try:
             self.accelerator.end_training()
         except OSError as error:
-            self.failure = self.failure or f"log_dir {self.log_dir}: cannot write TensorBoard events ({error.strerror})"
+            self.failure = self.failure or f"log_dir {self.log_dir}: cannot write the trackers' logs ({error.strerror})"
+
+
+def flat_hyperparameters(values: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The resolved config as trackers take hyperparameters (TensorBoard: scalars and strings only): nested
+    fields as "model_shape.hidden_size", lists and nulls as their JSON text."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_hyperparameters(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
 
 
 def rewind(metrics_file: Path, step: int) -> None:

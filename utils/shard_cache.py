@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import DataError, LocalShardSource, ShardSource, ShardUnavailableError
+from utils.data_utils import TOKENIZER_FILE, DataError, LocalShardSource, ShardSource, ShardUnavailableError
 from utils.storage import GCS_SCHEME, ObjectInfo, Storage, StorageError, is_gcs_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,20 @@ class CachedShardSource:
                     self._held[name] = lock
                 return self.folder / name
             lock.close()  # evicted between download and lock: download again
+
+    def tokenizer(self) -> Path | None:
+        """tokenizer.json beside the shards in the bucket, downloaded (verified) into the cache; None without one."""
+        try:
+            info = self.storage.stat(TOKENIZER_FILE)
+            if info is None:
+                return None
+            path = self.folder / TOKENIZER_FILE
+            if not path.is_file() or path.stat().st_size != info.size:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.storage.download(TOKENIZER_FILE, path)
+        except StorageError as error:
+            raise DataError(f"the tokenizer beside the shards: {error}") from None
+        return path
 
     def prefetch(self, upcoming: list[str]) -> None:
         with self._state:

@@ -32,6 +32,7 @@ from utils.archive import (FILES_FORMAT, FileEntry, HashingWriter, Include, arch
                            everything, files_manifest, folder_size, human_size, measure_archive, parse_files_manifest,
                            unpack_archive, write_archive)
 from utils.checkpoint_utils import TMP_PREFIX, UploadError
+from utils.checksum import check_file, recorded_checksums
 from utils.storage import (CHUNK_BYTES, PART_BYTES, FileUpload, ObjectInfo, OnBytes, PreconditionFailedError, Storage,
                            StorageError, crc32c_of_file, encode_crc32c)
 
@@ -190,9 +191,15 @@ def upload_folder(storage: Storage, folder: Path, name: str, streams: int, on_by
 
 
 def local_entries(folder: Path) -> list[FileEntry]:
-    """Every file of a local checkpoint with its size and crc32c (reads them all)."""
-    return [FileEntry(path, (folder / path).stat().st_size, crc32c_of_file(folder / path))
-            for path in checkpoint_files(folder)]
+    """Every file of a local checkpoint with its size and crc32c (reads them all), each as it was saved: a file
+    that differs from the checksums.json recorded at save time is a ChecksumError, never uploaded."""
+    recorded = recorded_checksums(folder) or {}
+    entries = []
+    for path in checkpoint_files(folder):
+        entry = FileEntry(path, (folder / path).stat().st_size, crc32c_of_file(folder / path))
+        check_file(folder / path, entry.size, entry.crc32c, recorded.get(path))
+        entries.append(entry)
+    return entries
 
 
 def check_all_stored(storage: Storage, name: str, entries: dict[str, FileEntry]) -> None:

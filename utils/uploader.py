@@ -26,6 +26,7 @@ from typing import Any
 
 from utils.archive import FILES_FORMAT, FILES_STREAMS, archive_name, check_archive_format, folder_size, human_size
 from utils.checkpoint_utils import CheckpointInfo, list_checkpoints, prune_checkpoints
+from utils.checksum import ChecksumError, verify_checksums
 from utils.manifest import UploadManifest, UploadRecord, by_step, one_line
 from utils.storage import PART_BYTES, ObjectInfo, Storage, StorageError
 from utils.storage_folder import UploadConflict, remote_url, upload_checkpoint
@@ -290,8 +291,10 @@ class Uploader:
             attempts += 1
             self.manifest.update(name, state="uploading", remote_url=url, attempts=attempts)
             try:
+                if self.archive_format != FILES_FORMAT:  # the files layout checks each file as it reads it
+                    verify_checksums(folder)
                 obj = self._transfer(folder, archive_name(name, self.archive_format))
-            except UploadConflict as error:
+            except (UploadConflict, ChecksumError) as error:  # retrying cannot help: the checkpoint stays local
                 log.error(f"❌ {error}")
                 return self.manifest.update(name, state="failed", error=str(error))
             except Exception as error:  # network, server, disk: retried; the attempt budget bounds a lasting one
