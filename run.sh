@@ -12,7 +12,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 usage: bash run.sh CONFIG [MAX_STEPS] [more train.py flags]
 
 Sets up venv/ (bash setup.sh) and, for the tiny config, the sample data when missing, then trains CONFIG
-(test, production, tiny or a JSON path) with one process per visible GPU (accelerate launch; one process on a
+(test, production, tiny or a JSON path) with one process per visible GPU (scripts/launch.py: torchrun; one process on a
 CPU-only machine). MAX_STEPS is --max-steps. Every other flag goes to train.py: python train.py --help lists them.
 
   bash run.sh tiny                              # the CPU smoke run
@@ -56,15 +56,12 @@ if [ "$GPUS" -eq 0 ] && [ "$NUM_MACHINES" -gt 1 ]; then
   exit 2
 fi
 if [ $((GPUS * NUM_MACHINES)) -gt 1 ]; then
-  # On SIGTERM (preemption) the launcher passes the signal on and waits this long before SIGKILL (torch's
-  # default: 30 s); train.py needs the time to finish its step and save a checkpoint.
+  # On a signal (SIGTERM: preemption; SIGINT: Ctrl+C; SIGHUP: a closed ssh session) the launcher passes it on
+  # and waits this long before SIGKILL (torch's default: 30 s): train.py needs the time to finish its step and
+  # save a checkpoint. scripts/launch.py is torchrun's agent, ending with the workers' exit code.
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
-  # train.py sets mixed precision and torch.compile itself; the two flags only silence Accelerate's
-  # warnings about unset launcher defaults.
-  exec "$REPO/venv/bin/accelerate" launch --multi_gpu --num_processes $((GPUS * NUM_MACHINES)) \
-    --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" \
-    --main_process_ip "$MAIN_ADDRESS" --main_process_port "$MAIN_PORT" \
-    --mixed_precision no --dynamo_backend no \
+  exec "$REPO/venv/bin/python" "$REPO/scripts/launch.py" --nnodes "$NUM_MACHINES" --node_rank "$MACHINE_RANK" \
+    --nproc_per_node "$GPUS" --master_addr "$MAIN_ADDRESS" --master_port "$MAIN_PORT" \
     "$REPO/train.py" "${ARGS[@]}" "$@"
 fi
 exec "$REPO/venv/bin/python" "$REPO/train.py" "${ARGS[@]}" "$@"

@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # during start-up; once training runs, Ctrl+C saves a checkpoint instead
         print("\ninterrupted before training started: nothing to save", file=sys.stderr)
         return 130
+    finally:
+        # A process group left for the interpreter's exit aborts the process (gloo: "terminate called without an
+        # active exception"), which would replace the exit code a launcher passes on.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
         log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
         uploads_left = run.checkpointer.finish()
         run.log.end()
+        run.checkpointer.push_logs()
         return 1 if uploads_left else 0
 
     loader = data.loader(state.position, accelerator)
@@ -106,6 +112,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
         # At the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued.
         uploads_left = run.checkpointer.finish()
         run.log.end()
+        run.checkpointer.push_logs()
     if stop.failure is not None or run.log.failure is not None:
         saved = f"; saved {run.checkpointer.last_saved_name}" if run.checkpointer.last_saved_name else ""
         print(f"error: {stop.failure or run.log.failure}{saved}", file=sys.stderr)
@@ -135,6 +142,8 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     checkpointer = Checkpointer(config, shape, accelerator, remote, shared_disk)
     resume_from = checkpointer.find_resume(resume)
     checkpointer.claim(resuming=resume_from is not None)
+    if resume_from is not None:
+        checkpointer.restore_logs()
     checkpointer.remove_incomplete_saves()
 
     # --- model -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from configs.model_config import ModelShape, build_model_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from scripts import export_hf, generate
 from utils.archive import write_archive
+from utils.checksum import record_checksums
 from utils.destination import open_destination
 from utils.export import materialize_checkpoint
 from utils.uploader import Uploader
@@ -146,6 +147,7 @@ def checkpoint_without_tokenizer(trained: Path, tmp_path: Path) -> Path:
     config = json.loads((bare / "training_config.json").read_text())
     config["data"] = str(tmp_path / "gone")
     (bare / "training_config.json").write_text(json.dumps(config))
+    record_checksums(bare)  # as such a run would have saved it
     return bare
 
 

@@ -20,7 +20,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("kind, what", [("metrics:4", "metrics.jsonl"), ("tensorboard:4", "TensorBoard events")])
+@pytest.mark.parametrize("kind, what", [("metrics:4", "metrics.jsonl"), ("tensorboard:4", "the trackers' logs")])
 def test_a_full_log_disk_saves_a_checkpoint_then_stops_in_one_line(tmp_path: Path, sample_data: Path, kind: str,
                                                                    what: str) -> None:
     config = write_config(tmp_path, sample_data, max_steps=50, save_steps=50, lr_decay_steps=50)

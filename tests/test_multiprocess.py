@@ -232,6 +232,40 @@ def test_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path, sampl
     assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"] < 100_000
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_saves_and_ends_with_the_shells_exit_code(tmp_path: Path, sample_data: Path,
+                                                                            signal_number: int) -> None:
+    # SIGTERM: a preemption notice; SIGINT: Ctrl+C (the launcher's process group alone: the workers run in
+    # sessions of their own, so they hear it once, from the launcher).
+    config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1,
+                          lr_decay_steps=100_000)
+    launcher = start_run_sh(config)
+    try:
+        training_workers(launcher, tmp_path / "logs")
+        launcher.send_signal(signal_number)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                child.kill()
+            launcher.kill()
+    assert launcher.returncode == 128 + signal_number, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr and "ChildFailedError" not in stderr
+    saved = final_checkpoint(tmp_path)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in saved.iterdir()}
+    assert step_of(saved) == read_metrics(tmp_path / "logs")[-1]["step"]
+
+
+def test_a_failing_worker_ends_the_launch_with_its_error_line_and_code(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=4)
+    result = subprocess.run(["bash", str(REPO_ROOT / "run.sh"), str(config), "--resume",
+                             "checkpoint-epoch0-step9-files0"], cwd=REPO_ROOT, env=run_sh_env(2), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert "error: checkpoint 'checkpoint-epoch0-step9-files0' not found" in result.stderr
+
+
 def test_workers_save_and_stop_when_the_launcher_is_killed(tmp_path: Path, sample_data: Path) -> None:
     # kill -9 of the launcher alone (a supervisor, `timeout -s KILL`) leaves its workers running: unseen,
     # they would race the user's next run in the same folder. They notice, save together and stop.

@@ -74,6 +74,11 @@ def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_at_the_destination(tm
     assert "Resumed from checkpoint-epoch0-step4-files0" in result.stderr and "Downloading" in result.stderr
     run_id = (first / "checkpoints" / RUN_ID_FILE).read_text().strip()
     assert (fresh / "checkpoints" / RUN_ID_FILE).read_text().strip() == run_id  # the same run, carried on
+    # Its logs came back from the destination too: one history, steps 1 to 8, there and here.
+    assert "Continued the logs of this run from" in result.stderr
+    assert [line["step"] for line in read_metrics(fresh / "logs")] == list(range(1, 9))
+    assert [line["step"] for line in read_metrics(tmp_path / "uploads" / "logs")] == list(range(1, 9))
+    assert list((tmp_path / "uploads" / "logs" / "refocused-ai").rglob("events.out.tfevents.*"))
     metadata = json.loads((fresh / "checkpoints" / "checkpoint-epoch0-step8-files0" / "metadata.json").read_text())
     assert metadata["run_id"] == run_id
 

@@ -29,6 +29,7 @@ from utils.checksum import ChecksumError, record_checksums, verify_checksums
 from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
                                     list_checkpoints, prune_checkpoints, read_json, remove_incomplete_saves,
                                     write_json_atomic)
+from utils.log_mirror import LogMirror
 from utils.manifest import UploadManifest
 from utils.resume import ResumeTarget, check_resumable, resume_target
 from utils.run_identity import claim_run
@@ -69,6 +70,8 @@ class Checkpointer:
         """The model, optimizer and schedule an asynchronous save copies; None for synchronous saves."""
         self.buffers = HostBuffers(pin=torch.cuda.is_available())
         self.writer = BackgroundWriter()
+        self.logs: LogMirror | None = None
+        """Copies log_dir beside the checkpoints at the destination (main process, with uploads on)."""
         self.run_id: str | None = None
         """This run's id (claim()), recorded in every checkpoint's metadata.json."""
 
@@ -86,6 +89,17 @@ class Checkpointer:
         """The run's id, its checkpoint and log folders and its upload destination claimed for it (the first
         process decides; another run's folders are refused)."""
         self.run_id = first_process_decides(self.accelerator, lambda: claim_run(self.config, self.remote, resuming))
+
+    def restore_logs(self) -> None:
+        """On a resume with an empty log_dir (a fresh machine): the run's logs from the destination, so that its
+        history goes on (the main process)."""
+        if self.remote is not None and self.accelerator.is_main_process:
+            LogMirror(self.remote, self.config.log_dir).pull()
+
+    def push_logs(self) -> None:
+        """The logs to the destination, once the run has written its last line (the main process)."""
+        if self.logs is not None:
+            self.logs.push()
 
     def remove_incomplete_saves(self) -> None:
         """The .tmp- leftovers of a crash, on the disks that hold checkpoints."""
@@ -130,10 +144,16 @@ class Checkpointer:
                 if config.background_upload else f"synchronously ({config.upload_streams} streams)")
         layout = "in the files layout" if config.archive_format == FILES_FORMAT else f"as .{config.archive_format}"
         log.info(f"Uploads: checkpoints go to {self.remote.url} {layout} {mode} ({self.remote.auth})")
+        logs = self.logs = LogMirror(self.remote, config.log_dir)
+
+        def uploaded(record: dict[str, Any]) -> None:  # on an upload worker: the logs follow each checkpoint
+            report(record)
+            logs.push()
+
         self.uploader = Uploader(self.remote, config.checkpoint_dir, config.archive_format,
                                  background=config.background_upload, workers=config.upload_workers,
                                  attempts=config.upload_attempts, keep_local=config.keep_checkpoints,
-                                 streams=config.upload_streams, report=report)
+                                 streams=config.upload_streams, report=uploaded)
         self.uploader.submit_pending()
 
     # --- during training -------------------------------------------------------------------------

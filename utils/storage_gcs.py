@@ -305,6 +305,15 @@ class GCSStorage:
             raise self._error(error, self._url(name)) from None
         return self._info(target)
 
+    def replace_file(self, src: Path, name: str) -> None:
+        """Uploads src as `name`, a new generation of what is there (for logs, which grow; checkpoints are never
+        replaced). One request for a small file; the library checks the crc32c it computes."""
+        try:
+            self.bucket.blob(self._blob_name(name)).upload_from_filename(
+                str(src), checksum="crc32c", retry=self.retry(f"uploading {self._url(name)}"), timeout=self.timeout)
+        except Exception as error:
+            raise self._error(error, self._url(name)) from None
+
     def delete(self, name: str) -> None:
         try:
             self.bucket.delete_blob(self._blob_name(name), retry=self.retry(f"deleting {self._url(name)}"),

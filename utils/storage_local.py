@@ -185,6 +185,19 @@ class LocalStorage:
         elif device != self._root_device:
             raise StorageError(f"{self.root}: now on another filesystem than at the first upload (unmounted?)")
 
+    def replace_file(self, src: Path, name: str) -> None:
+        """Writes src as `name`, replacing what is there (for logs, which grow; checkpoints are never replaced)."""
+        self._check_root()
+        final = self._path(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(tmp_upload_name(final.name))
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, final)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{final}: cannot write ({error.strerror or error})") from None
+
     def delete(self, name: str) -> None:
         try:
             self._path(name).unlink()

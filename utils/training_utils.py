@@ -143,9 +143,11 @@ class StopRequest:
             signal.signal(signal_number, self._handle)
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
-        if self.signal_number is not None and signal_number == signal.SIGINT:
-            print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
-            raise SystemExit(130)
+        if self.signal_number is not None:
+            if signal_number == signal.SIGINT:
+                print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
+                raise SystemExit(130)
+            return  # already stopping (a launcher passing on another signal, say): the first one's exit code
         self.signal_number = signal_number
         print(f"\n{signal.Signals(signal_number).name} received: finishing this step, then saving a checkpoint "
               "(Ctrl+C again to exit at once).", file=sys.stderr, flush=True)

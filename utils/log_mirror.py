@@ -1,0 +1,65 @@
+"""The run's logs beside its checkpoints at the upload destination, so that they outlive the machine.
+
+<destination>/logs/ mirrors log_dir (metrics.jsonl and the trackers' files, such as TensorBoard's events): pushed
+after every checkpoint's upload and at the end of the run, each changed file replacing its earlier copy (logs
+grow; checkpoints, which never change, are never overwritten). A run resumed on a fresh machine, whose log_dir
+holds no metrics yet, pulls them back first: it continues the same history, which the monitor and the viewer
+read as if the run had never moved.
+"""
+import logging
+import threading
+from pathlib import Path
+
+from utils.checkpoint_utils import UploadError
+from utils.manifest import one_line
+from utils.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+LOGS_FOLDER = "logs"
+METRICS_FILE = "metrics.jsonl"
+LOCAL_ONLY = (".run.lock", ".run-id")
+"""log_dir's files of this machine's run only."""
+
+
+class LogMirror:
+    def __init__(self, storage: Storage, log_dir: str | Path) -> None:
+        self.storage = storage
+        self.log_dir = Path(log_dir)
+        self._pushed: dict[str, tuple[int, float]] = {}  # relative path -> (size, mtime) of its last pushed copy
+        self._lock = threading.Lock()  # the uploader's workers and the end of the run push
+
+    @property
+    def url(self) -> str:
+        return f"{self.storage.url.rstrip('/')}/{LOGS_FOLDER}"
+
+    def push(self) -> None:
+        """Copies the files of log_dir that changed since the last push; a failure is logged, never raised:
+        the checkpoints matter more than their logs, and the next push tries again."""
+        with self._lock:
+            try:
+                for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file() and p.name not in LOCAL_ONLY
+                                   and not p.name.endswith(".tmp")):
+                    relative = path.relative_to(self.log_dir).as_posix()
+                    stat = path.stat()
+                    if self._pushed.get(relative) == (stat.st_size, stat.st_mtime):
+                        continue
+                    self.storage.replace_file(path, f"{LOGS_FOLDER}/{relative}")
+                    self._pushed[relative] = (stat.st_size, stat.st_mtime)
+            except (OSError, StorageError) as error:
+                log.warning(f"⚠️  Could not copy the logs to {self.url} ({one_line(error)}); the next checkpoint "
+                            "tries again")
+
+    def pull(self) -> int:
+        """Brings the logs at the destination into an empty log_dir (a fresh machine); returns the files fetched."""
+        if (self.log_dir / METRICS_FILE).exists():
+            return 0
+        try:
+            remote = self.storage.list_tree(LOGS_FOLDER)
+            for info in remote:
+                relative = info.name[len(LOGS_FOLDER) + 1:]
+                self.storage.download(info.name, self.log_dir / relative)
+        except StorageError as error:
+            raise UploadError(f"the logs at {self.url}: {error}") from None
+        if remote:
+            log.info(f"📜 Continued the logs of this run from {self.url} ({len(remote)} files)")
+        return len(remote)
