@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,25 @@ def run_train(*args: str, timeout: float = 240, env: dict[str, str] | None = Non
     command = (launcher or [sys.executable]) + [str(REPO_ROOT / "train.py"), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+class GatedStorage:
+    """Wraps a Storage: every upload (of an archive or of a file) waits until `gate` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.url, self.auth = inner, inner.url, inner.auth
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open_writer(self, name: str) -> Any:
+        assert self.gate.wait(60)
+        return self.inner.open_writer(name)
+
+    def begin_file(self, *args: Any) -> Any:
+        assert self.gate.wait(60)
+        return self.inner.begin_file(*args)
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, Any]]:

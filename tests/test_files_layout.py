@@ -19,7 +19,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import GatedStorage, REPO_ROOT
 from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils import storage_gcs, storage_gcs_upload, uploader as uploader_module
@@ -473,24 +473,9 @@ def test_a_corrupted_archive_download_leaves_nothing(tmp_path: Path, gcs_server:
 
 # --- saying when uploads cannot keep up ------------------------------------------------------------
 
-class _Gated:
-    """Wraps a Storage: every upload waits until `gate` is set."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.url, self.auth = inner, inner.url, inner.auth
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def begin_file(self, *args: Any) -> Any:
-        assert self.gate.wait(60)
-        return self.inner.begin_file(*args)
-
-
 def test_reports_each_upload_and_warns_once_the_queue_grows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     checkpoints = tmp_path / "checkpoints"
-    storage = _Gated(open_destination(str(tmp_path / "uploads")))
+    storage = GatedStorage(open_destination(str(tmp_path / "uploads")))
     reports: list[dict[str, Any]] = []
     threads: set[str] = set()
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
+from conftest import GatedStorage
 from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils.storage import LocalStorage, crc32c_of_file, open_storage
@@ -270,25 +271,10 @@ def test_a_fresh_run_refuses_a_destination_that_holds_checkpoints(tmp_path: Path
         check_fresh_destination(storage)
 
 
-class _Gated:
-    """Wraps a Storage: every upload stream waits until `gate` is set."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.url, self.auth = inner, inner.url, inner.auth
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def open_writer(self, name: str) -> Any:
-        assert self.gate.wait(60)
-        return self.inner.open_writer(name)
-
-
 def test_a_full_queue_keeps_checkpoints_local_until_a_place_frees(tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     names = [f"checkpoint-epoch0-step{step}-files0" for step in (2, 4, 6, 8)]
-    storage = _Gated(open_destination(str(tmp_path / "uploads")))
+    storage = GatedStorage(open_destination(str(tmp_path / "uploads")))
     uploader = Uploader(storage, checkpoints, "tar", queue_size=1)  # type: ignore[arg-type]
     for index, name in enumerate(names):
         uploader.submit(make_checkpoint(checkpoints, name, seed=index))

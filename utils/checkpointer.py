@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,9 +98,16 @@ class Checkpointer:
             LogMirror(self.remote, self.config.log_dir).pull()
 
     def push_logs(self) -> None:
-        """The logs to the destination, once the run has written its last line (the main process)."""
-        if self.logs is not None:
-            self.logs.push()
+        """The logs to the destination, once the run has written its last line (the main process), waiting for
+        it no longer than for the uploads: a destination that hangs must not hold the exit."""
+        if self.logs is None:
+            return
+        pushing = threading.Thread(target=self.logs.push, name="log-mirror", daemon=True)
+        pushing.start()
+        pushing.join(self.config.upload_timeout_s)
+        if pushing.is_alive():
+            log.warning(f"⚠️  The logs were not copied to {self.logs.url} within {self.config.upload_timeout_s:g} s; "
+                        "the next run with uploads copies them")
 
     def remove_incomplete_saves(self) -> None:
         """The .tmp- leftovers of a crash, on the disks that hold checkpoints."""
