@@ -203,13 +203,19 @@ def test_resume_while_streaming_continues_at_the_same_sample(gcs_server: GCSEmul
     local_run.mkdir()
     result = run_train("--config", str(write_config(local_run, tmp_path / "shards", **common)))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Tokenizer: none (no tokenizer field, no tokenizer.json beside the shards)") == 1
 
+    tokenizer = b'{"a tokenizer": "beside the shards in the bucket"}'
+    gcs_server.put("refocused-ai", "tokenizer.json", tokenizer)
     run = tmp_path / "streamed"
     run.mkdir()
     config = write_config(run, "gs://refocused-ai", cache_dir=str(run / "cache1"), **common)
     result = run_train("--config", str(config), "--max-steps", "4", env=gcs_server.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gs://refocused-ai/tokenized_*.npz via emulator at" in result.stderr
+    assert f"Tokenizer: {run / 'cache1' / 'refocused-ai' / 'tokenizer.json'}, copied into every checkpoint" in result.stderr
+    assert all((checkpoint / "tokenizer.json").read_bytes() == tokenizer
+               for checkpoint in (run / "checkpoints").glob("checkpoint-*"))
     first_downloads = len(gcs_server.requests())
 
     # A fresh cache, as on a new machine after a preemption.

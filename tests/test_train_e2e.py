@@ -175,16 +175,15 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, sample_data
     checkpoint = tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]
     recorded = json.loads((checkpoint / "checksums.json").read_text())["files"]
     assert set(recorded) == {p.name for p in checkpoint.iterdir()} - {"checksums.json"}
-    for name in ("model.safetensors", "optimizer.bin"):  # 64 random bytes inside: same size, loads fine, wrong
-        damaged = checkpoint / name
-        original = damaged.read_bytes()
-        middle = len(original) // 2
-        damaged.write_bytes(original[:middle] + np.random.default_rng(0).bytes(64) + original[middle + 64:])
-        result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {damaged}: damaged (crc32c ")
-        damaged.write_bytes(original)
-    assert run_train("--config", str(config), "--resume", "latest", "--max-steps", "4").returncode == 0
+    # 64 random bytes inside the weights: the same size, a file that loads fine, and wrong (tests/test_checkpointer.py
+    # has the other cases in process).
+    damaged = checkpoint / "model.safetensors"
+    original = damaged.read_bytes()
+    middle = len(original) // 2
+    damaged.write_bytes(original[:middle] + np.random.default_rng(0).bytes(64) + original[middle + 64:])
+    result = run_train("--config", str(config), "--resume", "latest", "--max-steps", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {damaged}: damaged (crc32c ")
 
 
 def test_resume_refusals_never_start_fresh_or_overwrite(tmp_path: Path, sample_data: Path) -> None:

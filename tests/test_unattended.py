@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from configs.command_line import config_from_args, parse_args
 from configs.training_config import ConfigError, load_config
 from utils.checkpoint_utils import UploadError, list_checkpoints
@@ -36,8 +37,8 @@ def wait_for_steps(log_dir: Path, steps: int, process: subprocess.Popen) -> None
 
 def test_the_same_command_starts_resumes_after_sighup_and_finishes_like_an_uninterrupted_run(
         tmp_path: Path, sample_data: Path) -> None:
-    # Long enough (a few seconds) for the signal to come mid-run; the losses of the first 40 steps are compared.
-    options = dict(max_steps=300, save_steps=20, lr_decay_steps=300)
+    # Long enough (a few seconds) for the signal to come mid-run.
+    options = dict(max_steps=150, save_steps=20, lr_decay_steps=150)
     straight = tmp_path / "straight"
     straight.mkdir()
     assert run_train("--config", str(write_config(straight, sample_data, **options))).returncode == 0
@@ -50,7 +51,7 @@ def test_the_same_command_starts_resumes_after_sighup_and_finishes_like_an_unint
     assert process.returncode == 128 + signal.SIGHUP, stderr[-3000:]
     assert "--resume auto: no checkpoint in" in stderr and "SIGHUP received" in stderr
     stopped_at = list_checkpoints(tmp_path / "checkpoints")[-1].step
-    assert 5 <= stopped_at < 300
+    assert 5 <= stopped_at < 150
 
     result = run_train("--config", str(config), "--resume", "auto")  # the next boot: the same command
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,27 +61,51 @@ def test_the_same_command_starts_resumes_after_sighup_and_finishes_like_an_unint
     assert resumed == {line["step"]: line["loss"] for line in read_metrics(straight / "logs")}  # bit-identical
 
 
-def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_at_the_destination(tmp_path: Path,
-                                                                             sample_data: Path) -> None:
+def test_a_stop_during_validation_is_honoured_between_batches(tmp_path: Path, sample_data: Path) -> None:
+    # 40 validation batches of 0.25 s each: 10 s to validate, far longer than a stop between two of them.
+    config = write_config(tmp_path, sample_data, max_steps=100, save_steps=100, eval_holdout_files=1, eval_steps=3,
+                          eval_batches=40, per_device_train_batch_size=1, lr_decay_steps=100)
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "train_with_slow_validation.py"),
+                                "--config", str(config)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                                               "SLOW_BATCH_S": "0.25"})
+    wait_for_steps(tmp_path / "logs", 3, process)  # step 3 logged: its validation is under way
+    time.sleep(1)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.monotonic() - signalled < 6  # not after the 10 s of the whole validation
+    assert [info.step for info in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    assert not [line for line in read_metrics(tmp_path / "logs") if "eval_loss" in line]  # no half validation
+
+
+def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_and_logs_at_the_destination(
+        tmp_path: Path, sample_data: Path, gcs_server: GCSEmulator) -> None:
+    gcs_server.create_bucket("ckpts")
     first, fresh = tmp_path / "first", tmp_path / "fresh"
     for folder in (first, fresh):
         folder.mkdir()
-    uploads = str(tmp_path / "uploads")
-    assert run_train("--config", str(write_config(first, sample_data, max_steps=4, save_steps=4, lr_decay_steps=8,
-                                                  upload_destination=uploads))).returncode == 0
-    config = write_config(fresh, sample_data, max_steps=8, save_steps=4, lr_decay_steps=8, upload_destination=uploads)
-    result = run_train("--config", str(config), "--resume", "auto")
+    options = dict(max_steps=8, save_steps=4, lr_decay_steps=8, upload_destination="gs://ckpts/run1")
+    result = run_train("--config", str(write_config(first, sample_data, **options)), "--max-steps", "4",
+                       env=gcs_server.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # A new machine: empty disks, the same command.
+    result = run_train("--config", str(write_config(fresh, sample_data, **options)), "--resume", "auto",
+                       env=gcs_server.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from checkpoint-epoch0-step4-files0" in result.stderr and "Downloading" in result.stderr
     run_id = (first / "checkpoints" / RUN_ID_FILE).read_text().strip()
     assert (fresh / "checkpoints" / RUN_ID_FILE).read_text().strip() == run_id  # the same run, carried on
-    # Its logs came back from the destination too: one history, steps 1 to 8, there and here.
-    assert "Continued the logs of this run from" in result.stderr
-    assert [line["step"] for line in read_metrics(fresh / "logs")] == list(range(1, 9))
-    assert [line["step"] for line in read_metrics(tmp_path / "uploads" / "logs")] == list(range(1, 9))
-    assert list((tmp_path / "uploads" / "logs" / "refocused-ai").rglob("events.out.tfevents.*"))
     metadata = json.loads((fresh / "checkpoints" / "checkpoint-epoch0-step8-files0" / "metadata.json").read_text())
     assert metadata["run_id"] == run_id
+    # Its logs came back from the destination too: one history, steps 1 to 8, here and there.
+    assert "Continued the logs of this run from gs://ckpts/run1/logs" in result.stderr
+    assert [line["step"] for line in read_metrics(fresh / "logs")] == list(range(1, 9))
+    remote = open_storage("gs://ckpts/run1")
+    remote_lines = remote.read_bytes("logs/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in remote_lines if "loss" in line] == list(range(1, 9))
+    assert any("events.out.tfevents" in info.name for info in remote.list_tree("logs/refocused-ai"))
 
 
 def test_a_destination_or_log_folder_of_another_run_is_refused(tmp_path: Path, sample_data: Path) -> None:

@@ -239,8 +239,11 @@ class Checkpointer:
                          "async": self.snapshot_objects is not None})
         if self.uploader is not None:  # returns at once, unless --no-background-upload
             self.uploader.submit_new(final)
-        for deleted in self.prune():
-            log.info(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
+        # Background uploads prune after each verified upload, on their own thread: the check that a remote copy
+        # still exists before a local one goes is a network request, which the loop must never wait for.
+        if self.uploader is None or not self.uploader.background:
+            for deleted in self.prune():
+                log.info(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
 
     def checkpoint_json(self, state: TrainState) -> dict[str, Any]:
         """The JSON files of a checkpoint of `state`, by file name."""

@@ -1,0 +1,26 @@
+"""train.py whose validation batches take SLOW_BATCH_S seconds each, as a long validation of a large model does:
+a fault injected for tests/test_unattended.py (a stop request honoured between validation batches)."""
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import train  # noqa: E402
+from utils.evaluation import Evaluator  # noqa: E402
+
+evaluate = Evaluator.evaluate
+
+
+def evaluate_slowly(self: Evaluator, model: Any, accelerator: Any, stop_agreed: Any = lambda: False) -> Any:
+    def slow_stop_agreed() -> bool:
+        time.sleep(float(os.environ["SLOW_BATCH_S"]))
+        return stop_agreed()
+    return evaluate(self, model, accelerator, slow_stop_agreed)
+
+
+Evaluator.evaluate = evaluate_slowly
+sys.exit(train.main())
