@@ -26,18 +26,19 @@ from configs.command_line import config_from_args, parse_args, resolved_config_j
 from configs.model_config import shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
 from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
-from utils.checkpoint_utils import CheckpointError, check_writable_folder, list_checkpoints, lock_for_this_run
+from utils.checkpoint_utils import CheckpointError, list_checkpoints
 from utils.checkpointer import Checkpointer, shares_checkpoint_disk
-from utils.data_utils import BatchLoader, DataError, ShardUnavailableError
+from utils.data_utils import BatchLoader
+from utils.shards import DataError, ShardUnavailableError
 from utils.destination import open_destination
 from utils.evaluation import Evaluator
 from utils.export import ExportError, check_export_target, export_checkpoint
-from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics
 from utils.model import build_model
 from utils.performance import MfuMeter, StopVote, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
 from utils.run_data import RunData, open_data
 from utils.resume import schedule_changes
+from utils.run_identity import claim_output_folders
 from utils.run_log import LogWindow, RunLog
 from utils.train_state import TrainState
 from utils.training_utils import (StopRequest, TrainingDiverged, apply_optimizer_settings, first_process_decides,
@@ -97,10 +98,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     run, data, state = set_up(config, accelerator, resume)
     if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
         log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
-        uploads_left = run.checkpointer.finish()
-        run.log.end()
-        run.checkpointer.push_logs()
-        return 1 if uploads_left else 0
+        return 1 if drain(run) else 0
 
     loader = data.loader(state.position, accelerator)
     stop = StopRequest(launcher_pid)
@@ -109,10 +107,7 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
         exit_code = fit(run, loader, state, stop)
     finally:
         loader.close()
-        # At the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued.
-        uploads_left = run.checkpointer.finish()
-        run.log.end()
-        run.checkpointer.push_logs()
+        uploads_left = drain(run)  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
     if stop.failure is not None or run.log.failure is not None:
         saved = f"; saved {run.checkpointer.last_saved_name}" if run.checkpointer.last_saved_name else ""
         print(f"error: {stop.failure or run.log.failure}{saved}", file=sys.stderr)
@@ -128,13 +123,22 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     return exit_code
 
 
+def drain(run: Run) -> list[str]:
+    """The checkpoint being written, the uploads (up to upload_timeout_s), the trackers, the logs' copy at the
+    destination; returns the checkpoints whose upload is not verified."""
+    uploads_left = run.checkpointer.finish()
+    run.log.end()
+    run.checkpointer.push_logs()
+    return uploads_left
+
+
 def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None) -> tuple[Run, RunData, TrainState]:
     """Everything the loop needs, in the order that fails fastest: folders, resume choice, model, data,
     optimizer, the resumed state."""
     shape = config.model_shape()
     if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
         check_memory(config, accelerator.device, accelerator.num_processes)
-    first_process_decides(accelerator, lambda: claim_output_folders(config))
+    first_process_decides(accelerator, lambda: claim_output_folders(config))  # writable, locked, readable
     # Several machines may each have a checkpoint disk of their own, or share one.
     shared_disk = shares_checkpoint_disk(accelerator, config.checkpoint_dir)
     # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
@@ -195,17 +199,6 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
                 run_log, mfu_meter, tokens_per_step), data, state)
 
 
-def claim_output_folders(config: TrainingConfig) -> None:
-    """On the first process: the output folders can be written, no other run uses checkpoint_dir, and its
-    uploads.json (if any) can be read: found now, not at the first save."""
-    check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
-    check_writable_folder(config.log_dir, "log_dir")
-    lock_for_this_run(config.checkpoint_dir)  # held until the process exits
-    if Path(config.log_dir).resolve() != Path(config.checkpoint_dir).resolve():
-        lock_for_this_run(config.log_dir, "--log-dir")
-    UploadManifest(config.checkpoint_dir, "").read()
-
-
 def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> int:
     """Trains from `state` to max_steps, or until a stop is requested (returns its exit code)."""
     config, accelerator = run.config, run.accelerator
@@ -226,7 +219,8 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
                 run.log.training(record)
                 if first_non_finite is not None or not math.isfinite(record["loss"]):
                     # Before any save: a NaN never reaches a checkpoint, and the good ones are not pruned.
-                    raise TrainingDiverged(diverged_message(run, state, first_non_finite))
+                    raise TrainingDiverged.at(state.step, first_non_finite, run.checkpointer.last_saved_step,
+                                              run.checkpointer.last_saved_name)
             validating = run.evaluator is not None and (state.step % config.eval_steps == 0
                                                         or state.step == config.max_steps)
             if validating and accelerator.device.type == "cuda":
@@ -301,15 +295,6 @@ def training_record(run: Run, state: TrainState, window: LogWindow, lr: float, g
             "mfu": run.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
             "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device),  # this process's; null on CPU
             "max_steps": run.config.max_steps}, first_non_finite
-
-
-def diverged_message(run: Run, state: TrainState, first_non_finite: int | None) -> str:
-    since = f"step {first_non_finite}" if first_non_finite is not None else f"the steps logged at step {state.step}"
-    newest = run.checkpointer.last_saved_name
-    keep = (f"the newest good checkpoint is {newest}: resume it (--resume latest) with a lower learning_rate or "
-            "max_grad_norm" if newest is not None else "no checkpoint was saved yet")
-    return (f"training diverged: the loss or the gradient norm is NaN or infinite since {since} (seen at step "
-            f"{state.step}); nothing after step {run.checkpointer.last_saved_step} was saved; {keep}")
 
 
 if __name__ == "__main__":

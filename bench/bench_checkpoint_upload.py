@@ -46,7 +46,7 @@ from configs.model_config import build_model_config, resolve_shape  # noqa: E402
 from configs.training_config import ARCHIVE_FORMATS  # noqa: E402
 from utils.archive import HashingWriter, folder_size, write_archive  # noqa: E402
 from utils.checkpoint_utils import checkpoint_name  # noqa: E402
-from utils.checkpointer import save_checkpoint  # noqa: E402
+from utils.checkpoint_writer import save_checkpoint  # noqa: E402
 from utils.destination import download_checkpoint, open_destination  # noqa: E402
 from utils.uploader import Uploader  # noqa: E402
 

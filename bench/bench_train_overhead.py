@@ -37,7 +37,8 @@ from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingA
 
 from configs.model_config import build_model_config  # noqa: E402
 from configs.training_config import TrainingConfig  # noqa: E402
-from utils.data_utils import BatchLoader, DataPosition, LocalShardSource, StreamSpec, select_shards  # noqa: E402
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec, select_shards  # noqa: E402
+from utils.shards import LocalShardSource  # noqa: E402
 from utils.training_utils import lr_multiplier, parameter_groups  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,9 +7,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from utils import checkpoint_utils, checkpointer
+from utils import checkpoint_utils, checkpoint_writer
 from utils.checkpoint_utils import CheckpointError, list_checkpoints, prune_checkpoints, remove_incomplete_saves
-from utils.checkpointer import save_checkpoint
+from utils.checkpoint_writer import save_checkpoint
 
 NAMES = ["checkpoint-epoch0-step2-files0", "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step6-files1"]
 
@@ -51,7 +51,7 @@ def test_a_save_that_runs_out_of_disk_is_one_error_line_and_no_checkpoint(tmp_pa
     def disk_full(path: Path, value: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpointer, "write_json_atomic", disk_full)
+    monkeypatch.setattr(checkpoint_writer, "write_json_atomic", disk_full)
     with pytest.raises(CheckpointError, match=r"saving checkpoint-epoch0-step2-files0 in .* No space left"):
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
     assert list_checkpoints(tmp_path) == []
@@ -69,7 +69,7 @@ def test_torch_running_out_of_disk_is_one_error_line_too(tmp_path: Path, monkeyp
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
     assert list_checkpoints(tmp_path) == []
     # torch never says why: the free space does.
-    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
+    monkeypatch.setattr(checkpoint_writer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
     with pytest.raises(CheckpointError, match=r"in .* failed: no space left on device \(0 MB free\): \[enforce fail"):
         save_checkpoint(accelerator, tmp_path, NAMES[0], {"metadata.json": {"step": 2}})
 

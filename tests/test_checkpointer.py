@@ -12,7 +12,8 @@ import torch
 from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints
 from utils.checkpointer import Checkpointer
-from utils.data_utils import DataError, DataPosition, StreamSpec
+from utils.data_utils import DataPosition, StreamSpec
+from utils.shards import DataError
 from utils.destination import open_destination
 from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state, pack,
-                              position_from_state, read_shard, select_shards)
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec, data_state, position_from_state, select_shards
+from utils.shards import DataError, LocalShardSource, pack, read_shard
 
 VOCAB = 1000
 EOT = 0

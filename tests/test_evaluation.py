@@ -15,7 +15,8 @@ from conftest import MICRO_MODEL, read_metrics, run_train, write_config
 from gcs_emulator import gcs_server  # noqa: F401  (the fixture)
 from configs.model_config import build_model_config, resolve_shape
 from configs.training_config import ConfigError, TrainingConfig
-from utils.data_utils import DataError, LocalShardSource, StreamSpec
+from utils.data_utils import StreamSpec
+from utils.shards import DataError, LocalShardSource
 from utils.evaluation import Evaluator, ValidationData, holdout_split, read_validation_batches, split_validation
 from utils.metrics import TrainingMetrics
 

@@ -13,8 +13,8 @@ from conftest import read_metrics, run_train, write_config
 from gcs_emulator import GCSEmulator, free_port, gcs_server  # noqa: F401  (fixture)
 from configs.training_config import ConfigError, config_from_dict
 from configs.command_line import config_from_args, parse_args
-from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, ShardUnavailableError, StreamSpec,
-                              epoch_shard_order, select_shards, window_starts)
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec, epoch_shard_order, select_shards, window_starts
+from utils.shards import DataError, LocalShardSource, ShardUnavailableError
 from utils.shard_cache import CachedShardSource, cache_folder
 from utils.storage import open_storage
 

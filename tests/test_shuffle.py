@@ -8,8 +8,9 @@ import pytest
 
 from conftest import read_metrics, run_train, write_config
 from configs.training_config import ConfigError, config_from_dict
-from utils.data_utils import (BatchLoader, DataError, DataPosition, LocalShardSource, StreamSpec, data_state,
-                              epoch_shard_order, position_from_state, window_starts)
+from utils.data_utils import (BatchLoader, DataPosition, StreamSpec, data_state, epoch_shard_order,
+                              position_from_state, window_starts)
+from utils.shards import DataError, LocalShardSource
 
 VOCAB = 1000
 SEQ_LEN = 8

@@ -8,7 +8,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import train  # noqa: E402
-from utils.data_utils import LocalShardSource, ShardUnavailableError  # noqa: E402
+from utils.shards import LocalShardSource, ShardUnavailableError  # noqa: E402
 
 fetch_local = LocalShardSource.fetch
 fetches: list[str] = []

@@ -9,7 +9,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import train  # noqa: E402
-from utils.async_save import StateSnapshot  # noqa: E402
+from utils.checkpoint_writer import StateSnapshot  # noqa: E402
 
 write_fast = StateSnapshot.write
 

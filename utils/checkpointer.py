@@ -8,28 +8,25 @@ whose upload is not verified is never deleted). At start, find_resume() chooses 
 waits for the uploads.
 """
 import logging
-import os
 import secrets
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
 from utils.archive import FILES_FORMAT, folder_size
-from utils.async_save import BackgroundWriter, HostBuffers, StateSnapshot, write_rng_state
-from utils.checksum import ChecksumError, record_checksums, verify_checksums
-from utils.checkpoint_utils import (TMP_PREFIX, CheckpointError, build_metadata, fsync_dir, fsync_tree,
-                                    list_checkpoints, prune_checkpoints, read_json, remove_incomplete_saves,
-                                    write_json_atomic)
+from utils.checkpoint_writer import (BackgroundWriter, HostBuffers, StateSnapshot, begin_save, finish_save,
+                                     one_line_save_error, save_checkpoint, write_rng_state)
+from utils.checkpoint_utils import (CheckpointError, build_metadata, list_checkpoints, prune_checkpoints, read_json,
+                                    remove_incomplete_saves)
+from utils.checksum import ChecksumError, verify_checksums
 from utils.log_mirror import LogMirror
 from utils.manifest import UploadManifest
 from utils.resume import ResumeTarget, check_resumable, resume_target
@@ -40,8 +37,6 @@ from utils.training_utils import first_process_decides
 from utils.uploader import Uploader, disk_warning
 
 log = logging.getLogger(__name__)
-LOW_DISK_BYTES = 256 * 1024 * 1024
-"""Below this much free space, a failed save is reported as the disk being full."""
 
 
 class Checkpointer:
@@ -304,79 +299,6 @@ def check_files(checkpoint: Path) -> None:
             torch.load(rng_file, weights_only=False)
         except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
             raise CheckpointError(f"{rng_file}: unreadable ({type(error).__name__}: {error})") from None
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str, json_files: dict[str, Any],
-                    copied_files: dict[str, Path] | None = None, shares_first_process_disk: bool = True) -> Path:
-    """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
-    source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
-
-    Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
-    of the same name is never overwritten. shares_first_process_disk (shares_checkpoint_disk): False on a
-    machine with a disk of its own, which then keeps nothing of the save.
-    """
-    folder = Path(checkpoint_dir)
-    tmp, final = begin_save(accelerator, folder, name)
-    with one_line_save_error(name, folder):
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            finish_save(folder, tmp, final, json_files, copied_files or {})
-    accelerator.wait_for_everyone()
-    if (not shares_first_process_disk and accelerator.is_local_main_process
-            and accelerator.distributed_type != DistributedType.FSDP):
-        # A disk of this machine's own: its DDP processes wrote only their RNG states here, which training
-        # does not use (no dropout) and resume does without. (Never on a shared disk, where .tmp-<name> may
-        # still resolve, through a client's cache, to the checkpoint just renamed.)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def begin_save(accelerator: Accelerator, folder: Path, name: str) -> tuple[Path, Path]:
-    """The .tmp-<name> folder to write into (a leftover of a crash removed first) and the final path, which must
-    not exist: a checkpoint is never overwritten. Collective."""
-    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
-    if final.exists():
-        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
-    with one_line_save_error(name, folder):
-        if accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        tmp.mkdir(parents=True, exist_ok=True)
-    return tmp, final
-
-
-def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any], copied_files: dict[str, Path]) -> None:
-    """On the main process, once the state files are in tmp: the JSON files and copies, everything synced to
-    the disk, then the rename that makes the checkpoint visible (synced too)."""
-    for filename, value in json_files.items():
-        write_json_atomic(tmp / filename, value)
-    for filename, source in copied_files.items():
-        shutil.copyfile(source, tmp / filename)
-    record_checksums(tmp)  # last: of every file, so that a damaged one is refused when loaded or uploaded
-    fsync_tree(tmp)
-    os.rename(tmp, final)
-    fsync_dir(folder)  # the rename itself survives a power loss
-
-
-@contextmanager
-def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
-    """A failed write as one CheckpointError line; the half-written .tmp- folder is removed at the next start.
-    torch's writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos": the free space
-    says what it was."""
-    try:
-        yield
-    except (OSError, RuntimeError, CheckpointError) as error:
-        detail = " ".join(str(error).split())[:300]
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            free = None
-        if free is not None and free < LOW_DISK_BYTES and "No space left" not in detail:
-            detail = f"no space left on device ({free / 1e6:,.0f} MB free): {detail}"
-        raise CheckpointError(f"saving {name} in {folder} failed: {detail}") from None
 
 
 def prune_without_uploads(checkpoint_dir: str | Path, keep: int) -> list[str]:

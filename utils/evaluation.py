@@ -18,7 +18,8 @@ import torch
 from accelerate import Accelerator
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import BatchLoader, DataError, DataPosition, ShardSource, StreamSpec
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec
+from utils.shards import DataError, ShardSource
 from utils.shard_cache import open_shard_source
 from utils.storage import is_gcs_url
 

@@ -7,7 +7,8 @@ from accelerate import Accelerator
 
 from configs.model_config import ModelShape
 from configs.training_config import TrainingConfig
-from utils.data_utils import BatchLoader, DataPosition, ShardSource, StreamSpec, select_shards
+from utils.data_utils import BatchLoader, DataPosition, StreamSpec, select_shards
+from utils.shards import ShardSource
 from utils.evaluation import Evaluator, ValidationData, read_validation_batches, split_validation
 from utils.shard_cache import open_shard_source
 

@@ -16,10 +16,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from configs.training_config import TrainingConfig
-from utils.checkpoint_utils import CheckpointError, UploadError
+from utils.checkpoint_utils import CheckpointError, UploadError, check_writable_folder, lock_for_this_run
+from utils.manifest import UploadManifest
 from utils.storage import PreconditionFailedError, Storage, StorageError
 
 RUN_ID_FILE = ".run-id"
+
+
+def claim_output_folders(config: TrainingConfig) -> None:
+    """On the first process, before anything is built: the output folders can be written, no other run uses
+    them (a lock held until the process exits), and uploads.json (if any) can be read: found now, not at the
+    first save."""
+    check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
+    check_writable_folder(config.log_dir, "log_dir")
+    lock_for_this_run(config.checkpoint_dir)  # held until the process exits
+    if Path(config.log_dir).resolve() != Path(config.checkpoint_dir).resolve():
+        lock_for_this_run(config.log_dir, "--log-dir")
+    UploadManifest(config.checkpoint_dir, "").read()
 
 
 def claim_run(config: TrainingConfig, remote: Storage | None, resuming: bool) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import TOKENIZER_FILE, DataError, LocalShardSource, ShardSource, ShardUnavailableError
+from utils.shards import TOKENIZER_FILE, DataError, LocalShardSource, ShardSource, ShardUnavailableError
 from utils.storage import GCS_SCHEME, ObjectInfo, Storage, StorageError, is_gcs_url, open_storage
 
 log = logging.getLogger(__name__)

@@ -118,6 +118,16 @@ def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> 
 class TrainingDiverged(Exception):
     """The loss or the gradient norm became NaN or infinite; nothing of it was saved. One line."""
 
+    @classmethod
+    def at(cls, step: int, first_non_finite: int | None, last_saved_step: int,
+           last_saved_name: str | None) -> "TrainingDiverged":
+        """Seen at logging step `step` (first_non_finite: the step it began, when the gradient norm tells)."""
+        since = f"step {first_non_finite}" if first_non_finite is not None else f"the steps logged at step {step}"
+        keep = (f"the newest good checkpoint is {last_saved_name}: resume it (--resume latest) with a lower "
+                "learning_rate or max_grad_norm" if last_saved_name is not None else "no checkpoint was saved yet")
+        return cls(f"training diverged: the loss or the gradient norm is NaN or infinite since {since} (seen at "
+                   f"step {step}); nothing after step {last_saved_step} was saved; {keep}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Stop signals

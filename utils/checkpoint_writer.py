@@ -1,6 +1,7 @@
-"""Asynchronous checkpoint writes: the loop is blocked only while the state is copied into host memory.
+"""Writing a checkpoint folder: synchronously through Accelerate's save_state, or from a copy in host memory in the
+background, in both cases under .tmp-<name>/, renamed when complete (the Checkpointer decides which and when).
 
-A save copies what Accelerate's save_state would write (the model's state dict, the optimizer's and the
+Asynchronous writes: the loop is blocked only while the state is copied into host memory. A save copies what Accelerate's save_state would write (the model's state dict, the optimizer's and the
 schedule's, the fp16 loss scaler's, each process's RNG) into CPU buffers, pinned on CUDA and reused from
 save to save, and a background thread of the main process writes them into the same files save_state
 writes (model.safetensors, optimizer.bin, scheduler.bin, scaler.pt, random_states_{rank}.pkl) with
@@ -12,21 +13,30 @@ FSDP checkpoints are sharded by torch.distributed.checkpoint inside save_state: 
 """
 import copy
 import logging
+import os
 import random
+import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import save as accelerate_save
 from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
 
+from utils.checkpoint_utils import TMP_PREFIX, CheckpointError, fsync_dir, fsync_tree, write_json_atomic
+from utils.checksum import record_checksums
+
 log = logging.getLogger(__name__)
+LOW_DISK_BYTES = 256 * 1024 * 1024
+"""Below this much free space, a failed save is reported as the disk being full."""
 
 
 class HostBuffers:
@@ -139,3 +149,76 @@ class BackgroundWriter:
         if error is not None:
             raise error
         return time.perf_counter() - started
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: str, json_files: dict[str, Any],
+                    copied_files: dict[str, Path] | None = None, shares_first_process_disk: bool = True) -> Path:
+    """Saves Accelerate's state, the JSON files and copies of `copied_files` (name in the checkpoint ->
+    source, e.g. the run's tokenizer.json) under .tmp-<name>, then renames it to <name>.
+
+    Every process must call it (Accelerate writes each process's RNG state). An existing checkpoint
+    of the same name is never overwritten. shares_first_process_disk (shares_checkpoint_disk): False on a
+    machine with a disk of its own, which then keeps nothing of the save.
+    """
+    folder = Path(checkpoint_dir)
+    tmp, final = begin_save(accelerator, folder, name)
+    with one_line_save_error(name, folder):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            finish_save(folder, tmp, final, json_files, copied_files or {})
+    accelerator.wait_for_everyone()
+    if (not shares_first_process_disk and accelerator.is_local_main_process
+            and accelerator.distributed_type != DistributedType.FSDP):
+        # A disk of this machine's own: its DDP processes wrote only their RNG states here, which training
+        # does not use (no dropout) and resume does without. (Never on a shared disk, where .tmp-<name> may
+        # still resolve, through a client's cache, to the checkpoint just renamed.)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def begin_save(accelerator: Accelerator, folder: Path, name: str) -> tuple[Path, Path]:
+    """The .tmp-<name> folder to write into (a leftover of a crash removed first) and the final path, which must
+    not exist: a checkpoint is never overwritten. Collective."""
+    final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; refusing to overwrite it")
+    with one_line_save_error(name, folder):
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier save
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)
+    return tmp, final
+
+
+def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any], copied_files: dict[str, Path]) -> None:
+    """On the main process, once the state files are in tmp: the JSON files and copies, everything synced to
+    the disk, then the rename that makes the checkpoint visible (synced too)."""
+    for filename, value in json_files.items():
+        write_json_atomic(tmp / filename, value)
+    for filename, source in copied_files.items():
+        shutil.copyfile(source, tmp / filename)
+    record_checksums(tmp)  # last: of every file, so that a damaged one is refused when loaded or uploaded
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(folder)  # the rename itself survives a power loss
+
+
+@contextmanager
+def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
+    """A failed write as one CheckpointError line; the half-written .tmp- folder is removed at the next start.
+    torch's writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos": the free space
+    says what it was."""
+    try:
+        yield
+    except (OSError, RuntimeError, CheckpointError) as error:
+        detail = " ".join(str(error).split())[:300]
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_DISK_BYTES and "No space left" not in detail:
+            detail = f"no space left on device ({free / 1e6:,.0f} MB free): {detail}"
+        raise CheckpointError(f"saving {name} in {folder} failed: {detail}") from None
