@@ -35,14 +35,14 @@ from utils.evaluation import Evaluator
 from utils.export import ExportError, check_export_target, export_checkpoint
 from utils.metrics import TrainingMetrics
 from utils.model import build_model
-from utils.performance import MfuMeter, StopVote, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
+from utils.performance import MfuMeter, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
 from utils.run_data import RunData, open_data
 from utils.resume import schedule_changes
 from utils.run_identity import claim_output_folders
 from utils.run_log import LogWindow, RunLog
 from utils.train_state import TrainState
-from utils.training_utils import (StopRequest, TrainingDiverged, apply_optimizer_settings, first_process_decides,
-                                  make_optimizer)
+from utils.training_utils import (Consensus, StopRequest, TrainingDiverged, apply_optimizer_settings,
+                                  first_process_decides, make_optimizer)
 
 log = logging.getLogger("train")
 
@@ -96,18 +96,21 @@ class Run:
 
 def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, launcher_pid: int | None) -> int:
     run, data, state = set_up(config, accelerator, resume)
-    if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
-        log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
-        return 1 if drain(run) else 0
-
-    loader = data.loader(state.position, accelerator)
     stop = StopRequest(launcher_pid)
     stop.install()
+    if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
+        log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
+        uploads_left = drain(run, stop)
+        return stop.exit_code if stop.signal_number is not None else 1 if uploads_left else 0
+
+    loader = data.loader(state.position, accelerator)
     try:
         exit_code = fit(run, loader, state, stop)
     finally:
         loader.close()
-        uploads_left = drain(run)  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
+        uploads_left = drain(run, stop)  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
+    if stop.signal_number is not None:  # a signal during the training or the wait for the uploads
+        exit_code = stop.exit_code
     if stop.failure is not None or run.log.failure is not None:
         saved = f"; saved {run.checkpointer.last_saved_name}" if run.checkpointer.last_saved_name else ""
         print(f"error: {stop.failure or run.log.failure}{saved}", file=sys.stderr)
@@ -123,12 +126,13 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     return exit_code
 
 
-def drain(run: Run) -> list[str]:
-    """The checkpoint being written, the uploads (up to upload_timeout_s), the trackers, the logs' copy at the
-    destination; returns the checkpoints whose upload is not verified."""
-    uploads_left = run.checkpointer.finish()
+def drain(run: Run, stop: StopRequest) -> list[str]:
+    """The checkpoint being written, the uploads (up to upload_timeout_s, or until a signal), the trackers, the
+    logs' copy at the destination; returns the checkpoints whose upload is not verified."""
+    stop.draining = True
+    uploads_left = run.checkpointer.finish(interrupted=lambda: stop.wait_cut_short)
     run.log.end()
-    run.checkpointer.push_logs()
+    run.checkpointer.push_logs(interrupted=lambda: stop.wait_cut_short)
     return uploads_left
 
 
@@ -145,7 +149,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
     checkpointer = Checkpointer(config, shape, accelerator, remote, shared_disk)
     resume_from = checkpointer.find_resume(resume)
-    checkpointer.claim(resuming=resume_from is not None)
+    checkpointer.claim(resume_from, auto=resume == "auto")
     if resume_from is not None:
         checkpointer.restore_logs()
     checkpointer.remove_incomplete_saves()
@@ -192,8 +196,9 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
         for line in data.describe(tokens_per_step):
             log.info(line)
     run_log = RunLog(accelerator, config)
-    run_log.start_trackers(state.step, {**config.to_dict(), "model_shape": shape_as_dict(shape),
-                                        "run_id": checkpointer.run_id, "num_processes": accelerator.num_processes})
+    hyperparameters = {**config.to_dict(), "model_shape": shape_as_dict(shape), "run_id": checkpointer.run_id,
+                       "num_processes": accelerator.num_processes}
+    first_process_decides(accelerator, lambda: run_log.start_trackers(state.step, hyperparameters))
     checkpointer.start(run_log.event, (model, prepared_optimizer, prepared_scheduler), data.tokenizer)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
                 run_log, mfu_meter, tokens_per_step), data, state)
@@ -203,40 +208,35 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
     """Trains from `state` to max_steps, or until a stop is requested (returns its exit code)."""
     config, accelerator = run.config, run.accelerator
     run.log.start_progress(config.max_steps, state.step)
-    window, run_start = LogWindow(accelerator.device), time.perf_counter()
-    stop_vote = StopVote(accelerator)
+    window = LogWindow(accelerator.device)
+    # Every process must stop (and save) at the same step, or a collective save would hang.
+    consensus = Consensus(accelerator, stop, run.checkpointer.time_due)
     try:
         while state.step < config.max_steps:
-            lr, grad_norm = train_step(run, loader, state, window)
+            train_step(run, loader, state, window)
             run.log.step_done()
-            if run.log.failure is not None:  # a full log disk, say: save while the checkpoint disk has room
-                stop.fail(run.log.failure)
-            # Every process must stop (and save) at the same step, or a collective save would hang.
-            stop_now, save_due = stop_vote.decide(stop.requested, run.checkpointer.time_due())
-            should_save = run.checkpointer.should_save(state.step, stop_now, save_due)
-            if state.step % config.logging_steps == 0 or should_save:  # the only place the loop waits for the device
-                record, first_non_finite = training_record(run, state, window, lr, grad_norm, run_start)
-                run.log.training(record)
-                if first_non_finite is not None or not math.isfinite(record["loss"]):
-                    # Before any save: a NaN never reaches a checkpoint, and the good ones are not pruned.
-                    raise TrainingDiverged.at(state.step, first_non_finite, run.checkpointer.last_saved_step,
-                                              run.checkpointer.last_saved_name)
+            report_failures(run, stop)
+            consensus.update()
+            if consensus.abort:  # a checkpoint write failed: stop, without a save that would fail the same way
+                return stop.exit_code
+            if state.step % config.logging_steps == 0 or saving(run, state, consensus):
+                log_and_check(run, state, window)  # the only place the loop waits for the device
             validating = run.evaluator is not None and (state.step % config.eval_steps == 0
                                                         or state.step == config.max_steps)
             if validating and accelerator.device.type == "cuda":
                 torch.cuda.synchronize()  # the step's queued work belongs to training time, not to the pause
             pause_start = time.perf_counter()  # validation and saving are left out of tokens/s and MFU
             if validating:  # on the held-out batches, before a save so the checkpoint records it
-                result = run.evaluator.evaluate(run.model, accelerator, lambda: stop_vote.decide(stop.requested)[0])
-                if result is None:  # stopped between batches: the checkpoint records no half validation
-                    stop_now = should_save = True
-                else:
+                # A stop agreed between batches ends it (the checkpoint records no half validation).
+                result = run.evaluator.evaluate(run.model, accelerator, consensus.update)
+                if result is not None:
                     state.metrics.record_validation(state.step, result.as_record())
                     run.log.validation(state.step, result.as_record())
-            if should_save:
-                run.checkpointer.save(state, "stop requested" if stop_now else "scheduled")
+            if saving(run, state, consensus):  # again: a stop or a timed save may be agreed during validation
+                save_checked(run, state, window, "stop requested" if consensus.stop_now else "scheduled")
+                consensus.timed_save = False
             window.pause(time.perf_counter() - pause_start)
-            if stop_now:
+            if consensus.stop_now:
                 return stop.exit_code
     except DataError as error:
         # The last completed step is consistent: save it so no progress is lost. A bad shard stops every
@@ -245,17 +245,50 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
         # others, so it exits without saving and the launcher stops the rest (the last checkpoint stands).
         alone = isinstance(error, ShardUnavailableError) and accelerator.num_processes > 1
         if state.step > run.checkpointer.last_saved_step and not alone:
-            run.checkpointer.save(state, "data error")
+            save_checked(run, state, window, "data error")
         raise
     finally:
         run.log.close()
     return 0
 
 
-def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWindow) -> tuple[float, torch.Tensor]:
-    """One optimizer step: forward and backward over the accumulated micro-batches, clip, update. Returns the
-    rate this step used and the gradient norm (on the device)."""
+def report_failures(run: Run, stop: StopRequest) -> None:
+    """What the run cannot go on with: logs that cannot be written (a full log disk: save while the checkpoint
+    disk has room), or a checkpoint's background write that failed (stop without saving)."""
+    if run.log.failure is not None:
+        stop.fail(run.log.failure)
+    failed_write = run.checkpointer.write_failure()
+    if failed_write is not None:
+        stop.fail(failed_write, save=False)
+
+
+def saving(run: Run, state: TrainState, consensus: Consensus) -> bool:
+    """Whether this step ends with a save, as every process agrees."""
+    return not consensus.abort and run.checkpointer.should_save(state.step, consensus.stop_now, consensus.timed_save)
+
+
+def save_checked(run: Run, state: TrainState, window: LogWindow, reason: str) -> None:
+    """Saves `state` once the steps since the last logging step are known to be finite."""
+    if window.steps:
+        log_and_check(run, state, window)
+    run.checkpointer.save(state, reason)
+
+
+def log_and_check(run: Run, state: TrainState, window: LogWindow) -> None:
+    """The metrics line of the window's steps; raises TrainingDiverged if their loss or a gradient norm was NaN
+    or infinite. Before any save: a NaN never reaches a checkpoint, and the good ones are not pruned."""
+    record, first_non_finite = training_record(run, state, window)
+    run.log.training(record)
+    if first_non_finite is not None or not math.isfinite(record["loss"]):
+        raise TrainingDiverged.at(state.step, first_non_finite, run.checkpointer.last_saved_step,
+                                  run.checkpointer.last_saved_name)
+
+
+def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWindow) -> None:
+    """One optimizer step: forward and backward over the accumulated micro-batches, clip, update; noted in
+    `window` once complete (a step cut short by a data error is trained again after a resume)."""
     accelerator, model, accumulation = run.accelerator, run.model, run.config.gradient_accumulation_steps
+    losses = []
     for micro_step in range(accumulation):
         batch = next(loader)
         input_ids = batch.input_ids.to(accelerator.device, non_blocking=True)
@@ -265,32 +298,32 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWind
         with nullcontext() if sync else accelerator.no_sync(model):
             loss = model(input_ids=input_ids, labels=input_ids).loss
             accelerator.backward(loss / accumulation)
-        window.add(loss.detach())
+        losses.append(loss.detach())
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm or math.inf)
     lr = run.optimizer.param_groups[0]["lr"]  # this step's rate (scheduler.step() sets the next one's)
     run.optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, so the schedule waits too
+    updated = not accelerator.optimizer_step_was_skipped
+    if updated:  # fp16 overflow: no update, so the schedule waits too
         run.scheduler.step()
-        window.check(grad_norm, state.step + 1)  # a NaN or inf that the loss scaler did not skip: diverged
     # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, they stay so.
     # Set to None, the no_sync micro-batches would make a second set beside the buckets.
     ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     run.optimizer.zero_grad(set_to_none=not ddp)
     state.advance(batch.position, run.tokens_per_step)
-    window.steps += 1
-    return lr, grad_norm
+    # A NaN or inf gradient norm on an update that the loss scaler did not skip: diverged.
+    window.step_done(losses, lr, grad_norm, state.step, updated)
 
 
-def training_record(run: Run, state: TrainState, window: LogWindow, lr: float, grad_norm: torch.Tensor,
-                    run_start: float) -> tuple[dict[str, Any], int | None]:
+def training_record(run: Run, state: TrainState, window: LogWindow) -> tuple[dict[str, Any], int | None]:
     """The metrics line of a logging step, its loss recorded in the metrics, and the window's first step with
     a non-finite gradient norm (None: all finite); the next window starts."""
+    lr, grad_norm = window.lr, float(window.grad_norm)
     loss, seconds, steps, first_non_finite = window.close(run.accelerator, run.config.gradient_accumulation_steps)
     state.metrics.record(state.step, loss, lr)
     tokens_per_sec = steps * run.tokens_per_step / seconds
-    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_seen": state.metrics.tokens_seen, "tokens_per_sec": tokens_per_sec,
-            "elapsed_s": time.perf_counter() - run_start, "epoch": state.position.epoch,
+            "elapsed_s": time.perf_counter() - window.run_start, "epoch": state.position.epoch,
             "shards_skipped": state.position.shards_skipped,
             "mfu": run.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
             "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device),  # this process's; null on CPU

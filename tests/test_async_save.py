@@ -80,6 +80,23 @@ def test_kill_9_during_a_background_write_leaves_no_checkpoint_and_resume_takes_
     assert names(tmp_path)[-1] == "checkpoint-epoch0-step6-files0"
 
 
+def test_a_failed_background_write_stops_the_run_without_another_save(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=40, save_steps=4, keep_checkpoints=1, lr_decay_steps=40,
+                          async_save=True)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "train_with_slow_writes.py"), "--config",
+                             str(config)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAIL_WRITE": "2"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("error: saving checkpoint-epoch0-step8-files0 in ") and "Input/output error" in errors[0]
+    assert errors[0].endswith("; saved checkpoint-epoch0-step4-files0")  # the newest good one
+    assert "then stopping without a save" in result.stderr
+    # The loop went on while the write ran, then stopped without another save: step 4's stays, unpruned.
+    assert names(tmp_path) == ["checkpoint-epoch0-step4-files0"]
+    assert read_metrics(tmp_path / "logs")[-1]["step"] < 12
+
+
 def test_saves_every_few_minutes_instead_of_every_save_steps(tmp_path: Path, sample_data: Path) -> None:
     # 0.003 minutes = 0.18 s: a save every few steps of the micro model, whatever save_steps says.
     config = write_config(tmp_path, sample_data, max_steps=40, save_steps=1000, save_every_minutes=0.003,

@@ -1,6 +1,7 @@
 """The Checkpointer in process, with a small fake Accelerator: what a save writes, retention, the upload
 hand-off, the resume choice and its refusals, and the train state it restores. (Exact resume, signals and
 several processes are end-to-end tests: test_train_e2e.py, test_multiprocess.py.)"""
+import errno
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,9 @@ from utils.shards import DataError
 from utils.destination import open_destination
 from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics
+from utils import resume
 from utils.resume import schedule_changes
+from utils.storage import ObjectInfo
 from utils.train_state import TrainState
 
 SPEC = StreamSpec(("tokenized_a.npz", "tokenized_b.npz"), seq_len=64, seed=1234, vocab_size=4096, eos_token_id=0,
@@ -132,13 +135,25 @@ def test_saves_are_handed_to_the_uploader_and_only_verified_ones_are_pruned(tmp_
         "checkpoint-epoch0-step12-files0": "uploaded"}
     # step 4 was verified: pruned; step 8 failed (never overwritten remotely): kept, whatever keep_checkpoints says
     assert names(config.checkpoint_dir) == ["checkpoint-epoch0-step8-files0", "checkpoint-epoch0-step12-files0"]
-    assert checkpointer.finish() == ["checkpoint-epoch0-step8-files0"]
+    assert checkpointer.finish(interrupted=lambda: False) == ["checkpoint-epoch0-step8-files0"]
 
 
 def test_should_save_at_the_cadence_the_last_step_and_a_stop(tmp_path: Path) -> None:
     checkpointer = make_checkpointer(make_config(tmp_path, save_steps=4, max_steps=10))
     assert [step for step in range(1, 11) if checkpointer.should_save(step, stopping=False)] == [4, 8, 10]
     assert checkpointer.should_save(3, stopping=True)
+
+
+def test_a_timed_save_is_asked_for_once_until_it_is_made(tmp_path: Path) -> None:
+    checkpointer = make_checkpointer(make_config(tmp_path, save_every_minutes=1.0))
+    assert not checkpointer.time_due()
+    checkpointer.last_save_started -= 61  # a minute and a second later
+    # With several processes the vote is read a step late: a second True would ask for a second save.
+    assert [checkpointer.time_due() for _ in range(3)] == [True, False, False]
+    checkpointer.save(state_at(4), "scheduled")
+    assert not checkpointer.time_due()
+    checkpointer.last_save_started -= 61
+    assert checkpointer.time_due()
 
 
 def test_resume_choice_refuses_what_would_lose_or_overwrite_checkpoints(tmp_path: Path) -> None:
@@ -175,6 +190,19 @@ def test_resume_looks_at_the_destination_too(tmp_path: Path) -> None:
     assert target.name == "checkpoint-epoch0-step8-files0" and not target.own_copy
     assert (target.path / WEIGHTS).read_bytes() == b"weights of .tmp-checkpoint-epoch0-step8-files0"
     assert UploadManifest(fresh.checkpoint_dir, "").read()[target.name].state == "uploaded"  # not uploaded again
+
+
+def test_a_download_that_fails_for_a_resume_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fill_the_disk(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume, "download_checkpoint", fill_the_disk)
+    storage = open_destination(str(tmp_path / "uploads"))
+    obj = ObjectInfo("checkpoint-epoch0-step4-files0.tar", 1000, None, None)
+    with pytest.raises(UploadError, match="^downloading checkpoint-epoch0-step4-files0 from .*uploads to resume it "
+                                          "failed: OSError: .*No space left on device$"):
+        resume.fetch_for_resume(tmp_path / "checkpoints", "checkpoint-epoch0-step4-files0", obj, storage,
+                                FakeAccelerator(), shares_first_process_disk=True)
 
 
 def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path) -> None:

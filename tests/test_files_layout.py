@@ -23,11 +23,13 @@ from conftest import GatedStorage, REPO_ROOT
 from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils import storage_gcs, storage_gcs_upload, uploader as uploader_module
-from utils.archive import FileEntry, files_manifest, parse_files_manifest
+from utils.archive import FILES_FORMAT, FileEntry, files_manifest, parse_files_manifest
 from utils.checkpoint_utils import UploadError
+from utils.checksum import ChecksumError, record_checksums
 from utils.destination import download_checkpoint, find_local_or_remote, open_destination
 from utils.storage import (Part, combine_crc32c, combine_parts, crc32c_of_file, open_storage, shorten_middle,
                            split_into_parts)
+from utils.storage_folder import upload_checkpoint
 from utils.storage_local import tmp_upload_name
 from utils.uploader import Uploader, disk_warning
 
@@ -160,6 +162,18 @@ def test_leftovers_are_reused_when_identical_and_replaced_when_not(kind: str, tm
     assert storage.stat(f"{STEP4}/stray.json") is None
     restored = download_checkpoint(storage, storage.stat(f"{STEP4}.files.json"), tmp_path / "restored")
     assert tree(restored) == tree(folder)
+
+
+def test_a_file_that_differs_from_its_saved_checksum_when_sent_gets_no_manifest(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "checkpoints", STEP4)
+    record_checksums(folder)
+    damaged = bytearray((folder / "optimizer.bin").read_bytes())
+    damaged[1000] ^= 1  # one bit, after the save (the uploader's check before the upload is not called here)
+    (folder / "optimizer.bin").write_bytes(bytes(damaged))
+    storage = open_destination(str(tmp_path / "uploads"))
+    with pytest.raises(ChecksumError, match="optimizer.bin: damaged \\(crc32c"):
+        upload_checkpoint(storage, folder, f"{STEP4}.files.json", FILES_FORMAT, 4, lambda sent: None, PART)
+    assert storage.stat(f"{STEP4}.files.json") is None  # nothing a resume would take
 
 
 def test_an_existing_manifest_is_accepted_when_identical_and_a_conflict_when_not(tmp_path: Path) -> None:

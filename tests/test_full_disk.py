@@ -36,6 +36,15 @@ def test_a_full_log_disk_saves_a_checkpoint_then_stops_in_one_line(tmp_path: Pat
     assert read_metrics(tmp_path / "logs")[-1]["step"] == 8
 
 
+def test_a_log_disk_full_before_the_first_step_stops_the_start_in_one_line(tmp_path: Path, sample_data: Path) -> None:
+    config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2)
+    result = run_on_full_disk("trackers", config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error_lines(result) == [f"error: log_dir {tmp_path / 'logs'}: cannot write the trackers' logs (No space "
+                                   "left on device)"]
+    assert list_checkpoints(tmp_path / "checkpoints") == [] and "training:" not in result.stderr
+
+
 def test_a_full_checkpoint_disk_at_the_upload_record_is_one_line_and_leaves_no_temporary_file(
         tmp_path: Path, sample_data: Path) -> None:
     config = write_config(tmp_path, sample_data, max_steps=4, save_steps=2, upload_destination=str(tmp_path / "up"))

@@ -167,12 +167,14 @@ class FakeAccelerator:
 
 def test_stop_vote_counts_one_step_late_with_several_processes() -> None:
     vote = StopVote(FakeAccelerator())
-    votes = [(False, False), (True, False), (False, True), (False, False)]
-    assert [vote.decide(*flags) for flags in votes] == [(False, False), (False, False), (True, False), (False, True)]
+    votes = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+             (False, False, False)]
+    assert [vote.decide(*flags) for flags in votes] == [(False, False, False), (False, False, False),
+                                                       (True, False, False), (False, True, False), (False, False, True)]
     single = FakeAccelerator()
     single.num_processes = 1
-    assert StopVote(single).decide(True, False) == (True, False)  # one process decides at once
-    assert StopVote(single).decide(False, True) == (False, True)
+    assert StopVote(single).decide(True, False, False) == (True, False, False)  # one process decides at once
+    assert StopVote(single).decide(False, True, True) == (False, True, True)
 
 
 def test_gpu_memory_is_the_peak_of_each_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:

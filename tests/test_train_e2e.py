@@ -247,13 +247,18 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path: Path, sample_data
                                                                                last_step + 2]
 
 
+def good_then_corrupt_shard(data: Path, steps: int) -> int:
+    """One good shard with exactly `steps` steps of samples (batch 2 x 64 tokens), then a corrupt one; returns a
+    seed that reads them in that order."""
+    data.mkdir()
+    np.savez(data / "tokenized_a.npz", input_ids=np.arange(1, 2 * steps * 64 + 10) % 4000)
+    (data / "tokenized_b.npz").write_bytes(b"PK\x03\x04 truncated")
+    return next(s for s in range(100) if list(epoch_shard_order(2, s, 0)) == [0, 1])
+
+
 def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    data.mkdir()
-    # One good shard with exactly 3 steps of samples (batch 2 x 64 tokens), then a corrupt one.
-    np.savez(data / "tokenized_a.npz", input_ids=np.arange(1, 6 * 64 + 10) % 4000)
-    (data / "tokenized_b.npz").write_bytes(b"PK\x03\x04 truncated")
-    seed = next(s for s in range(100) if list(epoch_shard_order(2, s, 0)) == [0, 1])
+    seed = good_then_corrupt_shard(data, steps=3)
     # Shard by shard, so that the good shard trains before the bad one is read (in one window of both, the bad
     # shard would stop the run before its first step).
     config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed, shuffle_window_shards=1)
@@ -270,6 +275,19 @@ def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping bad shard" in result.stderr
     assert read_metrics(tmp_path / "skiplogs")[-1]["shards_skipped"] == 1
+
+
+def test_a_nan_since_the_last_logging_step_never_reaches_the_save_of_a_data_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    seed = good_then_corrupt_shard(data, steps=8)
+    # A learning rate of 1e4 diverges within the 8 steps, and no step is logged before the bad shard stops the run.
+    config = write_config(tmp_path, data, max_steps=20, save_steps=100, logging_steps=100, seed=seed,
+                          shuffle_window_shards=1, learning_rate=1e4, warmup_steps=0, lr_decay_steps=20)
+    result = run_train("--config", str(config))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert re.search(r"error: training diverged: .* since step \d \(seen at step 8\); nothing after step 0 was saved",
+                     result.stderr), result.stderr[-3000:]
+    assert checkpoints(tmp_path) == []
 
 
 def test_no_shards_and_bad_config_are_one_line_errors(tmp_path: Path) -> None:

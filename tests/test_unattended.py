@@ -87,6 +87,8 @@ def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_and_logs_at_the_desti
     for folder in (first, fresh):
         folder.mkdir()
     options = dict(max_steps=8, save_steps=4, lr_decay_steps=8, upload_destination="gs://ckpts/run1")
+    (first / "logs").mkdir()
+    (first / "logs" / "notes.txt").write_text("the user's own file: not the run's logs")
     result = run_train("--config", str(write_config(first, sample_data, **options)), "--max-steps", "4",
                        env=gcs_server.env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +108,9 @@ def test_resume_auto_on_a_fresh_disk_takes_the_checkpoints_and_logs_at_the_desti
     remote_lines = remote.read_bytes("logs/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in remote_lines if "loss" in line] == list(range(1, 9))
     assert any("events.out.tfevents" in info.name for info in remote.list_tree("logs/refocused-ai"))
+    assert {info.name for info in remote.list_tree("logs")} - {info.name for info in
+                                                               remote.list_tree("logs/refocused-ai")} == {
+        "logs/metrics.jsonl"}
 
 
 def test_a_destination_or_log_folder_of_another_run_is_refused(tmp_path: Path, sample_data: Path) -> None:
@@ -134,7 +139,7 @@ def claim_in_a_process(folder: Path, destination: str, barrier: Any, outcomes: A
         Path(path).mkdir(parents=True)
     barrier.wait()
     try:
-        outcomes.put(claim_run(config, open_storage(destination), resuming=False))
+        outcomes.put(claim_run(config, open_storage(destination), resumed=None, auto=False))
     except UploadError as error:
         outcomes.put(str(error))
 
@@ -183,3 +188,28 @@ def test_run_sh_help_prints_its_usage() -> None:
     result = subprocess.run(["bash", str(REPO_ROOT / "run.sh"), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("usage: bash run.sh CONFIG [MAX_STEPS]")
     assert "--resume auto" in result.stdout
+
+
+def test_resume_auto_carries_on_the_run_that_claimed_the_destination_and_nothing_else(tmp_path: Path) -> None:
+    remote = open_storage(str(tmp_path / "uploads"))
+    (tmp_path / "uploads").mkdir()
+
+    def config_in(name: str) -> Any:
+        config = load_config("tiny").with_repo_paths()
+        config.checkpoint_dir, config.log_dir = str(tmp_path / name / "checkpoints"), str(tmp_path / name / "logs")
+        for path in (config.checkpoint_dir, config.log_dir):
+            Path(path).mkdir(parents=True)
+        return config
+
+    first = claim_run(config_in("boot1"), remote, resumed=None, auto=True)  # preempted before its first upload
+    # The next boot, on a fresh disk: --resume auto finds no checkpoint anywhere and carries on that run.
+    assert claim_run(config_in("boot2"), remote, resumed=None, auto=True) == first
+    with pytest.raises(UploadError, match="belongs to another run"):  # a fresh start without --resume: refused
+        claim_run(config_in("another"), remote, resumed=None, auto=False)
+    # A checkpoint folder without its .run-id (copied, say) still names its run in each checkpoint's metadata.
+    copied = config_in("copied")
+    checkpoint = Path(copied.checkpoint_dir) / "checkpoint-epoch0-step4-files0"
+    checkpoint.mkdir()
+    (checkpoint / "metadata.json").write_text(json.dumps({"step": 4, "run_id": "0123456789abcdef"}))
+    with pytest.raises(UploadError, match=f"belongs to another run \\(run {first}; this one is 0123456789abcdef\\)"):
+        claim_run(copied, remote, resumed=checkpoint, auto=False)

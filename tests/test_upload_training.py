@@ -216,6 +216,37 @@ def test_stalled_upload_never_blocks_training_and_survives_kill_9_and_sigterm(
     assert all(remote.exists(f"{name}.tar") for name in pending)
 
 
+def test_a_signal_while_the_run_waits_for_its_uploads_ends_the_wait(
+        tmp_path: Path, sample_data: Path, gcs_server: GCSEmulator) -> None:
+    gcs_server.create_bucket("ckpts")
+    config = write_config(tmp_path, sample_data, max_steps=20, save_steps=20, upload_destination="gs://ckpts/Checkpoints",
+                          archive_format="tar", upload_timeout_s=600, lr_decay_steps=20)
+    stderr_file = tmp_path / "stderr.txt"
+    server = gcs_server.process
+    assert server is not None
+    with stderr_file.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(config)],
+                                   cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                   env={**os.environ, **gcs_server.env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        wait_until(lambda: (tmp_path / "logs" / "metrics.jsonl").exists(), "the first step")
+        server.send_signal(signal.SIGSTOP)  # the destination hangs: the final checkpoint's upload never ends
+        wait_until(lambda: "Waiting for 1 upload(s)" in stderr_file.read_text(), "the wait for the upload")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)  # not the 600 s upload_timeout_s
+    finally:
+        server.send_signal(signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+    output = stderr_file.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM received: no more waiting for the uploads" in output
+    assert "1 upload(s) unfinished when interrupted" in output and "upload-all" in output
+    final = "checkpoint-epoch0-step20-files0"
+    assert local_names(tmp_path / "checkpoints") == [final] and records(tmp_path / "checkpoints")[final]["state"] in (
+        "queued", "uploading")
+
+
 def test_two_processes_upload_once_and_resume_from_remote(tmp_path: Path, sample_data: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """train.py on a disk that fills up: FULL_DISK=metrics:N (the N-th line of metrics.jsonl fails), tensorboard:N (the
-N-th TensorBoard log fails) or manifest (every write of uploads.json fails, after a partial write), each with
-ENOSPC: a fault injected for tests/test_full_disk.py."""
+N-th TensorBoard log fails), trackers (TensorBoard's start fails) or manifest (every write of uploads.json fails,
+after a partial write), each with ENOSPC: a fault injected for tests/test_full_disk.py."""
 import builtins
 import errno
 import json
@@ -46,6 +46,10 @@ def log_tensorboard(self: accelerate.Accelerator, *args: Any, **kwargs: Any) -> 
     log_to_trackers(self, *args, **kwargs)
 
 
+def init_trackers_on_a_full_disk(self: accelerate.Accelerator, *args: Any, **kwargs: Any) -> None:
+    raise disk_full("events.out.tfevents")
+
+
 def dump_manifest(value: Any, handle: Any, **kwargs: Any) -> None:
     if handle.name.endswith("uploads.json.tmp"):
         handle.write("{")
@@ -57,6 +61,8 @@ if KIND == "metrics":
     run_log.open = open_metrics  # the module's open, not the builtin everyone else uses
 elif KIND == "tensorboard":
     accelerate.Accelerator.log = log_tensorboard
+elif KIND == "trackers":
+    accelerate.Accelerator.init_trackers = init_trackers_on_a_full_disk
 elif KIND == "manifest":
     checkpoint_utils.json = types.SimpleNamespace(dump=dump_manifest, loads=json.loads)
 sys.exit(train.main())

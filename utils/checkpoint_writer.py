@@ -5,8 +5,9 @@ Asynchronous writes: the loop is blocked only while the state is copied into hos
 schedule's, the fp16 loss scaler's, each process's RNG) into CPU buffers, pinned on CUDA and reused from
 save to save, and a background thread of the main process writes them into the same files save_state
 writes (model.safetensors, optimizer.bin, scheduler.bin, scaler.pt, random_states_{rank}.pkl) with
-Accelerate's own writer. The RNG files are tiny and written at once by every process, so the background
-write is the main process's alone and needs no collective from its thread. One write at a time: a save
+Accelerate's own writer. The RNG files are tiny and written at once by every process (that keeps a copy: a
+machine with a disk of its own keeps none), so the background write is the main process's alone and needs no
+collective from its thread. One write at a time: a save
 that finds the previous one still writing waits for it.
 
 FSDP checkpoints are sharded by torch.distributed.checkpoint inside save_state: those saves stay synchronous.
@@ -80,7 +81,7 @@ def rng_state(accelerator: Accelerator) -> dict[str, Any]:
 
 
 class StateSnapshot:
-    """The training state copied to host memory by snapshot(), written by write() from any thread."""
+    """The training state, copied to host memory when made, written by write() from any thread."""
 
     def __init__(self, accelerator: Accelerator, objects: tuple[torch.nn.Module, Any, Any], buffers: HostBuffers):
         model, optimizer, scheduler = objects
@@ -138,6 +139,13 @@ class BackgroundWriter:
         # A daemon: an exit that does not wait (a second Ctrl+C) leaves a .tmp- folder, removed at the next start.
         self._thread = threading.Thread(target=run, name=f"checkpoint-writer-{name}", daemon=True)
         self._thread.start()
+
+    def failure(self) -> BaseException | None:
+        """The error of a write that has ended, taken (a later wait() does not raise it); None otherwise."""
+        if self.busy:
+            return None
+        error, self._error = self._error, None
+        return error
 
     def wait(self) -> float:
         """Waits for the write in flight, if any; returns the seconds waited. Raises the write's error."""

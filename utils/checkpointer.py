@@ -9,6 +9,7 @@ waits for the uploads.
 """
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -59,7 +60,11 @@ class Checkpointer:
         self.last_saved_step = 0
         self.last_saved_name: str | None = None
         """The newest checkpoint this run saved or resumed from (its write may still be under way)."""
+        self.previous_saved: tuple[int, str | None] = (0, None)
+        """last_saved_step and last_saved_name before the save being written (restored if its write fails)."""
         self.last_save_started = time.monotonic()  # the run's start counts as a save for save_every_minutes
+        self.timed_vote_cast = False
+        """time_due() said so since the last save: the processes' agreement on it is under way."""
         self.report: Callable[[dict[str, Any]], None] | None = None
         """Where each save's figures go (the run log's metrics.jsonl), on the main process."""
         self.snapshot_objects: tuple[torch.nn.Module, Any, Any] | None = None
@@ -81,28 +86,34 @@ class Checkpointer:
             check_resumable(target, self.config, self.shape)
         return target
 
-    def claim(self, resuming: bool) -> None:
+    def claim(self, resumed: ResumeTarget | None, auto: bool) -> None:
         """The run's id, its checkpoint and log folders and its upload destination claimed for it (the first
         process decides; another run's folders are refused)."""
-        self.run_id = first_process_decides(self.accelerator, lambda: claim_run(self.config, self.remote, resuming))
+        path = resumed.path if resumed is not None else None
+        self.run_id = first_process_decides(self.accelerator, lambda: claim_run(self.config, self.remote, path, auto))
 
     def restore_logs(self) -> None:
         """On a resume with an empty log_dir (a fresh machine): the run's logs from the destination, so that its
         history goes on (the main process)."""
-        if self.remote is not None and self.accelerator.is_main_process:
-            LogMirror(self.remote, self.config.log_dir).pull()
+        if self.remote is not None:
+            remote = self.remote
+            first_process_decides(self.accelerator, lambda: LogMirror(remote, self.config.log_dir,
+                                                                      self.config.project_name).pull())
 
-    def push_logs(self) -> None:
+    def push_logs(self, interrupted: Callable[[], bool]) -> None:
         """The logs to the destination, once the run has written its last line (the main process), waiting for
-        it no longer than for the uploads: a destination that hangs must not hold the exit."""
-        if self.logs is None:
+        it no longer than for the uploads, or until interrupted() (a signal): a destination that hangs must not
+        hold the exit."""
+        if self.logs is None or interrupted():
             return
         pushing = threading.Thread(target=self.logs.push, name="log-mirror", daemon=True)
         pushing.start()
-        pushing.join(self.config.upload_timeout_s)
+        deadline = time.monotonic() + self.config.upload_timeout_s
+        while pushing.is_alive() and time.monotonic() < deadline and not interrupted():
+            pushing.join(min(1.0, max(0.0, deadline - time.monotonic())))  # a second at a time, to notice a signal
         if pushing.is_alive():
-            log.warning(f"⚠️  The logs were not copied to {self.logs.url} within {self.config.upload_timeout_s:g} s; "
-                        "the next run with uploads copies them")
+            cut = "before the signal" if interrupted() else f"within {self.config.upload_timeout_s:g} s"
+            log.warning(f"⚠️  The logs were not copied to {self.logs.url} {cut}; the next run with uploads copies them")
 
     def remove_incomplete_saves(self) -> None:
         """The .tmp- leftovers of a crash, on the disks that hold checkpoints."""
@@ -147,7 +158,7 @@ class Checkpointer:
                 if config.background_upload else f"synchronously ({config.upload_streams} streams)")
         layout = "in the files layout" if config.archive_format == FILES_FORMAT else f"as .{config.archive_format}"
         log.info(f"Uploads: checkpoints go to {self.remote.url} {layout} {mode} ({self.remote.auth})")
-        logs = self.logs = LogMirror(self.remote, config.log_dir)
+        logs = self.logs = LogMirror(self.remote, config.log_dir, config.project_name)
 
         def uploaded(record: dict[str, Any]) -> None:  # on an upload worker: the logs follow each checkpoint
             report(record)
@@ -167,16 +178,29 @@ class Checkpointer:
         return cadence or step == self.config.max_steps or stopping
 
     def time_due(self) -> bool:
-        """On the main process: save_every_minutes have passed since the last save began (False elsewhere)."""
+        """On the main process: save_every_minutes have passed since the last save began (False elsewhere).
+        True once per save: the vote it casts is read a step later, and a second one would ask for a second save."""
         minutes = self.config.save_every_minutes
-        return (minutes is not None and self.accelerator.is_main_process
-                and time.monotonic() - self.last_save_started >= minutes * 60)
+        due = (minutes is not None and self.accelerator.is_main_process and not self.timed_vote_cast
+               and time.monotonic() - self.last_save_started >= minutes * 60)
+        self.timed_vote_cast = self.timed_vote_cast or due
+        return due
+
+    def write_failure(self) -> str | None:
+        """On the main process: why the background write of the last checkpoint failed, once it has (one line;
+        the newest good checkpoint is again the one before); None while it writes, or when it succeeded."""
+        error = self.writer.failure()
+        if error is None:
+            return None
+        self.last_saved_step, self.last_saved_name = self.previous_saved
+        return str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
 
     def save(self, state: TrainState, reason: str) -> None:
         """Saves the checkpoint of `state` (every process must call it), then uploads and prunes. With async
         saves the loop waits only for the copy into host memory; the folder appears once written."""
         main_process = self.accelerator.is_main_process
         started = self.last_save_started = time.monotonic()
+        self.timed_vote_cast = False
         waited = self.wait_for_write(announce=True)
         name, step = state.checkpoint_name, state.step
         if main_process:
@@ -196,6 +220,8 @@ class Checkpointer:
                     write_rng_state(self.accelerator, tmp)
                 snapshot = StateSnapshot(self.accelerator, self.snapshot_objects, self.buffers) if main_process else None
             self.accelerator.wait_for_everyone()  # every process's RNG file is in: the rest is the main process's
+            if not main_process and not self.shared_disk and self.accelerator.is_local_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # the empty folder begin_save made on a disk of its own
             blocked = time.monotonic() - started
             if snapshot is not None:
                 def write() -> None:
@@ -205,6 +231,7 @@ class Checkpointer:
                         finish_save(self.folder, tmp, final, files, copied)
                     self.saved(final, step, blocked, time.monotonic() - writing)
                 self.writer.start(name, write)
+        self.previous_saved = self.last_saved_step, self.last_saved_name
         self.last_saved_step, self.last_saved_name = step, name
 
     def warn_if_the_disk_fills(self) -> None:
@@ -214,7 +241,10 @@ class Checkpointer:
         if not saved:
             return
         unverified = self.uploader.unverified_checkpoints() if self.uploader is not None else []
-        warning = disk_warning(self.folder, folder_size(saved[-1].path), unverified)
+        try:
+            warning = disk_warning(self.folder, folder_size(saved[-1].path), unverified)
+        except OSError:  # the newest checkpoint pruned meanwhile by an upload worker, say: only a warning is lost
+            return
         if warning is not None:
             log.warning(warning)
 
@@ -233,11 +263,11 @@ class Checkpointer:
                          "seconds_blocked": round(blocked, 3), "seconds_writing": round(writing, 3),
                          "async": self.snapshot_objects is not None})
         if self.uploader is not None:  # returns at once, unless --no-background-upload
+            # The uploader prunes after each verified upload, on its own thread when in the background: the check
+            # that a remote copy still exists before a local one goes is a network request.
             self.uploader.submit_new(final)
-        # Background uploads prune after each verified upload, on their own thread: the check that a remote copy
-        # still exists before a local one goes is a network request, which the loop must never wait for.
-        if self.uploader is None or not self.uploader.background:
-            for deleted in self.prune():
+        else:
+            for deleted in prune_without_uploads(self.folder, self.config.keep_checkpoints):
                 log.info(f"🗑️  Removed old checkpoint {deleted} (keeping the newest {self.config.keep_checkpoints})")
 
     def checkpoint_json(self, state: TrainState) -> dict[str, Any]:
@@ -253,19 +283,16 @@ class Checkpointer:
             "data_state.json": saved["data"],
         }
 
-    def prune(self) -> list[str]:
-        """All but the newest keep_checkpoints; with uploads on, only those whose upload is verified."""
-        keep = self.config.keep_checkpoints
-        return self.uploader.prune(keep) if self.uploader is not None else prune_without_uploads(self.folder, keep)
-
     # --- at the end ------------------------------------------------------------------------------
-    def finish(self) -> list[str]:
-        """Waits for the checkpoint being written, then up to upload_timeout_s for the uploads; returns the
-        checkpoints whose upload is not verified. A failed background write is raised after the uploads."""
+    def finish(self, interrupted: Callable[[], bool]) -> list[str]:
+        """Waits for the checkpoint being written, then up to upload_timeout_s for the uploads, or until
+        interrupted() (a signal during the wait); returns the checkpoints whose upload is not verified. A failed
+        background write is raised after the uploads."""
         try:
             self.wait_for_write(announce=False)
         finally:
-            left = self.uploader.finish(self.config.upload_timeout_s) if self.uploader is not None else []
+            left = (self.uploader.finish(self.config.upload_timeout_s, interrupted) if self.uploader is not None
+                    else [])
         return left
 
 

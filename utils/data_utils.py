@@ -103,6 +103,11 @@ def data_state(spec: StreamSpec, position: DataPosition) -> dict[str, Any]:
 
 def position_from_state(spec: StreamSpec, state: dict[str, Any], source: str) -> DataPosition:
     """The saved position, after checking that it belongs to the same stream."""
+    missing = [key for key in _STREAM_KEYS if key not in state]
+    if missing:
+        raise DataError(f"{source}: saved by an earlier version of train.py, whose data order (no "
+                        f"{', '.join(missing)}) this one does not reproduce: it cannot be resumed exactly; start a "
+                        "fresh run in another checkpoint_dir (export_hf.py still exports its weights)")
     for key in _STREAM_KEYS:
         if state.get(key) != getattr(spec, key):
             raise DataError(f"{source}: checkpoint was trained with {key}={state.get(key)!r}, "

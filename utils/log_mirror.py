@@ -1,7 +1,8 @@
 """The run's logs beside its checkpoints at the upload destination, so that they outlive the machine.
 
-<destination>/logs/ mirrors log_dir (metrics.jsonl and the trackers' files, such as TensorBoard's events): pushed
-after every checkpoint's upload and at the end of the run, each changed file replacing its earlier copy (logs
+<destination>/logs/ mirrors the run's logs in log_dir (metrics.jsonl and the trackers' files under
+log_dir/<project_name>/, such as TensorBoard's events; nothing else a user keeps there): pushed after every
+checkpoint's upload and at the end of the run, each changed file replacing its earlier copy (logs
 grow; checkpoints, which never change, are never overwritten). A run resumed on a fresh machine, whose log_dir
 holds no metrics yet, pulls them back first: it continues the same history, which the monitor and the viewer
 read as if the run had never moved.
@@ -17,14 +18,13 @@ from utils.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 LOGS_FOLDER = "logs"
 METRICS_FILE = "metrics.jsonl"
-LOCAL_ONLY = (".run.lock", ".run-id")
-"""log_dir's files of this machine's run only."""
 
 
 class LogMirror:
-    def __init__(self, storage: Storage, log_dir: str | Path) -> None:
+    def __init__(self, storage: Storage, log_dir: str | Path, project_name: str) -> None:
         self.storage = storage
         self.log_dir = Path(log_dir)
+        self.trackers = self.log_dir / project_name
         self._pushed: dict[str, tuple[int, float]] = {}  # relative path -> (size, mtime) of its last pushed copy
         self._lock = threading.Lock()  # the uploader's workers and the end of the run push
 
@@ -37,8 +37,7 @@ class LogMirror:
         the checkpoints matter more than their logs, and the next push tries again."""
         with self._lock:
             try:
-                for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file() and p.name not in LOCAL_ONLY
-                                   and not p.name.endswith(".tmp")):
+                for path in self.run_logs():
                     relative = path.relative_to(self.log_dir).as_posix()
                     stat = path.stat()
                     if self._pushed.get(relative) == (stat.st_size, stat.st_mtime):
@@ -49,6 +48,11 @@ class LogMirror:
                 log.warning(f"⚠️  Could not copy the logs to {self.url} ({one_line(error)}); the next checkpoint "
                             "tries again")
 
+    def run_logs(self) -> list[Path]:
+        metrics = self.log_dir / METRICS_FILE
+        trackers = sorted(p for p in self.trackers.rglob("*") if p.is_file()) if self.trackers.is_dir() else []
+        return ([metrics] if metrics.is_file() else []) + trackers
+
     def pull(self) -> int:
         """Brings the logs at the destination into an empty log_dir (a fresh machine); returns the files fetched."""
         if (self.log_dir / METRICS_FILE).exists():
@@ -58,8 +62,8 @@ class LogMirror:
             for info in remote:
                 relative = info.name[len(LOGS_FOLDER) + 1:]
                 self.storage.download(info.name, self.log_dir / relative)
-        except StorageError as error:
-            raise UploadError(f"the logs at {self.url}: {error}") from None
+        except (OSError, StorageError) as error:
+            raise UploadError(f"the logs at {self.url}: {one_line(error)}") from None
         if remote:
             log.info(f"📜 Continued the logs of this run from {self.url} ({len(remote)} files)")
         return len(remote)

@@ -73,6 +73,8 @@ class TrainingMetrics:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """The saved metrics. record() and record_validation() make new lists rather than change these, so the
+        dict stays as it is while a background write serialises it and the loop goes on."""
         return {"loss_history": self.loss_history, "learning_rates": self.learning_rates,
                 "best_loss": self.best_loss, "best_step": self.best_step, "tokens_seen": self.tokens_seen,
                 "shards_skipped": self.shards_skipped, "validation_metrics": self.validation_metrics,

@@ -285,20 +285,20 @@ class StopVote:
         self.device = accelerator.device
         self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
-    def decide(self, stop: bool, save_due: bool = False) -> tuple[bool, bool]:
-        """Whether to stop after this step, and whether to save: each true when any process votes so. A single
-        process decides at once; with several, the votes cast now count at the next call."""
+    def decide(self, stop: bool, save_due: bool = False, abort: bool = False) -> tuple[bool, bool, bool]:
+        """Whether to stop after this step, whether to save, and whether to stop without saving: each true when
+        any process votes so. A single process decides at once; with several, the votes cast now count at the
+        next call."""
         if self.accelerator.num_processes == 1:
-            return stop, save_due
-        agreed = (False, False)
+            return stop, save_due, abort
+        agreed = (False, False, False)
         if self.pending is not None:
             result, event = self.pending
             if event is not None:
                 event.synchronize()
-            agreed = (bool(result[0].item() > 0), bool(result[1].item() > 0))
+            agreed = tuple(bool(value > 0) for value in result.tolist())  # type: ignore[assignment]
         # torch.full is a device-side fill: unlike torch.tensor(..., device=cuda), no blocking copy.
-        votes = torch.stack([torch.full((), float(stop), device=self.device),
-                             torch.full((), float(save_due), device=self.device)])
+        votes = torch.stack([torch.full((), float(flag), device=self.device) for flag in (stop, save_due, abort)])
         total = self.accelerator.reduce(votes, reduction="sum")
         if self.device.type == "cuda":
             result, event = total.to("cpu", non_blocking=True), torch.cuda.Event()

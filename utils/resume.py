@@ -19,6 +19,7 @@ from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, read_json
 from utils.destination import (check_fresh_destination, check_no_newer_at_destination, download_checkpoint,
                                find_local_or_remote, remote_checkpoints)
+from utils.manifest import one_line
 from utils.storage import ObjectInfo, Storage, StorageError
 from utils.training_utils import first_process_decides
 
@@ -143,8 +144,10 @@ def fetch_for_resume(checkpoint_dir: str | Path, name: str, obj: ObjectInfo | No
         try:
             download_checkpoint(storage, obj, checkpoint_dir)
             downloaded = True
-        except (CheckpointError, StorageError, OSError) as error:
+        except CheckpointError as error:
             problem = error  # raised after the barrier: the other processes must not wait there forever
+        except (StorageError, OSError) as error:  # a full disk, a destination gone: one line, no traceback
+            problem = UploadError(f"downloading {name} from {storage.url} to resume it failed: {one_line(error)}")
     accelerator.wait_for_everyone()
     if problem is None and not path.is_dir():
         where = "" if obj is not None else " nor at the upload destination"

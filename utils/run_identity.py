@@ -35,12 +35,16 @@ def claim_output_folders(config: TrainingConfig) -> None:
     UploadManifest(config.checkpoint_dir, "").read()
 
 
-def claim_run(config: TrainingConfig, remote: Storage | None, resuming: bool) -> str:
-    """On the first process, before anything is written: the run's id, its folders claimed for it."""
-    local = local_run_id(Path(config.checkpoint_dir))
+def claim_run(config: TrainingConfig, remote: Storage | None, resumed: Path | None, auto: bool) -> str:
+    """On the first process, before anything is written: the run's id, its folders claimed for it. `resumed`: the
+    checkpoint this run resumes (its metadata.json names its run); `auto`: --resume auto, which carries on the run
+    that claimed the destination even where it left no checkpoint yet (a first boot preempted before its first
+    upload, restarted on a fresh disk)."""
+    local = local_run_id(Path(config.checkpoint_dir)) or (checkpoint_run_id(resumed) if resumed else None)
     logs = local_run_id(Path(config.log_dir))
     has_metrics = (Path(config.log_dir) / "metrics.jsonl").is_file()
     remote_id = remote_run_id(remote) if remote is not None else None
+    resuming = resumed is not None or auto
     run_id = local or (remote_id if resuming else None) or secrets.token_hex(8)
     # A log folder of an earlier version (metrics without an id) may be resumed, not written over by a new run.
     if has_metrics and logs != run_id and not (resuming and logs is None):
@@ -56,6 +60,15 @@ def claim_run(config: TrainingConfig, remote: Storage | None, resuming: bool) ->
     for folder in (Path(config.checkpoint_dir), Path(config.log_dir)):
         write_run_id(folder, run_id)
     return run_id
+
+
+def checkpoint_run_id(checkpoint: Path) -> str | None:
+    """The run a checkpoint's metadata.json names (None for one saved before runs had ids)."""
+    try:
+        run_id = json.loads((checkpoint / "metadata.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading it says what is wrong with it
+    return run_id if isinstance(run_id, str) else None
 
 
 def local_run_id(folder: Path) -> str | None:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from configs.training_config import TrainingConfig
+from utils.checkpoint_utils import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,23 @@ class LogWindow:
         self.first_non_finite = torch.full((), -1, device=device, dtype=torch.int64)
         """The first step of the window whose gradient norm was NaN or infinite (-1: none), kept on the device."""
         self.steps = 0
-        self.start = time.perf_counter()
+        """Steps since the window began: 0 right after a logging step (nothing left to check before a save)."""
+        self.lr = 0.0
+        self.grad_norm = torch.zeros((), device=device)
+        """The newest step's rate and gradient norm (on the device)."""
+        self.run_start = self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        """A micro-batch's loss (detached): summed on the device, no sync."""
-        self.loss += loss
-
-    def check(self, grad_norm: torch.Tensor, step: int) -> None:
-        """Notes, on the device (no sync), whether `step` had a non-finite gradient norm."""
-        bad = (self.first_non_finite < 0) & ~torch.isfinite(grad_norm)
-        self.first_non_finite = torch.where(bad, torch.full((), step, device=self.device), self.first_non_finite)
+    def step_done(self, losses: list[torch.Tensor], lr: float, grad_norm: torch.Tensor, step: int,
+                  updated: bool) -> None:
+        """A completed step: its micro-batches' losses (detached) summed on the device, no sync; whether its
+        gradient norm was NaN or infinite, when it updated the weights (an fp16 overflow skips the update)."""
+        for loss in losses:
+            self.loss += loss
+        if updated:
+            bad = (self.first_non_finite < 0) & ~torch.isfinite(grad_norm)
+            self.first_non_finite = torch.where(bad, torch.full((), step, device=self.device), self.first_non_finite)
+        self.lr, self.grad_norm = lr, grad_norm
+        self.steps += 1
 
     def pause(self, seconds: float) -> None:
         """Time spent validating or saving: not training time."""
@@ -75,9 +83,10 @@ class RunLog:
         self._lock = threading.Lock()  # background saves and uploads report from their own threads
 
     def start_trackers(self, step: int, hyperparameters: dict[str, Any]) -> None:
-        """The trackers, given the run's hyperparameters, and the logs cut back to `step`, where training
-        starts: the steps after it are trained again (after a kill, the log can be ahead of the newest
-        checkpoint; a fresh start may find the log of an attempt that saved nothing), so each step appears once."""
+        """The trackers, given the run's hyperparameters, and the logs cut back to `step`, where training starts:
+        the steps after it are trained again (after a kill, the log can be ahead of the newest checkpoint; a fresh
+        start may find the log of an attempt that saved nothing), so each step appears once. On the main process;
+        logs that cannot be written are a CheckpointError (nothing is trained yet, nothing needs saving)."""
         if not self.main_process:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +97,8 @@ class RunLog:
             options = {"tensorboard": {"purge_step": step + 1}}
             self._write_guarded("the trackers' logs", lambda: self.accelerator.init_trackers(
                 self.config.project_name, config=flat_hyperparameters(hyperparameters), init_kwargs=options))
+        if self.failure is not None:  # nothing trained yet, nothing to save: stop now, in one line
+            raise CheckpointError(self.failure)
 
     def start_progress(self, max_steps: int, step: int) -> None:
         self.progress = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,

@@ -177,6 +177,11 @@ def upload_folder(storage: Storage, folder: Path, name: str, streams: int, on_by
         raise
     for relative, info in zip(pending, stored):
         entries[relative] = FileEntry(relative, info.size, info.crc32c or "")
+    # What was sent is what was saved: a file damaged on this disk since (read back by the upload) never gets
+    # a manifest that would let a resume take it.
+    recorded = recorded_checksums(folder) or {}
+    for relative, entry in entries.items():
+        check_file(folder / relative, entry.size, entry.crc32c, recorded.get(relative))
     check_all_stored(storage, name, entries)
     manifest = files_manifest(name, list(entries.values()))
     manifest_name = archive_name(name, FILES_FORMAT)

@@ -14,6 +14,7 @@ from accelerate.utils import broadcast_object_list
 
 from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError
+from utils.performance import StopVote
 
 T = TypeVar("T")
 
@@ -129,13 +130,31 @@ class TrainingDiverged(Exception):
                    f"step {step}); nothing after step {last_saved_step} was saved; {keep}")
 
 
+class Consensus:
+    """What every process agrees on after a step (StopVote's votes, read one step late with several): to stop,
+    to save by time, or to stop without a save. A timed save agreed on during a validation waits for its end."""
+
+    def __init__(self, accelerator: Accelerator, stop: "StopRequest", time_due: Callable[[], bool]) -> None:
+        self.vote = StopVote(accelerator)
+        self.stop = stop
+        self.time_due = time_due
+        self.stop_now = self.timed_save = self.abort = False
+
+    def update(self) -> bool:
+        """Casts this process's votes and reads the agreed ones; True once every process stops."""
+        stop, save, abort = self.vote.decide(self.stop.requested, self.time_due(), self.stop.abort)
+        self.stop_now, self.timed_save, self.abort = self.stop_now or stop, self.timed_save or save, self.abort or abort
+        return self.stop_now
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop signals
 # ---------------------------------------------------------------------------------------------
 
 class StopRequest:
     """First Ctrl+C, SIGTERM or SIGHUP (a closed ssh session; torchrun passes it on): ask the loop to finish its
-    step (or validation batch), save and exit with the shell's code for the signal. Second Ctrl+C: exit now.
+    step (or validation batch), save and exit with the shell's code for the signal. Second Ctrl+C: exit now. Once
+    training is over (draining), the first signal ends the wait for the uploads instead.
 
     Under a launcher (torchrun, accelerate launch: `launcher_pid`), the launcher's death asks the same: the
     workers it leaves behind would otherwise train on unseen, racing the user's next run in the same folder.
@@ -144,7 +163,13 @@ class StopRequest:
     def __init__(self, launcher_pid: int | None = None) -> None:
         self.signal_number: int | None = None
         self.failure: str | None = None
-        """Why the run itself asked to stop (its logs cannot be written): reported once the checkpoint is saved."""
+        """Why the run itself asked to stop (its logs cannot be written, a checkpoint write failed): reported at
+        the end, once what can be saved is."""
+        self.abort = False
+        """Stop without saving (the checkpoint writes are what failed)."""
+        self.draining = False
+        """Training is over: a first signal now cuts the wait for the uploads short (wait_cut_short)."""
+        self.wait_cut_short = False
         self.launcher_pid = launcher_pid
         self.launcher_gone = False
 
@@ -159,8 +184,14 @@ class StopRequest:
                 raise SystemExit(130)
             return  # already stopping (a launcher passing on another signal, say): the first one's exit code
         self.signal_number = signal_number
-        print(f"\n{signal.Signals(signal_number).name} received: finishing this step, then saving a checkpoint "
-              "(Ctrl+C again to exit at once).", file=sys.stderr, flush=True)
+        name = signal.Signals(signal_number).name
+        if self.draining:
+            self.wait_cut_short = True
+            print(f"\n{name} received: no more waiting for the uploads (they stay recorded for the next run).",
+                  file=sys.stderr, flush=True)
+            return
+        print(f"\n{name} received: finishing this step, then saving a checkpoint (Ctrl+C again to exit at once).",
+              file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:
@@ -170,11 +201,12 @@ class StopRequest:
                   file=sys.stderr, flush=True)
         return self.signal_number is not None or self.launcher_gone or self.failure is not None
 
-    def fail(self, reason: str) -> None:
-        """Stop and save, as for a signal, then exit 1 with `reason`."""
+    def fail(self, reason: str, save: bool = True) -> None:
+        """Stop (and save, unless `save` is False), as for a signal, then exit 1 with `reason`."""
         if self.failure is None:
-            self.failure = reason
-            print(f"\n{reason}: finishing this step, then saving a checkpoint.", file=sys.stderr, flush=True)
+            self.failure, self.abort = reason, not save
+            then = "then saving a checkpoint" if save else "then stopping without a save"
+            print(f"\n{reason}: finishing this step, {then}.", file=sys.stderr, flush=True)
 
     @property
     def exit_code(self) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.archive import FILES_FORMAT, FILES_STREAMS, archive_name, check_archive_format, folder_size, human_size
-from utils.checkpoint_utils import CheckpointInfo, list_checkpoints, prune_checkpoints
+from utils.checkpoint_utils import CheckpointError, CheckpointInfo, list_checkpoints, prune_checkpoints
 from utils.checksum import ChecksumError, verify_checksums
 from utils.manifest import UploadManifest, UploadRecord, by_step, one_line
 from utils.storage import PART_BYTES, ObjectInfo, Storage, StorageError
@@ -199,28 +199,35 @@ class Uploader:
         with self._changed:
             return by_step(self._unfinished)
 
-    def wait(self, timeout_s: float) -> list[str]:
-        """Waits up to timeout_s for the submitted uploads, printing progress; returns those left unfinished."""
+    def wait(self, timeout_s: float, interrupted: Callable[[], bool] = lambda: False) -> list[str]:
+        """Waits up to timeout_s for the submitted uploads, printing progress, or until interrupted() (a signal
+        during the wait); returns those left unfinished."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
-            while self._unfinished:
+            reported = 0.0
+            while self._unfinished and not interrupted():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                log.info(f"⏳ Waiting for {len(self._unfinished)} upload(s) ({self._progress_text()}); "
-                         f"giving up in {left:,.0f} s")
-                self._changed.wait(min(left, self.progress_interval_s))
+                if time.monotonic() - reported >= self.progress_interval_s:
+                    log.info(f"⏳ Waiting for {len(self._unfinished)} upload(s) ({self._progress_text()}); "
+                             f"giving up in {left:,.0f} s")
+                    reported = time.monotonic()
+                self._changed.wait(min(left, 1.0))  # a second at a time, to notice an interruption
             return by_step(self._unfinished)
 
-    def finish(self, timeout_s: float) -> list[str]:
+    def finish(self, timeout_s: float, interrupted: Callable[[], bool] = lambda: False) -> list[str]:
         """At the end of a run: waits for the uploads, then reports what is not verified (and returns it)."""
-        left = self.wait(timeout_s)
+        started = time.monotonic()
+        left = self.wait(timeout_s, interrupted)
         records = self.manifest.read()
         # Any state but "uploaded" here (a worker that could not record its result leaves "queued" or
         # "uploading") means the checkpoint exists only locally.
         failed = by_step(name for name in self._submitted - set(left) if not self.is_verified(name, records))
         if left:
-            log.warning(f"⚠️  {len(left)} upload(s) unfinished after {timeout_s:,.0f} s: {', '.join(left)}")
+            waited = time.monotonic() - started
+            after = f"when interrupted, after {waited:,.0f} s" if interrupted() else f"after {timeout_s:,.0f} s"
+            log.warning(f"⚠️  {len(left)} upload(s) unfinished {after}: {', '.join(left)}")
         for name in failed:
             record = records.get(name)
             if record is not None and record.state == "failed":
@@ -313,8 +320,12 @@ class Uploader:
             record = self.manifest.update(name, state="uploaded", size=obj.size, crc32c=obj.crc32c, error=None)
             self._report(name, folder_size(folder), time.monotonic() - started)
             if self.keep_local is not None:
-                for deleted in self.prune(self.keep_local):
-                    log.info(f"🗑️  Cleaned up {deleted} (uploaded and verified; keeping the newest {self.keep_local})")
+                try:
+                    for deleted in self.prune(self.keep_local):
+                        log.info(f"🗑️  Cleaned up {deleted} (uploaded and verified; keeping the newest "
+                                 f"{self.keep_local})")
+                except (OSError, CheckpointError) as error:  # the upload stays verified; the next prune tries again
+                    log.error(f"❌ Could not remove old checkpoints after uploading {name}: {one_line(error)}")
             return record
         raise AssertionError("unreachable")
 
