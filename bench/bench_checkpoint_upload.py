@@ -28,9 +28,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from utils.checkpoint_utils import checkpoint_name  # noqa: E402
 from utils.checkpoint_writer import save_checkpoint  # noqa: E402
 from utils.destination import download_checkpoint, open_destination  # noqa: E402
 from utils.uploader import Uploader  # noqa: E402
+from conftest import disk_peak  # noqa: E402  (tests/: the same sampler the restore test uses)
 
 
 def synthetic_checkpoint(folder: Path, size_mb: int) -> Path:
@@ -100,31 +99,6 @@ def bench_formats(size_mb: int, emulator: bool, work: Path) -> None:
     finally:
         if server:
             server.stop()
-
-
-def disk_peak(folder: Path, action: Callable[[], Any]) -> tuple[int, Any]:
-    """The most bytes of files under `folder` while `action()` runs, sampled every 5 ms."""
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            total = 0
-            for path in folder.rglob("*"):
-                try:
-                    total += path.stat().st_size if path.is_file() else 0
-                except FileNotFoundError:  # renamed into place meanwhile
-                    continue
-            peak[0] = max(peak[0], total)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        result = action()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())), result
 
 
 def timed_upload(destination: str, source: Path, archive_format: str, streams: int, part_mb: int) -> float:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,29 @@ def read_events(log_dir: Path, event: str) -> list[dict[str, Any]]:
 
 def read_log(log_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def disk_peak(folder: Path, action: Callable[[], Any]) -> tuple[int, Any]:
+    """The most bytes of files under `folder` seen while `action()` runs (sampled every millisecond or so), and
+    what action() returned."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = 0
+            for path in folder.rglob("*"):
+                try:
+                    total += path.stat().st_size if path.is_file() else 0
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+            peak[0] = max(peak[0], total)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())), result

@@ -19,7 +19,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from conftest import GatedStorage, REPO_ROOT
+from conftest import GatedStorage, REPO_ROOT, disk_peak
 from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
 from utils import storage_gcs, storage_gcs_upload, uploader as uploader_module
@@ -421,31 +421,6 @@ def test_part_objects_older_than_a_day_are_removed_at_start(tmp_path: Path, gcs_
 
 # --- restores without a second copy (issue 15 C) --------------------------------------------------
 
-def disk_peak_during(folder: Path, action: Any) -> tuple[int, Any]:
-    """The most bytes of files under `folder` seen while `action()` runs (sampled every millisecond)."""
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            total = 0
-            for path in folder.rglob("*"):
-                try:
-                    total += path.stat().st_size if path.is_file() else 0
-                except FileNotFoundError:  # renamed meanwhile
-                    continue
-            peak[0] = max(peak[0], total)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = action()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())), result
-
-
 @pytest.mark.parametrize("archive_format", ["files", "tar"])
 def test_a_restore_from_the_emulator_holds_one_checkpoint_on_disk(archive_format: str, tmp_path: Path,
                                                                   gcs_server: GCSEmulator,
@@ -459,7 +434,7 @@ def test_a_restore_from_the_emulator_holds_one_checkpoint_on_disk(archive_format
     target = tmp_path / "restore"
     target.mkdir()
     obj = find_local_or_remote(target, "latest", storage)[1]
-    peak, restored = disk_peak_during(target, lambda: download_checkpoint(storage, obj, target))
+    peak, restored = disk_peak(target, lambda: download_checkpoint(storage, obj, target))
     assert tree(restored) == tree(folder)
     assert size <= peak <= size + 1_000_000  # the checkpoint (plus tar headers), never an archive beside it
     assert "100%" in capfd.readouterr().err  # the progress bar
