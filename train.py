@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.command_line import config_from_args, parse_args, resolved_config_json
@@ -179,10 +180,12 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
                                                   best_from_validation=data.evaluator is not None))
     if resume_from is not None:
         checkpointer.load(resume_from, state)
-        for change in schedule_changes(resume_from, config) + apply_optimizer_settings(optimizer, scheduler, config):
-            log.info(f"Changed since {resume_from.name}: {change}")
-        log.info(f"Resumed from {resume_from.name}: step {state.step}, epoch {state.position.epoch}, "
-                 f"{state.position.samples_consumed} samples consumed")
+        changes = schedule_changes(resume_from, config) + apply_optimizer_settings(optimizer, scheduler, config)
+        if accelerator.is_main_process:
+            for change in changes:
+                log.info(f"Changed since {resume_from.name}: {change}")
+            log.info(f"Resumed from {resume_from.name}: step {state.step}, epoch {state.position.epoch}, "
+                     f"{state.position.samples_consumed} samples consumed")
         resume_from.release(accelerator)
 
     mfu_meter = make_mfu_meter(shape, accelerator.device, accelerator.num_processes, config.peak_tflops)
@@ -300,6 +303,8 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWind
             accelerator.backward(loss / accumulation)
         losses.append(loss.detach())
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm or math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards, as a plain tensor (no host sync)
+        grad_norm = grad_norm.full_tensor()
     lr = run.optimizer.param_groups[0]["lr"]  # this step's rate (scheduler.step() sets the next one's)
     run.optimizer.step()
     updated = not accelerator.optimizer_step_was_skipped

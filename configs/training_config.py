@@ -130,9 +130,9 @@ class TrainingConfig:
     process saves at the same step (agreed one step later)."""
     async_save: bool | str = "auto"
     """Write checkpoints in the background: the loop waits only while the state is copied into host memory
-    (pinned buffers of the state's size, ~17 GB for the 1.2b preset, on the main process), then trains on while
-    a thread writes the same files. "auto" = on CUDA; false writes synchronously. Not with fsdp (its sharded
-    saves stay synchronous)."""
+    (pinned buffers of the state's size, ~17 GB for the 1.2b preset, on the main process; with fsdp each process
+    holds its shards' share, written by torch.distributed.checkpoint's async_save), then trains on while a thread
+    writes the same files. "auto" = on CUDA; false writes synchronously."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on local disk."""
     checkpoint_dir: str = "checkpoints"
@@ -238,9 +238,6 @@ class TrainingConfig:
                               f"got {self.mixed_precision!r}")
         if self.async_save not in ("auto", True, False):
             raise ConfigError(f'async_save must be "auto", true or false, got {self.async_save!r}')
-        if self.async_save is True and self.fsdp:
-            raise ConfigError("async_save true does not work with fsdp (sharded saves are written synchronously); "
-                              'set it to "auto" or false')
         if self.save_every_minutes is not None and (isinstance(self.save_every_minutes, bool)
                                                     or not 0 < self.save_every_minutes < math.inf):
             raise ConfigError(f"save_every_minutes must be a positive number of minutes or null, "

@@ -25,8 +25,6 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     if precision == "auto":
         # Emulated bf16 (V100, T4: no bf16 tensor cores) would run many times slower than fp16 there.
         precision = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "no"
-    if config.fsdp and not cuda:
-        raise ConfigError("fsdp needs CUDA GPUs, and none is visible")
     if cuda:
         enable_tf32()
     accelerator = Accelerator(
@@ -48,7 +46,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     )
     check_process_group(accelerator.num_processes)
     if config.fsdp and accelerator.distributed_type != DistributedType.FSDP:
-        raise ConfigError("fsdp is set but Accelerate did not enable FSDP; launch on several GPUs with "
+        raise ConfigError("fsdp needs CUDA GPUs, and none is visible" if not cuda else
+                          "fsdp is set but Accelerate did not enable FSDP; launch on several GPUs with "
                           "`bash run.sh CONFIG` or `accelerate launch`")
     return accelerator
 

@@ -10,7 +10,10 @@ machine with a disk of its own keeps none), so the background write is the main 
 collective from its thread. One write at a time: a save
 that finds the previous one still writing waits for it.
 
-FSDP checkpoints are sharded by torch.distributed.checkpoint inside save_state: those saves stay synchronous.
+Under FSDP every process holds a shard of the weights and of the AdamW state, and the checkpoint is written in
+parts by all of them: torch.distributed.checkpoint's stager copies each process's shards into host memory
+(pinned on CUDA, and reused from save to save), and its async_save writes them from a thread into the folders
+save_state writes for a sharded checkpoint (pytorch_model_fsdp_0/, optimizer_0/), which load_state reads back.
 """
 import copy
 import logging
@@ -27,10 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils import save as accelerate_save
-from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
+from accelerate.utils.constants import (FSDP_MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME,
+                                        SCALER_NAME, SCHEDULER_NAME)
+from torch.distributed.checkpoint.api import CheckpointException as DistributedCheckpointError
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from utils.checkpoint_utils import TMP_PREFIX, CheckpointError, fsync_dir, fsync_tree, write_json_atomic
 from utils.checksum import record_checksums
@@ -65,10 +74,6 @@ class HostBuffers:
         if isinstance(value, (list, tuple)):
             return type(value)(self.copy_tree(f"{prefix}/{i}", v) for i, v in enumerate(value))
         return copy.deepcopy(value)
-
-    @property
-    def bytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers.values())
 
 
 def rng_state(accelerator: Accelerator) -> dict[str, Any]:
@@ -105,6 +110,53 @@ class StateSnapshot:
         accelerate_save(self.weights, folder / SAFE_WEIGHTS_NAME, safe_serialization=True)
         accelerate_save(self.optimizer, folder / f"{OPTIMIZER_NAME}.bin")
         accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
+        if self.scaler is not None:
+            torch.save(self.scaler, folder / SCALER_NAME)
+
+
+SHARDED_PARTS = (f"{FSDP_MODEL_NAME}_0", f"{OPTIMIZER_NAME}_0")
+"""The folders of a sharded checkpoint's weights and optimizer state, as Accelerate names them."""
+
+
+class ShardedWriter:
+    """What every process keeps from one FSDP save to the next: torch.distributed.checkpoint's stager, which
+    reuses its host copies, and a gloo group per part. Made by all processes together (new_group is collective).
+
+    Each async_save runs its collectives (the save plan, the final metadata) on a thread of its own: over the
+    training's group they would interleave with the loop's, and two parts sharing a group with each other."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=cuda))
+        self.groups = {part: dist.new_group(backend="gloo") for part in SHARDED_PARTS}
+
+
+class ShardedSnapshot:
+    """FSDP: this process's shards, copied into host memory when made and written in the background by
+    torch.distributed.checkpoint's async_save; the schedule and the fp16 scaler, small, on the main process."""
+
+    def __init__(self, accelerator: Accelerator, objects: tuple[torch.nn.Module, Any, Any], writer: ShardedWriter,
+                 folder: Path) -> None:
+        model, optimizer, scheduler = objects
+        # The sharded state dicts save_state saves, as the FSDP parameters and states themselves: the stager copies.
+        sharded = StateDictOptions(full_state_dict=False)
+        states = {SHARDED_PARTS[0]: {"model": get_model_state_dict(model, options=sharded)},
+                  SHARDED_PARTS[1]: {"optimizer": get_optimizer_state_dict(model, optimizer, options=sharded)}}
+        # Each returns once its copy has landed in host memory; the write goes on in the background.
+        self.writes = [dcp.async_save(state, checkpoint_id=folder / part, async_stager=writer.stager,
+                                      process_group=writer.groups[part]) for part, state in states.items()]
+        main_process = accelerator.is_main_process
+        self.scheduler = copy.deepcopy(scheduler.state_dict()) if main_process else None
+        self.scaler = (copy.deepcopy(accelerator.scaler.state_dict())
+                       if main_process and accelerator.scaler is not None else None)
+
+    def write(self, folder: Path) -> None:
+        """Waits for this process's parts (on the main process, once they return, every process's parts are
+        written: its async_save ends by gathering theirs), then writes the main process's small files."""
+        for part in self.writes:
+            part.result()
+        if self.scheduler is not None:
+            accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
         if self.scaler is not None:
             torch.save(self.scaler, folder / SCALER_NAME)
 
@@ -221,8 +273,8 @@ def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
     says what it was."""
     try:
         yield
-    except (OSError, RuntimeError, CheckpointError) as error:
-        detail = " ".join(str(error).split())[:300]
+    except (OSError, RuntimeError, CheckpointError, DistributedCheckpointError) as error:
+        detail = " ".join(failure_text(error).split())[:300]
         try:
             free = shutil.disk_usage(folder).free
         except OSError:
@@ -230,3 +282,12 @@ def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
         if free is not None and free < LOW_DISK_BYTES and "No space left" not in detail:
             detail = f"no space left on device ({free / 1e6:,.0f} MB free): {detail}"
         raise CheckpointError(f"saving {name} in {folder} failed: {detail}") from None
+
+
+def failure_text(error: BaseException) -> str:
+    """The error's message; of a failed torch.distributed.checkpoint save (its text is every process's traceback),
+    the first failing process's exception."""
+    if isinstance(error, DistributedCheckpointError) and error.failures:
+        rank, (cause, _) = min(error.failures.items())
+        return f"process {rank}: {type(cause).__name__}: {cause}"
+    return str(error)

@@ -23,8 +23,8 @@ from accelerate.utils import broadcast_object_list
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
 from utils.archive import FILES_FORMAT, folder_size
-from utils.checkpoint_writer import (BackgroundWriter, HostBuffers, StateSnapshot, begin_save, finish_save,
-                                     one_line_save_error, save_checkpoint, write_rng_state)
+from utils.checkpoint_writer import (BackgroundWriter, HostBuffers, ShardedSnapshot, ShardedWriter, StateSnapshot,
+                                     begin_save, finish_save, one_line_save_error, save_checkpoint, write_rng_state)
 from utils.checkpoint_utils import (CheckpointError, build_metadata, list_checkpoints, prune_checkpoints, read_json,
                                     remove_incomplete_saves)
 from utils.checksum import ChecksumError, verify_checksums
@@ -70,6 +70,8 @@ class Checkpointer:
         self.snapshot_objects: tuple[torch.nn.Module, Any, Any] | None = None
         """The model, optimizer and schedule an asynchronous save copies; None for synchronous saves."""
         self.buffers = HostBuffers(pin=torch.cuda.is_available())
+        self.sharded: ShardedWriter | None = None
+        """Under FSDP with async saves: what every process's background write of its shards keeps."""
         self.writer = BackgroundWriter()
         self.logs: LogMirror | None = None
         """Copies log_dir beside the checkpoints at the destination (main process, with uploads on)."""
@@ -144,8 +146,10 @@ class Checkpointer:
         earlier run left unfinished."""
         config = self.config
         self.report, self.tokenizer = report, tokenizer
-        if use_async_saves(config.async_save, self.accelerator.device, config.fsdp):
+        if use_async_saves(config.async_save, self.accelerator.device):
             self.snapshot_objects = prepared
+            if config.fsdp:  # every process writes its shards
+                self.sharded = ShardedWriter(cuda=self.accelerator.device.type == "cuda")
         if self.accelerator.is_main_process:
             cadence = (f"every {config.save_every_minutes:g} minutes" if config.save_every_minutes is not None
                        else f"every {config.save_steps} steps")
@@ -218,8 +222,9 @@ class Checkpointer:
             with one_line_save_error(name, self.folder):
                 if main_process or self.shared_disk:  # a disk of this machine's own keeps nothing of a save
                     write_rng_state(self.accelerator, tmp)
-                snapshot = StateSnapshot(self.accelerator, self.snapshot_objects, self.buffers) if main_process else None
-            self.accelerator.wait_for_everyone()  # every process's RNG file is in: the rest is the main process's
+                snapshot = self.snapshot(tmp)
+            # Every process's RNG file is in: the rest is the main process's (and, under FSDP, every process's shards).
+            self.accelerator.wait_for_everyone()
             if not main_process and not self.shared_disk and self.accelerator.is_local_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # the empty folder begin_save made on a disk of its own
             blocked = time.monotonic() - started
@@ -228,11 +233,23 @@ class Checkpointer:
                     writing = time.monotonic()
                     with one_line_save_error(name, self.folder):
                         snapshot.write(tmp)
-                        finish_save(self.folder, tmp, final, files, copied)
-                    self.saved(final, step, blocked, time.monotonic() - writing)
+                        if main_process:
+                            finish_save(self.folder, tmp, final, files, copied)
+                    if main_process:
+                        self.saved(final, step, blocked, time.monotonic() - writing)
                 self.writer.start(name, write)
         self.previous_saved = self.last_saved_step, self.last_saved_name
         self.last_saved_step, self.last_saved_name = step, name
+
+    def snapshot(self, tmp: Path) -> StateSnapshot | ShardedSnapshot | None:
+        """The state copied into host memory for a background write into `tmp`: the main process's whole state,
+        or under FSDP each process's shards (their writes begin at once); None where nothing is written."""
+        assert self.snapshot_objects is not None
+        if self.sharded is not None:
+            return ShardedSnapshot(self.accelerator, self.snapshot_objects, self.sharded, tmp)
+        if self.accelerator.is_main_process:
+            return StateSnapshot(self.accelerator, self.snapshot_objects, self.buffers)
+        return None
 
     def warn_if_the_disk_fills(self) -> None:
         """Before a save, one line when the disk would not hold it (about the size of the last one) beside the
@@ -250,7 +267,7 @@ class Checkpointer:
 
     def wait_for_write(self, announce: bool = False) -> float:
         """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""
-        if announce and self.writer.busy:
+        if announce and self.writer.busy and self.accelerator.is_main_process:
             log.info(f"⏳ {self.writer.name} is still being written: waiting for it before the next save")
         return self.writer.wait()
 
@@ -296,10 +313,9 @@ class Checkpointer:
         return left
 
 
-def use_async_saves(setting: bool | str, device: torch.device, fsdp: bool) -> bool:
-    """config.async_save: "auto" is on on CUDA; FSDP saves are sharded by torch.distributed.checkpoint inside
-    Accelerate's save_state, synchronously (TrainingConfig refuses async_save true with fsdp)."""
-    return not fsdp and (device.type == "cuda" if setting == "auto" else bool(setting))
+def use_async_saves(setting: bool | str, device: torch.device) -> bool:
+    """config.async_save: "auto" is on on CUDA."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def read_state_files(checkpoint: Path) -> dict[str, Any]:
