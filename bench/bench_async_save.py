@@ -3,10 +3,13 @@
 
     python bench/bench_async_save.py                       # a ~1.3 GB state (model + AdamW) on the CPU
     python bench/bench_async_save.py --hidden 2048 --layers 24 --vocab 50257   # the 1.2b preset (17 GB; a GPU)
+    accelerate launch --multi_gpu --num_processes 2 bench/bench_async_save.py --fsdp   # sharded over processes
 
 It builds the model and AdamW (one step, so the optimizer state exists), then saves it through the run's
 Checkpointer, `--saves` times in each mode, into a temporary folder on the disk given by --dir. Blocked is
 what the loop waits for; written is how long the checkpoint takes to appear (for async, in the background).
+With --fsdp the state is sharded over the launched processes (on CPU processes through tests/cpu_fsdp.py) and
+each writes its shards with torch.distributed.checkpoint, synchronously or with its async_save.
 """
 import argparse
 import shutil
@@ -16,12 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import broadcast_object_list  # noqa: E402
 
 from configs.training_config import TrainingConfig  # noqa: E402
+from cpu_fsdp import enable_fsdp_on_cpu  # noqa: E402
+from utils.accelerator import fsdp_plugin  # noqa: E402
 from utils.archive import folder_size, human_size  # noqa: E402
 from utils.checkpointer import Checkpointer  # noqa: E402
 from utils.data_utils import DataPosition, StreamSpec  # noqa: E402
@@ -38,16 +46,21 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--saves", type=int, default=3, help="saves per mode")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoints go")
+    parser.add_argument("--fsdp", action="store_true", help="shard the state over the launched processes")
     args = parser.parse_args()
 
     model_fields = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": 16,
                     "intermediate_size": 4 * args.hidden, "seq_len": 128, "vocab_size": args.vocab}
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    if args.fsdp and not cuda:
+        enable_fsdp_on_cpu()
+    accelerator = Accelerator(cpu=not cuda, fsdp_plugin=fsdp_plugin(False, "no") if args.fsdp else None)
     shape = TrainingConfig(model_preset="tiny", model=model_fields).model_shape()
     model = build_model(shape, "pythia", accelerator.device)
+    parameters = sum(p.numel() for p in model.parameters())
     config = TrainingConfig(model_preset="tiny", model=model_fields, max_steps=10**6, save_steps=1,
-                            keep_checkpoints=1, data=str(args.dir))
-    optimizer, scheduler = make_optimizer(model, config, fused=accelerator.device.type == "cuda")
+                            keep_checkpoints=1, data=str(args.dir), fsdp=args.fsdp)
+    optimizer, scheduler = make_optimizer(model, config, fused=cuda)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     input_ids = torch.randint(0, args.vocab, (1, 128), device=accelerator.device)
     accelerator.backward(model(input_ids=input_ids, labels=input_ids).loss)
@@ -55,10 +68,13 @@ def main() -> None:
     spec = StreamSpec(("bench",), seq_len=128, seed=0, vocab_size=args.vocab, eos_token_id=0, pad_token_id=None,
                       shuffle_window_shards=1)
 
-    print(f"device {accelerator.device}, {sum(p.numel() for p in model.parameters()):,} parameters, disk {args.dir}")
+    report = print if accelerator.is_main_process else (lambda line: None)
+    sharded = f", sharded over {accelerator.num_processes} processes (FSDP)" if args.fsdp else ""
+    report(f"device {accelerator.device}, {parameters:,} parameters{sharded}, disk {args.dir}")
     step = 0
     for mode in (False, True):
-        with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-async-save-") as folder:
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-async-save-") as own_folder:
+            folder = broadcast_object_list([own_folder])[0]  # the main process's: one checkpoint folder for all
             run = TrainingConfig(**{**config.to_dict(), "checkpoint_dir": folder, "async_save": mode})
             checkpointer = Checkpointer(run, shape, accelerator, remote=None, shared_disk=True)
             checkpointer.start(lambda record: None, (model, optimizer, scheduler), None)
@@ -71,11 +87,14 @@ def main() -> None:
                 blocked.append(time.perf_counter() - started)
                 checkpointer.wait_for_write()
                 written.append(time.perf_counter() - started)
-            size = folder_size(Path(folder) / state.checkpoint_name)
-            print(f"{'async' if mode else 'sync ':5s} checkpoint {human_size(size)}: blocked per save "
-                  f"{statistics.median(blocked):.2f} s (min {min(blocked):.2f}), written after "
-                  f"{statistics.median(written):.2f} s")
-            shutil.rmtree(folder, ignore_errors=True)
+            accelerator.wait_for_everyone()  # every process's shards are in
+            if accelerator.is_main_process:
+                size = folder_size(Path(folder) / state.checkpoint_name)
+                report(f"{'async' if mode else 'sync ':5s} checkpoint {human_size(size)}: blocked per save "
+                       f"{statistics.median(blocked):.2f} s (min {min(blocked):.2f}), written after "
+                       f"{statistics.median(written):.2f} s")
+            accelerator.wait_for_everyone()
+            shutil.rmtree(own_folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ RUN_SPECIFIC = {"metadata.json", "training_config.json",  # times, paths
                 "pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata"}  # the path it was written to
 
 
-def launch(folder: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    """Two CPU processes, as `accelerate launch --multi_gpu` starts them on two GPUs."""
+def launch(folder: Path, script: str, *args: str, fail_write: str | None = None) -> subprocess.CompletedProcess:
+    """Two CPU processes, as `accelerate launch --multi_gpu` starts them on two GPUs; fail_write: RANK:N, that
+    process's Nth write of a checkpoint part fails (the launch is then expected to fail)."""
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO_ROOT / script), "--config", str(folder / "config.json"), *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=run_sh_env(2), capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    env = {**run_sh_env(2), **({"FAIL_SHARDED_WRITE": fail_write} if fail_write else {})}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert (result.returncode == 0) == (fail_write is None), (result.stdout + result.stderr)[-3000:]
     return result
 
 
@@ -96,6 +98,20 @@ def test_an_async_fsdp_checkpoint_resumes_exactly_and_exports(runs: dict[str, Pa
         assert torch.equal(weights[name], tensor), name
     model = load_checkpoint_model(runs["async"] / "checkpoints" / STEP6)
     assert torch.equal(model.gpt_neox.embed_in.weight.detach(), weights["gpt_neox.embed_in.weight"])
+
+
+def test_a_shard_that_one_process_cannot_write_stops_the_run_without_another_save(sample_data: Path,
+                                                                                  tmp_path: Path) -> None:
+    # Process 1's weights of the second checkpoint (its 3rd part) fail: every process's save fails with it.
+    write_config(tmp_path, sample_data, **{**OPTIONS, "max_steps": 100, "lr_decay_steps": 100}, async_save=True)
+    result = launch(tmp_path, "tests/train_with_cpu_fsdp.py", fail_write="1:3")
+    step4 = "checkpoint-epoch0-step4-files0"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: saving {step4} in {tmp_path / 'checkpoints'} failed: process 1: OSError: [Errno 28] "
+                     f"No space left on device (injected): '{tmp_path / 'checkpoints' / ('.tmp-' + step4)}"
+                     f"/pytorch_model_fsdp_0'; saved {STEP2}"]
+    assert [info.name for info in list_checkpoints(tmp_path / "checkpoints")] == [STEP2]
+    assert max(step for step, _ in losses(tmp_path)) < 10  # stopped at once, not at max_steps
 
 
 def test_a_failed_sharded_write_is_one_line_naming_the_process_and_its_error(tmp_path: Path) -> None:

@@ -1,14 +1,14 @@
 """Writing a checkpoint folder: synchronously through Accelerate's save_state, or from a copy in host memory in the
 background, in both cases under .tmp-<name>/, renamed when complete (the Checkpointer decides which and when).
 
-Asynchronous writes: the loop is blocked only while the state is copied into host memory. A save copies what Accelerate's save_state would write (the model's state dict, the optimizer's and the
-schedule's, the fp16 loss scaler's, each process's RNG) into CPU buffers, pinned on CUDA and reused from
-save to save, and a background thread of the main process writes them into the same files save_state
-writes (model.safetensors, optimizer.bin, scheduler.bin, scaler.pt, random_states_{rank}.pkl) with
-Accelerate's own writer. The RNG files are tiny and written at once by every process (that keeps a copy: a
-machine with a disk of its own keeps none), so the background write is the main process's alone and needs no
-collective from its thread. One write at a time: a save
-that finds the previous one still writing waits for it.
+Asynchronous writes: the loop is blocked only while the state is copied into host memory. A save copies what
+Accelerate's save_state would write (the model's state dict, the optimizer's and the schedule's, the fp16 loss
+scaler's, each process's RNG) into CPU buffers, pinned on CUDA and reused from save to save, and a background
+thread of the main process writes them into the same files save_state writes (model.safetensors,
+optimizer.bin, scheduler.bin, scaler.pt, random_states_{rank}.pkl) with Accelerate's own writer. The RNG files
+are tiny and written at once by every process (that keeps a copy: a machine with a disk of its own keeps
+none), so the background write is the main process's alone and needs no collective from its thread. One write
+at a time: a save that finds the previous one still writing waits for it.
 
 Under FSDP every process holds a shard of the weights and of the AdamW state, and the checkpoint is written in
 parts by all of them: torch.distributed.checkpoint's stager copies each process's shards into host memory

@@ -192,11 +192,15 @@ class Checkpointer:
 
     def write_failure(self) -> str | None:
         """On the main process: why the background write of the last checkpoint failed, once it has (one line;
-        the newest good checkpoint is again the one before); None while it writes, or when it succeeded."""
+        the newest good checkpoint is again the one before); None while it writes, or when it succeeded. (Under
+        FSDP a failed write fails on every process, torch.distributed.checkpoint's saves being collective: the
+        main process says why.)"""
         error = self.writer.failure()
         if error is None:
             return None
         self.last_saved_step, self.last_saved_name = self.previous_saved
+        if not self.accelerator.is_main_process:
+            return None
         return str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
 
     def save(self, state: TrainState, reason: str) -> None:
@@ -223,7 +227,7 @@ class Checkpointer:
                 if main_process or self.shared_disk:  # a disk of this machine's own keeps nothing of a save
                     write_rng_state(self.accelerator, tmp)
                 snapshot = self.snapshot(tmp)
-            # Every process's RNG file is in: the rest is the main process's (and, under FSDP, every process's shards).
+            # Every process's RNG file is in: the rest is the main process's (under FSDP, every process's shards).
             self.accelerator.wait_for_everyone()
             if not main_process and not self.shared_disk and self.accelerator.is_local_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # the empty folder begin_save made on a disk of its own
