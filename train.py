@@ -27,8 +27,8 @@ from configs.command_line import config_from_args, parse_args, resolved_config_j
 from configs.model_config import shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
 from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
-from utils.checkpoint_utils import CheckpointError, list_checkpoints
-from utils.checkpointer import Checkpointer, shares_checkpoint_disk
+from utils.checkpoint_utils import CheckpointError, ReportedByTheMainProcess, list_checkpoints
+from utils.checkpointer import Checkpointer, check_sharded_checkpoints_share_a_disk, shares_checkpoint_disk
 from utils.data_utils import BatchLoader
 from utils.shards import DataError, ShardUnavailableError
 from utils.destination import open_destination
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return train(config, accelerator, args.resume, launcher_pid)
     except (ConfigError, DataError, CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ReportedByTheMainProcess:
         return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
@@ -146,6 +148,8 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     first_process_decides(accelerator, lambda: claim_output_folders(config))  # writable, locked, readable
     # Several machines may each have a checkpoint disk of their own, or share one.
     shared_disk = shares_checkpoint_disk(accelerator, config.checkpoint_dir)
+    if config.fsdp:  # every process writes its shards there
+        check_sharded_checkpoints_share_a_disk(accelerator, shared_disk, config.checkpoint_dir)
     # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
     remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
     checkpointer = Checkpointer(config, shape, accelerator, remote, shared_disk)

@@ -87,6 +87,7 @@ def main() -> None:
                 blocked.append(time.perf_counter() - started)
                 checkpointer.wait_for_write()
                 written.append(time.perf_counter() - started)
+            checkpointer.finish(interrupted=lambda: False)  # no write in flight: its host copies are released
             accelerator.wait_for_everyone()  # every process's shards are in
             if accelerator.is_main_process:
                 size = folder_size(Path(folder) / state.checkpoint_name)

@@ -12,10 +12,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+import utils.checkpointer
 from conftest import REPO_ROOT, read_events, read_metrics, write_config
+from configs.training_config import ConfigError
 from test_multiprocess import free_port, run_sh_env
 from utils.checkpoint_utils import CheckpointError, list_checkpoints
 from utils.checkpoint_writer import one_line_save_error
+from utils.checkpointer import check_sharded_checkpoints_share_a_disk
 from utils.export import load_checkpoint_model, saved_weights
 
 OPTIONS = dict(fsdp=True, max_steps=6, save_steps=2, lr_decay_steps=6)
@@ -25,14 +28,14 @@ RUN_SPECIFIC = {"metadata.json", "training_config.json",  # times, paths
 
 
 def launch(folder: Path, script: str, *args: str, fail_write: str | None = None) -> subprocess.CompletedProcess:
-    """Two CPU processes, as `accelerate launch --multi_gpu` starts them on two GPUs; fail_write: RANK:N, that
-    process's Nth write of a checkpoint part fails (the launch is then expected to fail)."""
+    """Two CPU processes, as `accelerate launch --multi_gpu` starts them on two GPUs; fail_write: RANK:PART:N, that
+    process's Nth write of PART fails (tests/train_with_cpu_fsdp.py; the launch is then expected to fail)."""
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO_ROOT / script), "--config", str(folder / "config.json"), *args]
     env = {**run_sh_env(2), **({"FAIL_SHARDED_WRITE": fail_write} if fail_write else {})}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert (result.returncode == 0) == (fail_write is None), (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == (0 if fail_write is None else 1), (result.stdout + result.stderr)[-3000:]
     return result
 
 
@@ -100,18 +103,24 @@ def test_an_async_fsdp_checkpoint_resumes_exactly_and_exports(runs: dict[str, Pa
     assert torch.equal(model.gpt_neox.embed_in.weight.detach(), weights["gpt_neox.embed_in.weight"])
 
 
-def test_a_shard_that_one_process_cannot_write_stops_the_run_without_another_save(sample_data: Path,
-                                                                                  tmp_path: Path) -> None:
-    # Process 1's weights of the second checkpoint (its 3rd part) fail: every process's save fails with it.
-    write_config(tmp_path, sample_data, **{**OPTIONS, "max_steps": 100, "lr_decay_steps": 100}, async_save=True)
-    result = launch(tmp_path, "tests/train_with_cpu_fsdp.py", fail_write="1:3")
+@pytest.mark.parametrize("max_steps", [100, 4])  # found by the next save, or (the last save's) at the end
+def test_a_shard_that_one_process_cannot_write_stops_the_run_without_another_save(
+        max_steps: int, sample_data: Path, tmp_path: Path) -> None:
+    # Process 1's weights of the second checkpoint fail, while the optimizer parts are still being written: every
+    # process's save fails with it, and each waits for its other part before going on.
+    write_config(tmp_path, sample_data, **{**OPTIONS, "max_steps": max_steps, "lr_decay_steps": 100},
+                 async_save=True)
+    result = launch(tmp_path, "tests/train_with_cpu_fsdp.py", fail_write="1:pytorch_model_fsdp_0:2")
     step4 = "checkpoint-epoch0-step4-files0"
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # one, the main process's
     assert lines == [f"error: saving {step4} in {tmp_path / 'checkpoints'} failed: process 1: OSError: [Errno 28] "
                      f"No space left on device (injected): '{tmp_path / 'checkpoints' / ('.tmp-' + step4)}"
                      f"/pytorch_model_fsdp_0'; saved {STEP2}"]
     assert [info.name for info in list_checkpoints(tmp_path / "checkpoints")] == [STEP2]
     assert max(step for step, _ in losses(tmp_path)) < 10  # stopped at once, not at max_steps
+    # Every process ended cleanly (the launcher's own ChildFailedError traceback aside): no write outlived its group.
+    for crash in ("[rank0]: Traceback", "[rank1]: Traceback", "terminate called", "Exception in thread"):
+        assert crash not in result.stderr, result.stderr[-3000:]
 
 
 def test_a_failed_sharded_write_is_one_line_naming_the_process_and_its_error(tmp_path: Path) -> None:
@@ -122,3 +131,15 @@ def test_a_failed_sharded_write_is_one_line_naming_the_process_and_its_error(tmp
             raise failure
     assert str(raised.value) == (f"saving {STEP2} in {tmp_path} failed: process 1: OSError: [Errno 28] No space "
                                  "left on device")
+
+
+def test_fsdp_is_refused_when_the_machines_do_not_share_the_checkpoint_folder(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    check_sharded_checkpoints_share_a_disk(accelerator, True, tmp_path)  # one machine
+    # What every process learns from the others: the second machine does not see the first one's folder.
+    monkeypatch.setattr(utils.checkpointer, "gather_object", lambda values: [True, False])
+    with pytest.raises(ConfigError, match=f"fsdp: every process writes its part of each checkpoint into {tmp_path}, "
+                                          "which the machines do not share"):
+        check_sharded_checkpoints_share_a_disk(accelerator, True, tmp_path)

@@ -1,9 +1,12 @@
 """train.py with FSDP on CPU processes (tests/cpu_fsdp.py), for tests/test_fsdp_checkpoints.py. Launch it like
-train.py, with `accelerate launch --multi_gpu --num_processes N`. FAIL_SHARDED_WRITE=RANK:N makes that process's
-Nth write of a checkpoint part (two per checkpoint: weights, optimizer) fail as on a full disk."""
+train.py, with `accelerate launch --multi_gpu --num_processes N`. FAIL_SHARDED_WRITE=RANK:PART:N makes that
+process's Nth write of PART (pytorch_model_fsdp_0 or optimizer_0) fail as on a full disk, while every process's
+writes of the other part take half a second longer (still under way when the failure is known)."""
 import errno
 import os
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +20,21 @@ import train  # noqa: E402
 from cpu_fsdp import enable_fsdp_on_cpu  # noqa: E402
 
 write_part = FileSystemWriter.write_data
-parts_written = 0
+writes = Counter[str]()  # by part: the parts are written on threads of their own
 
 
 def write_or_fail(self: FileSystemWriter, *args: Any, **kwargs: Any) -> Any:
-    global parts_written
-    parts_written += 1
-    rank, nth = os.environ.get("FAIL_SHARDED_WRITE", "-1:0").split(":")
-    if os.environ.get("RANK") == rank and parts_written == int(nth):
+    part = Path(self.path).name
+    writes[part] += 1
+    rank, failing_part, nth = os.environ["FAIL_SHARDED_WRITE"].split(":")
+    if part != failing_part:
+        time.sleep(0.5)
+    elif os.environ.get("RANK") == rank and writes[part] == int(nth):
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(self.path))
     return write_part(self, *args, **kwargs)
 
 
-FileSystemWriter.write_data = write_or_fail
+if "FAIL_SHARDED_WRITE" in os.environ:
+    FileSystemWriter.write_data = write_or_fail
 enable_fsdp_on_cpu()
 sys.exit(train.main())

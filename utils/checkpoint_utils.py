@@ -28,6 +28,11 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be found, read or written; the message is one line."""
 
 
+class ReportedByTheMainProcess(Exception):
+    """An error that every process meets at once (a sharded save that failed), whose line the main process prints:
+    the others exit with its code without repeating it."""
+
+
 class UploadError(CheckpointError):
     """An upload or download that cannot be done; the message is one line."""
 

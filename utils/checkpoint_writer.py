@@ -15,6 +15,7 @@ parts by all of them: torch.distributed.checkpoint's stager copies each process'
 (pinned on CUDA, and reused from save to save), and its async_save writes them from a thread into the folders
 save_state writes for a sharded checkpoint (pytorch_model_fsdp_0/, optimizer_0/), which load_state reads back.
 """
+import concurrent.futures
 import copy
 import logging
 import os
@@ -25,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +125,20 @@ class ShardedWriter:
     reuses its host copies, and a gloo group per part. Made by all processes together (new_group is collective).
 
     Each async_save runs its collectives (the save plan, the final metadata) on a thread of its own: over the
-    training's group they would interleave with the loop's, and two parts sharing a group with each other."""
+    training's group they would interleave with the loop's, and two parts sharing a group with each other. They
+    wait for a stuck process as long as the training's collectives do (process_group_timeout_s)."""
 
-    def __init__(self, cuda: bool) -> None:
+    def __init__(self, cuda: bool, timeout_s: float) -> None:
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                    use_async_staging=False, use_non_blocking_copy=cuda))
-        self.groups = {part: dist.new_group(backend="gloo") for part in SHARDED_PARTS}
+        self.groups = {part: dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                       for part in SHARDED_PARTS}
+
+    def close(self) -> None:
+        """Once no write is in flight: the host copies and the groups released."""
+        self.stager.close()
+        for group in self.groups.values():
+            dist.destroy_process_group(group)
 
 
 class ShardedSnapshot:
@@ -143,8 +153,14 @@ class ShardedSnapshot:
         states = {SHARDED_PARTS[0]: {"model": get_model_state_dict(model, options=sharded)},
                   SHARDED_PARTS[1]: {"optimizer": get_optimizer_state_dict(model, optimizer, options=sharded)}}
         # Each returns once its copy has landed in host memory; the write goes on in the background.
-        self.writes = [dcp.async_save(state, checkpoint_id=folder / part, async_stager=writer.stager,
-                                      process_group=writer.groups[part]) for part, state in states.items()]
+        self.writes: list[concurrent.futures.Future] = []
+        try:
+            for part, state in states.items():
+                self.writes.append(dcp.async_save(state, checkpoint_id=folder / part, async_stager=writer.stager,
+                                                  process_group=writer.groups[part]))
+        except BaseException:
+            self.wait()  # a part already writing must not outlive the save (its thread reads the stager's copies)
+            raise
         main_process = accelerator.is_main_process
         self.scheduler = copy.deepcopy(scheduler.state_dict()) if main_process else None
         self.scaler = (copy.deepcopy(accelerator.scaler.state_dict())
@@ -153,12 +169,19 @@ class ShardedSnapshot:
     def write(self, folder: Path) -> None:
         """Waits for this process's parts (on the main process, once they return, every process's parts are
         written: its async_save ends by gathering theirs), then writes the main process's small files."""
-        for part in self.writes:
-            part.result()
+        self.wait()
         if self.scheduler is not None:
             accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
         if self.scaler is not None:
             torch.save(self.scaler, folder / SCALER_NAME)
+
+
+    def wait(self) -> None:
+        """Until every part has ended, failed or not (a failed one leaves the others writing); raises the first
+        failure."""
+        concurrent.futures.wait(self.writes)
+        for part in self.writes:
+            part.result()
 
 
 def write_rng_state(accelerator: Accelerator, folder: Path) -> None:
@@ -189,6 +212,7 @@ class BackgroundWriter:
                 self._error = error
 
         # A daemon: an exit that does not wait (a second Ctrl+C) leaves a .tmp- folder, removed at the next start.
+        # (Under FSDP the shards are written by torch.distributed.checkpoint's threads, which such an exit waits for.)
         self._thread = threading.Thread(target=run, name=f"checkpoint-writer-{name}", daemon=True)
         self._thread.start()
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from configs.model_config import ModelShape, shape_as_dict
-from configs.training_config import TrainingConfig
+from configs.training_config import ConfigError, TrainingConfig
 from utils.archive import FILES_FORMAT, folder_size
 from utils.checkpoint_writer import (BackgroundWriter, HostBuffers, ShardedSnapshot, ShardedWriter, StateSnapshot,
                                      begin_save, finish_save, one_line_save_error, save_checkpoint, write_rng_state)
-from utils.checkpoint_utils import (CheckpointError, build_metadata, list_checkpoints, prune_checkpoints, read_json,
-                                    remove_incomplete_saves)
+from utils.checkpoint_utils import (CheckpointError, ReportedByTheMainProcess, build_metadata, list_checkpoints,
+                                    prune_checkpoints, read_json, remove_incomplete_saves)
 from utils.checksum import ChecksumError, verify_checksums
 from utils.log_mirror import LogMirror
 from utils.manifest import UploadManifest
@@ -149,7 +149,8 @@ class Checkpointer:
         if use_async_saves(config.async_save, self.accelerator.device):
             self.snapshot_objects = prepared
             if config.fsdp:  # every process writes its shards
-                self.sharded = ShardedWriter(cuda=self.accelerator.device.type == "cuda")
+                self.sharded = ShardedWriter(cuda=self.accelerator.device.type == "cuda",
+                                             timeout_s=config.process_group_timeout_s)
         if self.accelerator.is_main_process:
             cadence = (f"every {config.save_every_minutes:g} minutes" if config.save_every_minutes is not None
                        else f"every {config.save_steps} steps")
@@ -270,10 +271,20 @@ class Checkpointer:
             log.warning(warning)
 
     def wait_for_write(self, announce: bool = False) -> float:
-        """Waits for the background write of the previous checkpoint; raises its error. Returns the seconds waited."""
+        """Waits for the background write of the previous checkpoint; raises its error, naming the newest good
+        checkpoint. Returns the seconds waited."""
         if announce and self.writer.busy and self.accelerator.is_main_process:
             log.info(f"⏳ {self.writer.name} is still being written: waiting for it before the next save")
-        return self.writer.wait()
+        try:
+            return self.writer.wait()
+        except CheckpointError as error:
+            self.last_saved_step, self.last_saved_name = self.previous_saved
+            if self.sharded is not None and not self.accelerator.is_main_process:
+                # A sharded write fails on every process together (its saves are collective): one line, the main
+                # process's.
+                raise ReportedByTheMainProcess(str(error)) from error
+            saved = f"; saved {self.last_saved_name}" if self.last_saved_name else ""
+            raise CheckpointError(f"{error}{saved}") from None
 
     def saved(self, final: Path, step: int, blocked: float, writing: float) -> None:
         """On the main process, once a checkpoint folder is complete: report it, hand it to the uploader, prune."""
@@ -312,6 +323,9 @@ class Checkpointer:
         try:
             self.wait_for_write(announce=False)
         finally:
+            if self.sharded is not None:  # no write in flight any more
+                self.sharded.close()
+                self.sharded = None
             left = (self.uploader.finish(self.config.upload_timeout_s, interrupted) if self.uploader is not None
                     else [])
         return left
@@ -320,6 +334,15 @@ class Checkpointer:
 def use_async_saves(setting: bool | str, device: torch.device) -> bool:
     """config.async_save: "auto" is on on CUDA."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def check_sharded_checkpoints_share_a_disk(accelerator: Accelerator, shared_disk: bool,
+                                           checkpoint_dir: str | Path) -> None:
+    """FSDP: every process writes its part of each checkpoint into checkpoint_dir, so every process must see the
+    first process's folder (shares_checkpoint_disk); refused on all processes otherwise. Collective."""
+    if not all(gather_object([shared_disk])):
+        raise ConfigError(f"fsdp: every process writes its part of each checkpoint into {checkpoint_dir}, which the "
+                          "machines do not share; put checkpoint_dir on a filesystem they all mount (NFS, say)")
 
 
 def read_state_files(checkpoint: Path) -> dict[str, Any]:
