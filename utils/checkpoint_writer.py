@@ -87,6 +87,19 @@ def rng_state(accelerator: Accelerator) -> dict[str, Any]:
     return state
 
 
+class ScheduleState:
+    """The schedule's and the fp16 loss scaler's states: small, copied whole, written as save_state writes them."""
+
+    def __init__(self, accelerator: Accelerator, scheduler: Any) -> None:
+        self.scheduler = copy.deepcopy(scheduler.state_dict())
+        self.scaler = copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
+
+    def write(self, folder: Path) -> None:
+        accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
+        if self.scaler is not None:
+            torch.save(self.scaler, folder / SCALER_NAME)
+
+
 class StateSnapshot:
     """The training state, copied to host memory when made, written by write() from any thread."""
 
@@ -102,8 +115,7 @@ class StateSnapshot:
                 copies[shared] = buffers.copy(f"model/{name}", tensor)
             self.weights[name] = copies[shared]
         self.optimizer = buffers.copy_tree("optimizer", optimizer.state_dict())
-        self.scheduler = copy.deepcopy(scheduler.state_dict())
-        self.scaler = copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
+        self.schedule = ScheduleState(accelerator, scheduler)
         if buffers.pin:
             torch.cuda.synchronize()  # the non-blocking copies have landed: the loop may change the originals
 
@@ -111,9 +123,7 @@ class StateSnapshot:
         """The files save_state writes on the main process (the RNG files are written by every process)."""
         accelerate_save(self.weights, folder / SAFE_WEIGHTS_NAME, safe_serialization=True)
         accelerate_save(self.optimizer, folder / f"{OPTIMIZER_NAME}.bin")
-        accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
-        if self.scaler is not None:
-            torch.save(self.scaler, folder / SCALER_NAME)
+        self.schedule.write(folder)
 
 
 SHARDED_PARTS = (f"{FSDP_MODEL_NAME}_0", f"{OPTIMIZER_NAME}_0")
@@ -161,19 +171,14 @@ class ShardedSnapshot:
         except BaseException:
             self.wait()  # a part already writing must not outlive the save (its thread reads the stager's copies)
             raise
-        main_process = accelerator.is_main_process
-        self.scheduler = copy.deepcopy(scheduler.state_dict()) if main_process else None
-        self.scaler = (copy.deepcopy(accelerator.scaler.state_dict())
-                       if main_process and accelerator.scaler is not None else None)
+        self.schedule = ScheduleState(accelerator, scheduler) if accelerator.is_main_process else None
 
     def write(self, folder: Path) -> None:
         """Waits for this process's parts (on the main process, once they return, every process's parts are
         written: its async_save ends by gathering theirs), then writes the main process's small files."""
         self.wait()
-        if self.scheduler is not None:
-            accelerate_save(self.scheduler, folder / f"{SCHEDULER_NAME}.bin")
-        if self.scaler is not None:
-            torch.save(self.scaler, folder / SCALER_NAME)
+        if self.schedule is not None:
+            self.schedule.write(folder)
 
 
     def wait(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import google_crc32c
 
+from utils.checkpoint_utils import fsync_dir
 from utils.storage import (CHUNK_BYTES, PART_BYTES, NotFoundError, ObjectInfo, OnBytes, Part,
                            PreconditionFailedError, StorageError, combine_parts, crc32c_of_file, crc32c_of_range,
                            encode_crc32c, split_into_parts)
@@ -58,14 +59,6 @@ def dead_writer(path: Path, host: str, now: float) -> bool:
     return False
 
 
-def fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def link_into_place(tmp: Path, final: Path) -> None:
     """Links the fsynced `tmp` to `final` (never replacing it), removes `tmp` and makes the new name durable:
     the local checkpoint may be deleted once this is verified."""
@@ -75,7 +68,7 @@ def link_into_place(tmp: Path, final: Path) -> None:
         raise PreconditionFailedError(f"{final}: already exists; not overwriting") from None
     finally:
         tmp.unlink()
-    fsync_folder(final.parent)
+    fsync_dir(final.parent)
 
 
 class LocalStorage:
