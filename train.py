@@ -26,7 +26,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from configs.command_line import config_from_args, parse_args, resolved_config_json
 from configs.model_config import shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
-from utils.accelerator import enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator
+from utils.accelerator import (enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator,
+                               use_fused_adamw)
 from utils.checkpoint_utils import CheckpointError, ReportedByTheMainProcess, list_checkpoints
 from utils.checkpointer import Checkpointer, check_sharded_checkpoints_share_a_disk, shares_checkpoint_disk
 from utils.data_utils import BatchLoader
@@ -102,7 +103,8 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     stop = StopRequest(launcher_pid)
     stop.install()
     if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
-        log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
+        if accelerator.is_main_process:
+            log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
         uploads_left = drain(run, stop)
         return stop.exit_code if stop.signal_number is not None else 1 if uploads_left else 0
 
@@ -172,10 +174,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
         check_export_target(Path(config.export_hf_dir), overwrite=True)
 
     # --- optimizer and schedule ------------------------------------------------------------------
-    # Under fp16 the fused kernel is called even on an overflow (it skips inside), so Accelerate could not
-    # report a skipped step to hold the schedule back.
-    optimizer, scheduler = make_optimizer(model, config, fused=accelerator.device.type == "cuda"
-                                          and accelerator.mixed_precision != "fp16")
+    optimizer, scheduler = make_optimizer(model, config, fused=use_fused_adamw(config.fused_adamw, accelerator))
     model, prepared_optimizer, prepared_scheduler = accelerator.prepare(model, optimizer, scheduler)
     keep_logits_in_low_precision(model, accelerator)
 
@@ -217,7 +216,7 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
     run.log.start_progress(config.max_steps, state.step)
     window = LogWindow(accelerator.device)
     # Every process must stop (and save) at the same step, or a collective save would hang.
-    consensus = Consensus(accelerator, stop, run.checkpointer.time_due)
+    consensus = Consensus(accelerator, stop, run.checkpointer.time_due, config.process_group_timeout_s)
     try:
         while state.step < config.max_steps:
             train_step(run, loader, state, window)

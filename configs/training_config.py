@@ -17,6 +17,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("bf16", "fp32")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
             "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 """Accelerate's trackers, by name, and the package each needs."""
@@ -104,6 +105,14 @@ class TrainingConfig:
     # --- speed and memory (utils/performance.py) -----------------------------------------------
     compile: bool | str = "auto"
     """torch.compile the model: "auto" = on CUDA only (on CPU compiling costs more than it saves), or true/false."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend when compile is on: "inductor" generates fused kernels (the fast path);
+    "aot_eager" traces and differentiates the model as inductor does but runs the graph with eager kernels, in
+    seconds instead of minutes on a CPU (the tests of the compiled path use it; no speed gain)."""
+    fused_adamw: bool | str = "auto"
+    """AdamW's fused kernel (one kernel over all parameters instead of a loop of small ones): "auto" = on CUDA
+    unless mixed_precision is fp16 (whose loss scaler must see a skipped step to hold the schedule back), or
+    true/false (true works on CPU too, not with fp16)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them: about a third more compute for
     much less activation memory (a larger micro-batch, or a model that does not fit otherwise)."""
@@ -244,6 +253,14 @@ class TrainingConfig:
                               f"got {self.save_every_minutes!r}")
         if self.compile not in ("auto", True, False):
             raise ConfigError(f'compile must be "auto", true or false, got {self.compile!r}')
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                              f"got {self.compile_backend!r}")
+        if self.fused_adamw not in ("auto", True, False):
+            raise ConfigError(f'fused_adamw must be "auto", true or false, got {self.fused_adamw!r}')
+        if self.fused_adamw is True and self.mixed_precision == "fp16":
+            raise ConfigError("fused_adamw cannot be true with fp16: the fused kernel steps even on an overflow, so "
+                              "the learning-rate schedule could not wait for a skipped step; use \"auto\"")
         if self.peak_tflops is not None and (isinstance(self.peak_tflops, bool) or not self.peak_tflops > 0):
             raise ConfigError(f"peak_tflops must be a positive number of TFLOP/s, got {self.peak_tflops!r}")
         if not self.data:

@@ -10,10 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, read_events, read_metrics, run_train, write_config
+from conftest import MICRO_MODEL, REPO_ROOT, read_events, read_metrics, run_train, write_config
 from configs.training_config import ConfigError, config_from_dict
+from utils.accelerator import dynamo_plugin
 from utils.checkpoint_utils import list_checkpoints
+from utils.checkpoint_writer import HostBuffers, StateSnapshot
+from utils.model import build_model
+from utils.training_utils import make_optimizer
 
 STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 
@@ -46,6 +54,28 @@ def test_async_saves_write_the_same_files_and_resume_bit_identically(tmp_path: P
     assert all(event["bytes"] > 0 and event["seconds_blocked"] >= 0 and event["seconds_writing"] > 0
                for event in saves)
     assert [event["async"] for event in read_events(straight / "logs", "save")] == [False, False]
+
+
+def test_a_compiled_model_is_written_in_the_background_under_its_own_names(tmp_path: Path) -> None:
+    # torch.compile wraps the model (its state dict says "_orig_mod.<name>"); save_state writes the model inside.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, dynamo_plugin=dynamo_plugin(True, fsdp=False, backend="aot_eager"))
+    torch.manual_seed(0)
+    config = config_from_dict({"model_preset": "tiny", "model": MICRO_MODEL, "warmup_steps": 1}, "test")
+    model = build_model(config.model_shape())
+    objects = accelerator.prepare(model, *make_optimizer(model, config, fused=True))
+    model, optimizer, _ = objects
+    tokens = torch.randint(0, 4096, (2, 64))
+    accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
+    optimizer.step()
+    assert next(iter(model.state_dict())).startswith("_orig_mod.")
+    accelerator.save_state(str(tmp_path / "sync"))
+    (tmp_path / "async").mkdir()
+    StateSnapshot(accelerator, objects, HostBuffers(pin=False)).write(tmp_path / "async")
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin"):
+        assert (tmp_path / "async" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes(), name
+    assert all(not key.startswith("_orig_mod.") for key in load_file(tmp_path / "async" / "model.safetensors"))
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_kill_9_during_a_background_write_leaves_no_checkpoint_and_resume_takes_the_previous(

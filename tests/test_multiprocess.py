@@ -73,13 +73,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, samp
 
 def test_compiled_processes_with_accumulation_match_one_eager_process(tmp_path: Path, sample_data: Path) -> None:
     # GPU runs compile by default: torch.compile over DDP, gradients all-reduced only on the last micro-batch
-    # (no_sync before). Inductor compiles on CPU too, so the whole wiring runs here, against eager.
+    # (no_sync before), the fused AdamW, checkpoints written in the background. Inductor compiles on CPU too, so
+    # the whole wiring runs here, against eager.
     runs = {}
     for processes, micro_batch, compile_model in ((1, 2, False), (2, 1, True)):
         folder = tmp_path / f"p{processes}"
         folder.mkdir()
         config = write_config(folder, sample_data, max_steps=4, save_steps=4, gradient_accumulation_steps=2,
-                              per_device_train_batch_size=micro_batch, compile=compile_model)
+                              per_device_train_batch_size=micro_batch, compile=compile_model, fused_adamw=True,
+                              async_save=True)
         if processes == 1:
             result = run_train("--config", str(config))
         else:
@@ -98,7 +100,8 @@ def test_compiled_processes_with_accumulation_match_one_eager_process(tmp_path: 
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     weights = [load_file(str(final_checkpoint(runs[n]) / "model.safetensors")) for n in (1, 2)]
-    assert weights[0].keys() == weights[1].keys()  # no "_orig_mod." from torch.compile in the checkpoint
+    # No "_orig_mod." from torch.compile nor "module." from DDP in the checkpoint written in the background.
+    assert weights[0].keys() == weights[1].keys()
     assert_same_weights(weights[0], weights[1])
 
 

@@ -131,13 +131,35 @@ def test_preflight_suggests_fsdp_when_the_optimizer_state_does_not_fit(monkeypat
 def test_fast_path_switches() -> None:
     assert use_compile("auto", cuda=True) and not use_compile("auto", cuda=False)
     assert use_compile(True, cuda=False) and not use_compile(False, cuda=True)
-    assert accelerator_setup.dynamo_plugin(True, fsdp=False).backend.value == "INDUCTOR"
-    assert accelerator_setup.dynamo_plugin(True, fsdp=True).use_regional_compilation
-    assert accelerator_setup.dynamo_plugin(False, fsdp=False).backend.value == "NO"
+    assert accelerator_setup.dynamo_plugin(True, fsdp=False, backend="inductor").backend.value == "INDUCTOR"
+    assert accelerator_setup.dynamo_plugin(True, fsdp=False, backend="aot_eager").backend.value == "AOT_EAGER"
+    assert accelerator_setup.dynamo_plugin(True, fsdp=True, backend="inductor").use_regional_compilation
+    assert accelerator_setup.dynamo_plugin(False, fsdp=False, backend="inductor").backend.value == "NO"
     with pytest.raises(ConfigError, match="compile must be"):
         config_for(compile="always")
+    with pytest.raises(ConfigError, match="compile_backend must be one of inductor, aot_eager"):
+        config_for(compile_backend="eager")
+    with pytest.raises(ConfigError, match="fused_adamw must be"):
+        config_for(fused_adamw="yes")
+    with pytest.raises(ConfigError, match="fused_adamw cannot be true with fp16"):
+        config_for(fused_adamw=True, mixed_precision="fp16")
     with pytest.raises(ConfigError, match="peak_tflops must be"):
         config_for(peak_tflops=0)
+
+
+class PretendAccelerator:
+    def __init__(self, device: str, mixed_precision: str) -> None:
+        self.device, self.mixed_precision = torch.device(device), mixed_precision
+
+
+def test_fused_adamw_is_on_on_cuda_unless_fp16_and_can_be_forced() -> None:
+    use = accelerator_setup.use_fused_adamw
+    assert use("auto", PretendAccelerator("cuda", "bf16")) and not use("auto", PretendAccelerator("cuda", "fp16"))
+    assert not use("auto", PretendAccelerator("cpu", "no")) and use(True, PretendAccelerator("cpu", "bf16"))
+    assert not use(False, PretendAccelerator("cuda", "bf16"))
+    # "auto" precision chose fp16 on a GPU without bf16 tensor cores: a forced fused AdamW is refused there too.
+    with pytest.raises(ConfigError, match="fused_adamw cannot be true with fp16"):
+        use(True, PretendAccelerator("cuda", "fp16"))
 
 
 def test_activation_checkpointing_keeps_the_gradients() -> None:
@@ -155,26 +177,24 @@ def test_activation_checkpointing_keeps_the_gradients() -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
-class FakeAccelerator:
-    """Two processes whose all-reduce is the identity: enough to see when StopVote reads a vote."""
-    num_processes = 2
-    device = torch.device("cpu")
-
-    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
-        assert reduction == "sum"
-        return tensor.clone()
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    """A one-process gloo group, as a launcher's processes have: an all-reduce is then the identity."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
 
 
-def test_stop_vote_counts_one_step_late_with_several_processes() -> None:
-    vote = StopVote(FakeAccelerator())
+def test_stop_vote_counts_one_step_late_with_several_processes(process_group: None) -> None:
+    vote = StopVote(torch.distributed.new_group(backend="gloo"))
     votes = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
              (False, False, False)]
     assert [vote.decide(*flags) for flags in votes] == [(False, False, False), (False, False, False),
                                                        (True, False, False), (False, True, False), (False, False, True)]
-    single = FakeAccelerator()
-    single.num_processes = 1
-    assert StopVote(single).decide(True, False, False) == (True, False, False)  # one process decides at once
-    assert StopVote(single).decide(False, True, True) == (False, True, True)
+    single = StopVote.between(1, timeout_s=60)
+    assert single.group is None
+    assert single.decide(True, False, False) == (True, False, False)  # one process decides at once
+    assert single.decide(False, True, True) == (False, True, True)
 
 
 def test_gpu_memory_is_the_peak_of_each_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,7 +36,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         log_with=installed_trackers(config.trackers) or None,
         project_dir=config.log_dir,
         # prepare() compiles the model after wrapping it, so checkpoints keep the plain parameter names.
-        dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp),
+        dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp, config.compile_backend),
         fsdp_plugin=fsdp_plugin(config.activation_checkpointing, precision) if config.fsdp else None,
         kwargs_handlers=[
             # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
@@ -76,6 +76,16 @@ def use_compile(setting: bool | str, cuda: bool) -> bool:
     return cuda if setting == "auto" else bool(setting)
 
 
+def use_fused_adamw(setting: bool | str, accelerator: Accelerator) -> bool:
+    """config.fused_adamw: "auto" is on on CUDA, except under fp16: the fused kernel is called even on an overflow
+    (it skips inside), so Accelerate could not report a skipped step to hold the schedule back."""
+    fp16 = accelerator.mixed_precision == "fp16"
+    if setting is True and fp16:  # "auto" precision chose fp16 on this GPU (no bf16 tensor cores)
+        raise ConfigError("fused_adamw cannot be true with fp16 (this GPU has no bf16 tensor cores): the fused "
+                          'kernel steps even on an overflow; use "auto"')
+    return accelerator.device.type == "cuda" and not fp16 if setting == "auto" else bool(setting)
+
+
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by Accelerate's mixed_precision
 
 
@@ -96,7 +106,7 @@ def enable_tf32() -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def dynamo_plugin(compile_model: bool, fsdp: bool) -> TorchDynamoPlugin:
+def dynamo_plugin(compile_model: bool, fsdp: bool, backend: str) -> TorchDynamoPlugin:
     """How Accelerate compiles the model in prepare(), after wrapping it, so checkpoints keep plain names.
 
     Under FSDP each transformer layer is compiled in place (Accelerate's regional compilation), so that
@@ -105,7 +115,7 @@ def dynamo_plugin(compile_model: bool, fsdp: bool) -> TorchDynamoPlugin:
     """
     if not compile_model:
         return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend="inductor", mode="default", use_regional_compilation=fsdp)
+    return TorchDynamoPlugin(backend=backend, mode="default", use_regional_compilation=fsdp)
 
 
 def fsdp_plugin(activation_checkpointing: bool, mixed_precision: str) -> FullyShardedDataParallelPlugin:

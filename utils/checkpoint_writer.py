@@ -100,6 +100,12 @@ class ScheduleState:
             torch.save(self.scaler, folder / SCALER_NAME)
 
 
+def saved_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as save_state writes it: of the model inside DDP's and torch.compile's wrappers
+    (Accelerate keeps that one for saving), so that the names carry neither "module." nor "_orig_mod."."""
+    return accelerator.get_state_dict(accelerator.unwrap_model(model, keep_torch_compile=False), unwrap=False)
+
+
 class StateSnapshot:
     """The training state, copied to host memory when made, written by write() from any thread."""
 
@@ -109,7 +115,7 @@ class StateSnapshot:
         # one of them, as it does for the originals.
         copies: dict[tuple[int, int], torch.Tensor] = {}
         self.weights: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for name, tensor in accelerator.get_state_dict(model, unwrap=False).items():
+        for name, tensor in saved_model_state(accelerator, model).items():
             shared = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
             if shared not in copies:
                 copies[shared] = buffers.copy(f"model/{name}", tensor)

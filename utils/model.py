@@ -21,9 +21,20 @@ import math
 
 import torch
 from torch import nn
-from transformers import GPTNeoXForCausalLM
+from transformers import AttentionInterface, GPTNeoXForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from configs.model_config import INIT_METHODS, ModelShape, build_model_config
+
+CAUSAL_SDPA = "causal_sdpa"
+"""The training model's attention: torch's scaled_dot_product_attention told is_causal=True, with no mask.
+
+Transformers builds no mask for an attention implementation that has no mask function (its masking_utils returns
+None for those), and its SDPA then passes is_causal=True. With "sdpa" it would instead check the position ids for
+packed sequences: in eager mode a `.all()` that waits for the GPU on every micro-batch, and under torch.compile
+(where the check cannot run) an explicit [B, 1, T, T] boolean mask that keeps flash attention from running.
+Training samples are packed token streams with no padding, so the causal mask is all there is to it."""
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 
 def small_init_std(hidden_size: int) -> float:
     """gpt-neox's small_init (Nguyen & Salazar, Transformers without Tears): sqrt(2 / (5 d))."""
@@ -46,6 +57,7 @@ def build_model(shape: ModelShape, init: str = "pythia", device: torch.device | 
     # do not overwrite: not worth a few seconds.
     with torch.device(device):
         model = GPTNeoXForCausalLM(build_model_config(shape))
+    model.set_attn_implementation(CAUSAL_SDPA)
     if init == "pythia":
         init_pythia_(model, shape)
     return model

@@ -134,8 +134,9 @@ class Consensus:
     """What every process agrees on after a step (StopVote's votes, read one step late with several): to stop,
     to save by time, or to stop without a save. A timed save agreed on during a validation waits for its end."""
 
-    def __init__(self, accelerator: Accelerator, stop: "StopRequest", time_due: Callable[[], bool]) -> None:
-        self.vote = StopVote(accelerator)
+    def __init__(self, accelerator: Accelerator, stop: "StopRequest", time_due: Callable[[], bool],
+                 timeout_s: float) -> None:
+        self.vote = StopVote.between(accelerator.num_processes, timeout_s)
         self.stop = stop
         self.time_due = time_due
         self.stop_now = self.timed_save = self.abort = False
