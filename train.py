@@ -44,7 +44,8 @@ from utils.run_identity import claim_output_folders
 from utils.run_log import LogWindow, RunLog
 from utils.train_state import TrainState
 from utils.training_utils import (Consensus, StopRequest, TrainingDiverged, apply_optimizer_settings,
-                                  first_process_decides, make_optimizer)
+                                  collective_failure, first_process_decides, lost_another_process,
+                                  make_optimizer)
 
 log = logging.getLogger("train")
 
@@ -72,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except RuntimeError as error:
+        if not lost_another_process(error):
+            raise
+        # The launcher stops this process next, and says which one failed; their own error line says why.
+        print(f"error: lost another process of this run ({collective_failure(error)}): it stopped or its machine "
+              "went away; resume from the newest checkpoint (--resume latest)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # during start-up; once training runs, Ctrl+C saves a checkpoint instead
         print("\ninterrupted before training started: nothing to save", file=sys.stderr)
         return 130

@@ -1,14 +1,23 @@
 """train.py's command line: its flags, and the TrainingConfig they and the config file make together."""
 import argparse
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from configs.model_config import shape_as_dict
 from configs.training_config import PATH_FIELDS, ConfigError, TrainingConfig, load_config, path_from_here
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one `error:` line with exit code 2, like every other bad input of a run
+    (argparse prints its usage first); --help still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
+        prog="train.py",
         description="Pre-train GPT-NeoX on .npz token shards, with full-state checkpoints and exact resume.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="test",
@@ -59,20 +68,22 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    overrides: dict[str, Any] = {"max_steps": args.max_steps, "data": path_from_here(args.data),
-                                 "checkpoint_dir": path_from_here(args.checkpoint_dir),
-                                 "log_dir": path_from_here(args.log_dir),
-                                 "gcs_credentials": path_from_here(args.gcs_credentials),
-                                 "peak_tflops": args.peak_tflops}
-    if args.upload_destination not in (None, "none"):
-        overrides["upload_destination"] = path_from_here(args.upload_destination)
-    if args.no_background_upload:
-        overrides["background_upload"] = False
-    if args.skip_preflight:
-        overrides["memory_preflight"] = False
-    config = load_config(args.config, overrides, parse_settings(args.settings)
-                         | ({"upload_destination": None} if args.upload_destination == "none" else {}))
-    return config.with_repo_paths()
+    no_uploads = args.upload_destination == "none"
+    flags: dict[str, Any] = {"max_steps": args.max_steps, "data": path_from_here(args.data),
+                             "checkpoint_dir": path_from_here(args.checkpoint_dir),
+                             "log_dir": path_from_here(args.log_dir),
+                             "gcs_credentials": path_from_here(args.gcs_credentials),
+                             "peak_tflops": args.peak_tflops,
+                             "upload_destination": None if no_uploads else path_from_here(args.upload_destination),
+                             "background_upload": False if args.no_background_upload else None,
+                             "memory_preflight": False if args.skip_preflight else None}
+    given = {key for key, value in flags.items() if value is not None} | ({"upload_destination"} if no_uploads else set())
+    settings = parse_settings(args.settings)
+    for key in sorted(given & settings.keys()):  # which one should win would be anybody's guess
+        raise ConfigError(f"{key} is given twice, by its flag and by --set {key}=...; give it once")
+    if no_uploads:
+        settings["upload_destination"] = None  # a value among settings; None among flags means "not given"
+    return load_config(args.config, flags, settings).with_repo_paths()
 
 
 def resolved_config_json(config: TrainingConfig) -> str:

@@ -18,6 +18,8 @@ REPO_ROOT = CONFIG_DIR.parent
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 EXPORT_DTYPES = ("bf16", "fp32")
 COMPILE_BACKENDS = ("inductor", "aot_eager")
+MAX_PROCESS_GROUP_TIMEOUT_S = 7 * 24 * 3600
+"""torch.distributed keeps timeouts in milliseconds in a C int (24 days); no collective should wait a week."""
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
             "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 """Accelerate's trackers, by name, and the package each needs."""
@@ -230,8 +232,9 @@ class TrainingConfig:
                 raise ConfigError(f"warmup_steps {self.warmup_steps} exceeds lr_decay_steps {self.lr_decay_steps}")
         # Without lr_decay_steps, a run shorter than its warmup (a smoke test with --max-steps 10) just
         # stops while the learning rate is still rising.
-        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 1:
+            raise ConfigError(f"learning_rate must be in (0, 1] (AdamW moves each weight by about learning_rate a "
+                              f"step), got {self.learning_rate!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -240,6 +243,12 @@ class TrainingConfig:
         for name in ("adam_epsilon", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.adam_epsilon >= 1:
+            raise ConfigError(f"adam_epsilon must be below 1 (it guards a division by the gradient's scale), "
+                              f"got {self.adam_epsilon!r}")
+        if self.learning_rate * self.weight_decay >= 1:  # each step multiplies every weight by 1 - lr * wd
+            raise ConfigError(f"weight_decay {self.weight_decay!r} times learning_rate {self.learning_rate!r} must be "
+                              "below 1, or every step would flip or zero the weights")
         if self.init not in INIT_METHODS:
             raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -294,8 +303,9 @@ class TrainingConfig:
             raise ConfigError(f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got {self.archive_format!r}")
         for name in ("upload_workers", "upload_attempts", "upload_streams"):
             positive(name)
-        if not self.process_group_timeout_s > 0:
-            raise ConfigError(f"process_group_timeout_s must be positive, got {self.process_group_timeout_s!r}")
+        if not 0 < self.process_group_timeout_s <= MAX_PROCESS_GROUP_TIMEOUT_S:
+            raise ConfigError(f"process_group_timeout_s must be in (0, {MAX_PROCESS_GROUP_TIMEOUT_S}] (a week), "
+                              f"got {self.process_group_timeout_s!r}")
         if not isinstance(self.upload_timeout_s, (int, float)) or self.upload_timeout_s < 0:
             raise ConfigError(f"upload_timeout_s must be >= 0, got {self.upload_timeout_s!r}")
         if self.upload_destination is not None and not self.upload_destination.strip("/"):

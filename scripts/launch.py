@@ -10,6 +10,7 @@ workers' code instead: 143 after SIGTERM, 130 after Ctrl+C, 129 after SIGHUP, a 
 bad input, 3 for a diverged run) when one fails, whose error line is already on the screen.
 """
 import logging
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -19,14 +20,20 @@ from torch.distributed.run import config_from_args, parse_args
 
 
 def exit_code_of(error: ChildFailedError) -> int:
-    """The first failed worker's exit code, as a shell reports it (a worker killed by signal N: 128 + N)."""
-    _, failure = error.get_first_failure()
-    return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
+    """The first failed worker's exit code, as a shell reports it (a worker killed by signal N: 128 + N). A worker
+    that failed says why on its own; one killed by a signal cannot, so the launcher says it, in one line."""
+    rank, failure = error.get_first_failure()
+    if failure.exitcode < 0:
+        print(f"launcher: worker {rank} (pid {failure.pid}) was killed by {signal.Signals(-failure.exitcode).name}",
+              file=sys.stderr)
+        return 128 - failure.exitcode
+    return failure.exitcode
 
 
 def main(argv: list[str] | None = None) -> int:
     config, entrypoint, arguments = config_from_args(parse_args(sys.argv[1:] if argv is None else argv))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # it narrates each worker's exit
+    # It narrates each worker's exit, and a failed one's in a timestamped line of its own: the lines below say it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, entrypoint)(*arguments)
     except SignalException as error:  # the workers got the signal too, and had their time to save

@@ -62,7 +62,11 @@ def test_overrides_and_paths(tmp_path: Path) -> None:
     ({"max_stepz": 5}, "unknown key(s) max_stepz"),
     ({"max_steps": 0}, "max_steps must be a positive integer"),
     ({"max_steps": "10"}, "max_steps has the wrong type"),
-    ({"learning_rate": -1.0}, "learning_rate must be positive"),
+    ({"learning_rate": -1.0}, "learning_rate must be in (0, 1]"),
+    ({"learning_rate": 1e300}, "learning_rate must be in (0, 1]"),  # once a traceback at the first step
+    ({"adam_epsilon": 1e300}, "adam_epsilon must be below 1"),
+    ({"weight_decay": 1e300}, "weight_decay 1e+300 times learning_rate 0.0002 must be below 1"),
+    ({"process_group_timeout_s": 1e300}, "process_group_timeout_s must be in (0, 604800]"),  # once an OverflowError
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
     ({"max_files": 0}, "max_files must be -1"),
     ({"warmup_steps": 500, "lr_decay_steps": 100}, "warmup_steps 500 exceeds lr_decay_steps 100"),
@@ -131,6 +135,31 @@ def test_command_line_paths_are_relative_to_the_current_folder_config_paths_to_t
     assert config_from_args(parse_args(["--config", "tiny", "--upload-destination", "none"])).upload_destination is None
     moved = config_from_args(parse_args(["--config", "tiny", "--upload-destination", "up"]))
     assert moved.upload_destination == str(tmp_path / "up")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "error: unrecognized arguments: --bogus (see train.py --help)"),
+    (["--max-steps", "ten"], "error: argument --max-steps: invalid int value: 'ten' (see train.py --help)")])
+def test_a_bad_flag_is_one_error_line_with_exit_code_2(argv: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from configs.command_line import parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--config", "tiny", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == message + "\n"  # argparse's usage lines are left to --help
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, key", [(["--max-steps", "5", "--set", "max_steps=7"], "max_steps"),
+                                       (["--upload-destination", "none", "--set", "upload_destination=up"],
+                                        "upload_destination"),
+                                       (["--skip-preflight", "--set", "memory_preflight=true"], "memory_preflight")])
+def test_a_field_given_by_its_flag_and_by_set_is_refused(argv: list[str], key: str) -> None:
+    from configs.command_line import config_from_args, parse_args
+    with pytest.raises(ConfigError, match=f"^{key} is given twice, by its flag and by --set {key}=...; give it once$"):
+        config_from_args(parse_args(["--config", "tiny", *argv]))
 
 
 def test_a_run_shorter_than_its_warmup_is_allowed_and_a_flag_error_names_the_flag() -> None:

@@ -158,6 +158,18 @@ def test_missing_or_empty_data_folder(tmp_path: Path) -> None:
         LocalShardSource(tmp_path, "tokenized_*.npz").list_shards()
 
 
+def test_a_folder_named_like_a_shard_is_left_out_and_said_so(tmp_path: Path) -> None:
+    from configs.training_config import config_from_dict
+    from utils.run_data import RunData
+    make_stream_shards(tmp_path, 2, 16)
+    (tmp_path / "tokenized_zzz.npz").mkdir()  # an unpacked archive, say
+    source, spec = spec_for(tmp_path)
+    assert spec.shards == ("tokenized_000.npz", "tokenized_001.npz") and source.not_shards == ["tokenized_zzz.npz"]
+    config = config_from_dict({"model_preset": "tiny", "data": str(tmp_path)}, "test")
+    lines = RunData(config, source, spec, None, None, None).describe(tokens_per_step=64)
+    assert lines[-1] == f"⚠️  Data: skipped 1 folder(s) named like shards in {tmp_path}/tokenized_*.npz: tokenized_zzz.npz"
+
+
 # --- order, sharding and position ------------------------------------------------------------------
 
 def test_max_files_is_a_seeded_pick_not_the_first_files() -> None:

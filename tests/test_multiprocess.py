@@ -2,6 +2,7 @@
 the same global batch (eager, and compiled with gradient accumulation: the default path on GPUs), stop
 together when only one of them is signalled, and stop without hanging when one cannot fetch a shard."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -267,6 +268,26 @@ def test_a_failing_worker_ends_the_launch_with_its_error_line_and_code(tmp_path:
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     assert "error: checkpoint 'checkpoint-epoch0-step9-files0' not found" in result.stderr
+
+
+def test_a_worker_killed_by_sigkill_ends_the_run_in_one_line_per_process(tmp_path: Path, sample_data: Path) -> None:
+    # A worker killed outright (the kernel's OOM killer, say) cannot say why; the other finds its collective broken.
+    config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=100_000, logging_steps=1)
+    launcher = start_run_sh(config)
+    try:
+        killed = training_workers(launcher, tmp_path / "logs")[-1]
+        killed.kill()
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                child.kill()
+            launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGKILL, stderr[-3000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr
+    assert re.search(rf"^launcher: worker [01] \(pid {killed.pid}\) was killed by SIGKILL$", stderr, re.MULTILINE)
+    lost = [line for line in stderr.splitlines() if line.startswith("error: lost another process of this run (")]
+    assert len(lost) == 1 and lost[0].endswith("resume from the newest checkpoint (--resume latest)")
 
 
 def test_workers_save_and_stop_when_the_launcher_is_killed(tmp_path: Path, sample_data: Path) -> None:

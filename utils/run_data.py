@@ -41,6 +41,9 @@ class RunData:
                  f"Tokenizer: {self.tokenizer}, copied into every checkpoint" if self.tokenizer is not None else
                  "Tokenizer: none (no tokenizer field, no tokenizer.json beside the shards): checkpoints hold the "
                  "model only, and export_hf.py and generate.py will need --tokenizer"]
+        if self.source.not_shards:
+            lines.append(f"⚠️  Data: skipped {len(self.source.not_shards)} folder(s) named like shards in "
+                         f"{self.source.description}: {', '.join(self.source.not_shards)}")
         if self.validation is not None and self.evaluator is not None:
             lines.append(f"Validation: {len(self.validation.shards)} held-out shards from "
                          f"{self.validation.source.description}, {len(self.evaluator.batches)} batches per process "

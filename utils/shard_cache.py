@@ -79,6 +79,8 @@ class CachedShardSource:
 
     # -- ShardSource ---------------------------------------------------------------------------
 
+    not_shards: list[str] = []  # a bucket has objects, no folders
+
     def list_shards(self) -> list[str]:
         try:
             infos = self.storage.list(self.pattern)

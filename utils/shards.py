@@ -139,6 +139,8 @@ class ShardSource(Protocol):
     """Lists shards and hands out complete local copies of them."""
 
     description: str
+    not_shards: list[str]
+    """Entries that match the shard pattern but are not files (folders), left out by list_shards()."""
 
     def list_shards(self) -> list[str]: ...
 
@@ -164,11 +166,14 @@ class LocalShardSource:
         self.folder = Path(folder)
         self.pattern = pattern
         self.description = f"{self.folder}/{pattern}"
+        self.not_shards: list[str] = []
 
     def list_shards(self) -> list[str]:
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: data folder does not exist")
-        names = sorted(p.name for p in self.folder.glob(self.pattern) if p.is_file())
+        matches = sorted(self.folder.glob(self.pattern))
+        names = [path.name for path in matches if path.is_file()]
+        self.not_shards = [path.name for path in matches if not path.is_file()]
         if not names:
             raise DataError(f"{self.folder}: no shards matching {self.pattern!r}")
         return names

@@ -2,6 +2,7 @@
 stop signals."""
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -114,6 +116,18 @@ def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> 
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]
+
+
+def lost_another_process(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process of the run is gone (killed, or its
+    machine lost): NCCL reports it as a DistError, gloo as a plain RuntimeError that names it."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
+def collective_failure(error: BaseException) -> str:
+    """A failed collective's reason, without the source location and advice gloo wraps around it."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))
+    return text.split(". ")[0][:200]
 
 
 class TrainingDiverged(Exception):
