@@ -5,7 +5,8 @@
     python debug_gpu.py --matmul-size 4096
 
 Exit code 0: ready, or no GPU at all (training then runs on the CPU). Exit code 1: a CUDA setup is
-present but broken (the verdict names the first problem; the lines above say more).
+present but broken (the verdict names the first problem; the lines above say more). Exit code 2: it cannot
+run (bad arguments, or a package it imports is missing or broken: one line names it).
 """
 import argparse
 import os
@@ -19,9 +20,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
+from bench.check_imports import require  # standard library only
 
-from utils.performance import peak_tflops_for
+if __name__ == "__main__":  # before the imports below: a missing or broken package is one line, not a traceback
+    require(("torch", "utils.performance"), "debug_gpu.py")
+
+import torch  # noqa: E402
+
+from utils.performance import peak_tflops_for  # noqa: E402
 
 NVIDIA_PROC = Path("/proc/driver/nvidia/version")
 SMI_QUERY = "index,name,driver_version,memory.total,memory.used,utilization.gpu,temperature.gpu"

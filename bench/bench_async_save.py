@@ -4,6 +4,7 @@
     python bench/bench_async_save.py                       # a ~1.3 GB state (model + AdamW) on the CPU
     python bench/bench_async_save.py --hidden 2048 --layers 24 --vocab 50257   # the 1.2b preset (17 GB; a GPU)
     accelerate launch --multi_gpu --num_processes 2 bench/bench_async_save.py --fsdp   # sharded over processes
+    python bench/bench_async_save.py --smoke              # a 2 MB state, two saves per mode: seconds
 
 It builds the model and AdamW (one step, so the optimizer state exists), then saves it through the run's
 Checkpointer, `--saves` times in each mode, into a temporary folder on the disk given by --dir. Blocked is
@@ -17,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
 
+from bench import smoke  # noqa: E402
 from configs.training_config import TrainingConfig  # noqa: E402
 from cpu_fsdp import enable_fsdp_on_cpu  # noqa: E402
 from utils.accelerator import fsdp_plugin  # noqa: E402
@@ -38,8 +41,10 @@ from utils.model import build_model  # noqa: E402
 from utils.train_state import TrainState  # noqa: E402
 from utils.training_utils import make_optimizer  # noqa: E402
 
+SMOKE_DEFAULTS = {"hidden": 64, "layers": 2, "vocab": 256, "saves": 2}
 
-def main() -> None:
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
@@ -47,7 +52,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=3, help="saves per mode")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoints go")
     parser.add_argument("--fsdp", action="store_true", help="shard the state over the launched processes")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
 
     model_fields = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": 16,
                     "intermediate_size": 4 * args.hidden, "seq_len": 128, "vocab_size": args.vocab}
@@ -96,7 +101,8 @@ def main() -> None:
                        f"{statistics.median(written):.2f} s")
             accelerator.wait_for_everyone()
             shutil.rmtree(own_folder, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@
     python bench/bench_checkpoint_upload.py                   # formats, streams and restores on 512 MB, then the loop
     python bench/bench_checkpoint_upload.py --size-mb 2048 --no-emulator
     python bench/bench_checkpoint_upload.py --skip-formats --skip-loop --streams 1 4 16   # streams and restores only
+    python bench/bench_checkpoint_upload.py --smoke           # all sections on 4 MB and a 2-layer model: seconds
 
 1. Archive formats: a synthetic checkpoint shaped like a real one (float32 weights ~ N(0, 0.02), Adam's
    exp_avg and exp_avg_sq) is streamed as tar, tar.zst and tar.gz (a) into a crc32c counter only (the
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from transformers import GPTNeoXForCausalLM  # noqa: E402
 
+from bench import smoke  # noqa: E402
 from configs.model_config import build_model_config, resolve_shape  # noqa: E402
 from configs.training_config import ARCHIVE_FORMATS  # noqa: E402
 from utils.archive import HashingWriter, folder_size, write_archive  # noqa: E402
@@ -48,6 +51,8 @@ from utils.checkpoint_writer import save_checkpoint  # noqa: E402
 from utils.destination import download_checkpoint, open_destination  # noqa: E402
 from utils.uploader import Uploader  # noqa: E402
 from conftest import disk_peak  # noqa: E402  (tests/: the same sampler the restore test uses)
+
+SMOKE_DEFAULTS = {"size_mb": 4, "streams": [1, 2], "part_mb": 1, "hidden": 32, "layers": 2, "steps": 3}
 
 
 def synthetic_checkpoint(folder: Path, size_mb: int) -> Path:
@@ -195,7 +200,7 @@ def bench_loop(hidden: int, layers: int, steps: int, archive_format: str, work: 
           f"{statistics.mean(in_flight) / statistics.mean(quiet):.2f}")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=512, help="synthetic checkpoint size for the format table")
     parser.add_argument("--no-emulator", action="store_true", help="skip the fake-gcs-server column")
@@ -209,7 +214,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads for the loop (default: torch's choice)")
     parser.add_argument("--skip-formats", action="store_true", help="skip the archive formats")
     parser.add_argument("--skip-loop", action="store_true", help="skip the training loop")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
     logging.basicConfig(level=logging.WARNING)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -220,7 +225,8 @@ def main() -> None:
             bench_streams(args.size_mb, args.streams, args.part_mb, not args.no_emulator, Path(folder))
         if not args.skip_loop:
             bench_loop(args.hidden, args.layers, args.steps, args.archive_format, Path(folder))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

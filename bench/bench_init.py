@@ -3,6 +3,7 @@
 
     python bench/bench_init.py                  # the 1.2b preset's layers (d 2048, L 24), vocab 512, 128 tokens
     python bench/bench_init.py --hidden-size 512 --layers 8 --heads 8
+    python bench/bench_init.py --smoke          # d 64, L 4, vocab 64, 16 tokens: seconds
 
 The 1.2b preset with the width, depth and heads of the flags (feed-forward 4 x width), a vocabulary of `--vocab`
 and one random sample of `--tokens` tokens; at the default shape a run takes about 50 s on one CPU core and
@@ -19,6 +20,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,12 +30,14 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from transformers import GPTNeoXForCausalLM  # noqa: E402
 
+from bench import smoke  # noqa: E402
 from configs.model_config import ModelShape, resolve_shape  # noqa: E402
 from utils.model import INIT_METHODS, build_model, residual_stream, small_init_std, wang_init_std  # noqa: E402
 
 WEIGHT_KINDS = ("embed_in.weight", "attention.query_key_value.weight", "mlp.dense_h_to_4h.weight",
                 "attention.dense.weight", "mlp.dense_4h_to_h.weight", "lm_head.weight")
 OUTPUT_PROJECTIONS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+SMOKE_DEFAULTS = {"hidden_size": 64, "layers": 4, "heads": 4, "vocab": 64, "tokens": 16}
 
 
 class Measured(NamedTuple):
@@ -59,7 +63,7 @@ def weight_std(model: GPTNeoXForCausalLM, kind: str) -> float:
     return math.sqrt(sum(t.var().item() * t.numel() for t in tensors) / count)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=24)
@@ -68,7 +72,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="sequence length of the one random sample")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
     torch.set_num_threads(args.threads)
     shape = resolve_shape("1.2b", {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers,
                                    "num_attention_heads": args.heads, "intermediate_size": 4 * args.hidden_size,

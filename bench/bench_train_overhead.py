@@ -4,11 +4,13 @@ Trainer, on the same model, batch, optimizer and data (CPU).
 
     python bench/bench_train_overhead.py                 # tiny preset, micro-batch 8, 4 rounds x 20 steps
     python bench/bench_train_overhead.py --rounds 6 --steps 30 --threads 2 --json out.json
+    python bench/bench_train_overhead.py --smoke --data DIR   # one round of 6 steps at micro-batch 2: seconds
 
 Three loops, interleaved round by round so that drifting machine load hits each alike:
   train.py  the real script, as a subprocess on the sample shards; its step time comes from the
             wall-clock `elapsed_s` of consecutive metrics.jsonl lines (logging, data loading and all)
-  bare      the same model, AdamW, LR schedule and gradient clipping on tensors made in advance
+  bare      the same model, AdamW, LR schedule and gradient clipping on the batches train.py trains on, read
+            in advance through train.py's own data set-up (utils/run_data.py)
   trainer   transformers.Trainer on the same samples (AdamW, cosine schedule, clipping, no saving)
 All three are timed as mean step times over windows of `--log-every` steps (train.py's logging windows;
 those overlapping the first `--warmup` steps are dropped). Two ratios are reported: of the fastest window
@@ -26,22 +28,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from bench import smoke  # noqa: E402
 from configs.model_config import build_model_config  # noqa: E402
 from configs.training_config import TrainingConfig  # noqa: E402
-from utils.data_utils import BatchLoader, DataPosition, StreamSpec, select_shards  # noqa: E402
-from utils.shards import LocalShardSource  # noqa: E402
+from utils.data_utils import DataPosition  # noqa: E402
+from utils.run_data import open_data  # noqa: E402
 from utils.training_utils import lr_multiplier, parameter_groups  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+SMOKE_DEFAULTS = {"batch": 2, "steps": 6, "warmup": 2, "log_every": 2, "rounds": 1}
 
 
 def bench_config(args: argparse.Namespace, folder: Path) -> TrainingConfig:
@@ -53,12 +59,10 @@ def bench_config(args: argparse.Namespace, folder: Path) -> TrainingConfig:
 
 
 def real_batches(config: TrainingConfig, count: int) -> list[torch.Tensor]:
-    """The first `count` micro-batches train.py would train on."""
-    shape = config.model_shape()
-    source = LocalShardSource(config.data, config.shard_pattern)
-    shards = select_shards(source.list_shards(), config.max_files, config.seed)
-    spec = StreamSpec(tuple(shards), shape.seq_len, config.seed, shape.vocab_size, shape.eos_token_id)
-    loader = BatchLoader(source, spec, config.per_device_train_batch_size, 0, 1, DataPosition())
+    """The first `count` micro-batches train.py trains on, from its own data set-up (so that this benchmark
+    follows when the stream's definition changes)."""
+    accelerator = Accelerator(cpu=True)
+    loader = open_data(config, config.model_shape(), accelerator).loader(DataPosition(), accelerator)
     try:
         return [next(loader).input_ids for _ in range(count)]
     finally:
@@ -74,7 +78,8 @@ def time_train_py(config: TrainingConfig, folder: Path) -> list[float]:
                             cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"train.py failed: {result.stderr[-2000:]}")
-    records = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    records = [line for line in lines if "tokens_per_sec" in line]  # the training lines, not save events
     return [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])]
 
 
@@ -157,7 +162,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in every loop")
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data" / "sample")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+    args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
     problem = check_args(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

@@ -5,23 +5,28 @@ preflight allows, plus a tiny-config smoke run of the default path.
 
     python bench/gpu_bench.py                      # all variants, results in $OUT (or bench/gpu_results/)
     python bench/gpu_bench.py --variants tiny,1.2b-compiled --budget-s 300
+    python bench/gpu_bench.py --smoke              # a few seconds, also on a CPU: one tiny run, the same code paths
 
 Every variant is a real `python train.py` run on random-token shards made here, so the numbers include
 data loading, logging and the loop; throughput is the median of train.py's own logging windows after the
 first `--skip-windows` (which hold compilation and warm-up). A run that dies of out-of-memory is tried once
 more at 3/4 of the micro-batch. Peak GPU memory: train.py's own (tensors, the largest of its logging
-windows, comparable with the anchor's and the preflight's) and nvidia-smi's (the whole process, polled). Writes gpu_bench.json
-(device, date, versions, one row per variant) and prints a Markdown table for bench/RESULTS.md.
+windows, comparable with the anchor's and the preflight's) and nvidia-smi's (the whole process, polled).
+Writes gpu_bench.json (device, date, versions, one row per variant) and the last 200 lines of each run's
+stderr (VARIANT-mbN.stderr.txt) to the output folder, and prints a Markdown table for bench/RESULTS.md.
+The exit code is 1 when a variant failed (one not started for lack of time is no failure).
 
 On a lent GPU machine, which lacks the GCS and archive packages train.py imports, run it through
 bench/gpu_check.sh (prepared here by bench/prepare_gpu_check.sh), which installs them from carried wheels
-and runs the bare-model anchor on the same card. Without TensorBoard, Accelerate only warns;
-metrics.jsonl is what is read here.
+and runs the bare-model anchor on the same card. Before anything else it imports what train.py needs and
+stops with one line naming what fails (TensorBoard included: train.py's default tracker). metrics.jsonl is
+what is read here.
 """
 import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -30,12 +35,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench import smoke  # noqa: E402
+from bench.check_imports import TRAIN_IMPORTS, require  # noqa: E402  (standard library only)
+
+if __name__ == "__main__":  # before the imports below: a missing or broken package is one line, not a traceback
+    require(TRAIN_IMPORTS, "bench/gpu_bench.py")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -43,8 +54,10 @@ import torch  # noqa: E402
 from configs.training_config import ConfigError, config_from_dict  # noqa: E402
 from utils.performance import check_memory, flops_per_token  # noqa: E402
 
-# Packages train.py imports at start-up that a lent GPU machine's image lacks.
-TRAIN_IMPORTS = ("google.cloud.storage", "google_crc32c", "zstandard")
+STDERR_TAIL_LINES = 200
+"""Lines of each run's stderr kept in the output folder: enough for a traceback and the start-up log."""
+SPEED_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?Speed: (.+)$")
+"""train.py's start-up line saying what the run does for speed, after the timestamp its log lines begin with."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,12 @@ VARIANTS = {
     "1.2b-compiled": Variant("1.2b-compiled", "1.2b", True, False, 40),
     "1.2b-compiled-ac": Variant("1.2b-compiled-ac", "1.2b", True, True, 25),
     "1.2b-eager-ac": Variant("1.2b-eager-ac", "1.2b", False, True, 20),
+    # --smoke: a few steps of the tiny preset at the micro-batch the preflight picks (CPU or GPU).
+    "tiny-smoke": Variant("tiny-smoke", "tiny", "auto", False, 6),
 }
+DEFAULT_VARIANTS = "tiny,1.2b-compiled-mb8,1.2b-eager,1.2b-compiled-ac,1.2b-compiled,1.2b-eager-ac"
+SMOKE_DEFAULTS = {"variants": "tiny-smoke", "max_micro_batch": 2, "log_every": 2, "skip_windows": 1,
+                  "budget_s": 60, "shard_tokens": 2**15}
 
 
 def environment() -> dict:
@@ -81,14 +99,7 @@ def environment() -> dict:
     return info
 
 
-def importable(module: str) -> bool:
-    try:
-        return find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def make_shards(folder: Path, vocab_size: int, shards: int = 4, tokens: int = 2**21) -> None:
+def make_shards(folder: Path, vocab_size: int, tokens: int, shards: int = 4) -> None:
     """Random-token shards: the model's speed does not depend on what the tokens are."""
     folder.mkdir(parents=True)
     generator = np.random.default_rng(0)
@@ -97,9 +108,8 @@ def make_shards(folder: Path, vocab_size: int, shards: int = 4, tokens: int = 2*
                  input_ids=generator.integers(0, vocab_size, tokens, dtype=np.int32))
 
 
-def largest_micro_batch(values: dict, limit: int) -> int:
-    """The largest micro-batch (<= limit) the memory preflight lets through on this GPU."""
-    device = torch.device("cuda")
+def largest_micro_batch(values: dict, limit: int, device: torch.device) -> int:
+    """The largest micro-batch (<= limit) the memory preflight lets through on this device."""
     for micro_batch in range(limit, 0, -1):
         try:
             check_memory(config_from_dict({**values, "per_device_train_batch_size": micro_batch}, "bench"), device, 1)
@@ -149,10 +159,22 @@ def training_windows(metrics: Path) -> list[dict]:
     return [record for record in records if "tokens_per_sec" in record]
 
 
-def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_every: int, skip: int,
+def speed_line(output: str) -> str | None:
+    """What train.py's `Speed:` start-up log line says (without its timestamp), or None when it did not log one."""
+    matches = (SPEED_LINE.match(line) for line in output.splitlines())
+    return next((match.group(1) for match in matches if match), None)
+
+
+def keep_stderr_tail(output: str, path: Path) -> None:
+    """The last lines of a run's stderr where they come back from a lent machine, to diagnose a failed run."""
+    path.write_text("\n".join(output.splitlines()[-STDERR_TAIL_LINES:]) + "\n")
+
+
+def run_variant(variant: Variant, micro_batch: int, work: Path, out: Path, env: dict, log_every: int, skip: int,
                 timeout: float) -> dict:
     """One train.py run, stopped (SIGKILL) once it has logged `variant.steps` steps: it never reaches a
-    save, so no time goes into writing a 17 GB checkpoint that is not what is measured."""
+    save, so no time goes into writing a 17 GB checkpoint that is not what is measured. Its stderr's tail goes
+    to `out`."""
     folder = work / f"{variant.name}-mb{micro_batch}"
     folder.mkdir()
     values = {"model_preset": variant.preset, "data": str(work / f"data-{variant.preset}"),
@@ -177,6 +199,7 @@ def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_e
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     output = stderr_path.read_text(errors="replace")
+    keep_stderr_tail(output, out / f"{folder.name}.stderr.txt")
     row = {"variant": variant.name, "micro_batch": micro_batch, "compile": variant.compile,
            "activation_checkpointing": variant.activation_checkpointing, "wall_s": time.perf_counter() - started,
            "peak_memory_gib_nvidia_smi": memory.peak_mib / 1024 if memory.peak_mib else None}
@@ -192,7 +215,7 @@ def run_variant(variant: Variant, micro_batch: int, work: Path, env: dict, log_e
                windows=len(windows), final_loss=records[-1]["loss"],
                peak_memory_gib_train=max((r["gpu_memory_gib"] for r in records
                                           if r.get("gpu_memory_gib") is not None), default=None),
-               speed_line=next((line for line in output.splitlines() if line.startswith("Speed:")), None))
+               speed_line=speed_line(output))
     if timed_out:
         row["note"] = f"stopped by the time limit after {len(records)} of {wanted_windows} windows"
     return row
@@ -203,29 +226,48 @@ def time_left(budget_s: float, start: float) -> float:
     return max(60.0, budget_s + 120 - (time.perf_counter() - start))
 
 
-def main() -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=480, help="start no new variant after this many seconds")
     parser.add_argument("--max-micro-batch", type=int, default=32)
     parser.add_argument("--log-every", type=int, default=5, help="train.py's logging_steps (one window)")
     parser.add_argument("--skip-windows", type=int, default=2, help="first windows left out (compile, warm-up)")
+    parser.add_argument("--shard-tokens", type=int, default=2**21, help="tokens in each of the 4 random shards")
     parser.add_argument("--anchor", type=Path, help="anchor.json of ../shared/bench/gpu_anchor_bench.py on this card: "
                                                    "train.py's rows are compared with its rows of the same micro-batch")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO_ROOT / "bench" / "gpu_results")))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("error: no CUDA GPU visible; this benchmark measures the GPU path", file=sys.stderr)
-        return 2
-    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    return smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The Markdown table of the rows, for bench/RESULTS.md."""
+    lines = ["| variant | micro-batch | tokens/s | MFU | peak GiB (train.py) | peak GiB (nvidia-smi) | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | {row.get('micro_batch', '-')} | {row['error'][:120]} | | | | |")
+            continue
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        memory = " | ".join(f"{row[key]:.1f}" if row[key] else "-"
+                            for key in ("peak_memory_gib_train", "peak_memory_gib_nvidia_smi"))
+        lines.append(f"| {row['variant']} | {row['micro_batch']} | {row['tokens_per_sec']:,.0f} | {mfu} | {memory} | "
+                     f"{row['wall_s']:.0f} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    missing = [name for name in TRAIN_IMPORTS if not importable(name)]
-    if missing:
-        print(f"error: train.py needs {', '.join(missing)}, missing here; on a lent GPU machine run "
-              "bench/gpu_check.sh with the wheels bench/prepare_gpu_check.sh makes", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.smoke:
+        print("error: no CUDA GPU visible; this benchmark measures the GPU path (--smoke runs on a CPU)",
+              file=sys.stderr)
         return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     info = environment()
@@ -234,21 +276,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        make_shards(work / "data-tiny", 4096)
-        make_shards(work / "data-1.2b", 50257)
+        for preset in sorted({VARIANTS[name].preset for name in names}):
+            vocab_size = config_from_dict({"model_preset": preset}, "bench").model_shape().vocab_size
+            make_shards(work / f"data-{preset}", vocab_size, args.shard_tokens)
         rows = []
-        for name in args.variants.split(","):
+        for name in names:
             variant = VARIANTS[name]
             if time.perf_counter() - start > args.budget_s:
-                rows.append({"variant": name, "error": "skipped: budget spent"})
+                rows.append({"variant": name, "error": "skipped: budget spent", "skipped": True})
                 continue
             values = {"model_preset": variant.preset, "activation_checkpointing": variant.activation_checkpointing}
-            micro_batch = variant.micro_batch or largest_micro_batch(values, args.max_micro_batch)
-            row = run_variant(variant, micro_batch, work, env, args.log_every, args.skip_windows,
+            micro_batch = variant.micro_batch or largest_micro_batch(values, args.max_micro_batch, device)
+            row = run_variant(variant, micro_batch, work, args.out, env, args.log_every, args.skip_windows,
                               time_left(args.budget_s, start))
             if row.get("out_of_memory") and micro_batch > 1:
                 print(json.dumps(row), flush=True)
-                row = run_variant(variant, max(1, micro_batch * 3 // 4), work, env, args.log_every,
+                row = run_variant(variant, max(1, micro_batch * 3 // 4), work, args.out, env, args.log_every,
                                   args.skip_windows, time_left(args.budget_s, start))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -259,19 +302,14 @@ def main() -> int:
     print(f"\n{info['date']}: {info['device']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
           f"{info['transformers']}, accelerate {info['accelerate']}")
     print(f"GFLOP per token: 1.2b {gflop['1.2b']:.2f}, tiny {gflop['tiny']:.4f}\n")
-    print("| variant | micro-batch | tokens/s | MFU | peak GiB (train.py) | peak GiB (nvidia-smi) | wall s |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['variant']} | {row.get('micro_batch', '-')} | {row['error'][:120]} | | | | |")
-            continue
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-        memory = " | ".join(f"{row[key]:.1f}" if row[key] else "-"
-                            for key in ("peak_memory_gib_train", "peak_memory_gib_nvidia_smi"))
-        print(f"| {row['variant']} | {row['micro_batch']} | {row['tokens_per_sec']:,.0f} | {mfu} | {memory} | "
-              f"{row['wall_s']:.0f} |")
+    print("\n".join(table(rows)))
     if args.anchor is not None and args.anchor.is_file():
         print("\n" + "\n".join(compare_with_anchor(rows, json.loads(args.anchor.read_text())["rows"])))
+    failed = [f"{row['variant']}-mb{row['micro_batch']}" for row in rows if "error" in row and not row.get("skipped")]
+    if failed:
+        print(f"error: {len(failed)} variant(s) failed: {', '.join(failed)}; their stderr tails are in "
+              f"{args.out}/VARIANT-mbN.stderr.txt", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,10 +20,11 @@ mkdir -p .gpu/wheels
 cp "$ANCHOR" .gpu/gpu_anchor_bench.py
 
 # What train.py imports beyond the lent machine's image (its list is in the device tool's KINDS.md:
-# torch, transformers, accelerate, numpy, requests, protobuf, tensorboard, tqdm, psutil... are there).
+# torch, transformers, accelerate, numpy, requests, protobuf, tensorboard, tqdm, psutil... are there). protobuf
+# is carried too: google-cloud-storage's generated modules refuse a protobuf runtime older than they were made for.
 PACKAGES=(google-cloud-storage google-cloud-core google-api-core google-auth google-resumable-media google-crc32c
-          googleapis-common-protos proto-plus pyasn1 pyasn1-modules cryptography cffi pycparser opentelemetry-api
-          zstandard)
+          googleapis-common-protos proto-plus protobuf pyasn1 pyasn1-modules cryptography cffi pycparser
+          opentelemetry-api zstandard)
 FROZEN=$(venv/bin/python -m pip freeze 2>/dev/null)
 PINS=()
 for package in "${PACKAGES[@]}"; do

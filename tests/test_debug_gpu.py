@@ -77,3 +77,15 @@ def test_a_crashing_check_is_a_finding(capsys):
     debug_gpu.guarded(found, check_devices)
     assert found.problems == ["check_devices crashed: RuntimeError: CUDA error: unspecified launch failure"]
     assert "❌" in capsys.readouterr().out
+
+
+def test_a_package_that_fails_to_import_is_one_line(tmp_path):
+    fake_torch = tmp_path / "fake" / "torch"
+    fake_torch.mkdir(parents=True)
+    (fake_torch / "__init__.py").write_text('raise ImportError("simulated: libcudart.so.13 missing")\n')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "debug_gpu.py")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")}, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: debug_gpu.py cannot start, these imports fail here: "
+                           "torch (ImportError: simulated: libcudart.so.13 missing)"), line
