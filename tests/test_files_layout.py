@@ -1,8 +1,11 @@
 """The files layout of uploads (issue 15, 17): parallel parts, composes, reuse of leftovers, kill -9 and
 outages mid-upload, the prune that checks the remote copy first, leftovers of dead writers, restores
 without a second copy, the report callback, the falling-behind warning and disk_warning."""
+import builtins
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +25,7 @@ import pytest
 from conftest import GatedStorage, REPO_ROOT, disk_peak
 from gcs_emulator import GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 from scripts import upload_manager
-from utils import storage_gcs, storage_gcs_upload, uploader as uploader_module
+from utils import storage_gcs, storage_gcs_upload, storage_local, uploader as uploader_module
 from utils.archive import FILES_FORMAT, FileEntry, files_manifest, parse_files_manifest
 from utils.checkpoint_utils import UploadError
 from utils.checksum import ChecksumError, record_checksums
@@ -30,7 +33,7 @@ from utils.destination import download_checkpoint, find_local_or_remote, open_de
 from utils.storage import (Part, combine_crc32c, combine_parts, crc32c_of_file, open_storage, shorten_middle,
                            split_into_parts)
 from utils.storage_folder import upload_checkpoint
-from utils.storage_local import tmp_upload_name
+from utils.storage_local import TMP_UPLOAD_PREFIX, tmp_upload_name
 from utils.uploader import Uploader, disk_warning
 
 STEP4, STEP8, STEP12 = ("checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0",
@@ -87,8 +90,8 @@ def test_files_manifest_is_deterministic_and_checked() -> None:
     assert parse_files_manifest(data, STEP4, "here") == sorted(entries, key=lambda entry: entry.path)
     with pytest.raises(UploadError, match="describes 'checkpoint-epoch0-step4-files0'"):
         parse_files_manifest(data, STEP8, "here")
-    for bad in ("../escape", "/etc/passwd", "a/../../b", ""):
-        with pytest.raises(UploadError, match="bad entry"):
+    for bad in ("../escape", "/etc/passwd", "a/../../b", "", "a\\b"):
+        with pytest.raises(UploadError, match=re.escape(f"here: refusing {bad!r}: a remote name")):
             parse_files_manifest(files_manifest(STEP4, [FileEntry(bad, 1, "AAAAAA==")]), STEP4, "here")
 
 
@@ -219,17 +222,34 @@ print("finished: the kill came too late")
 """
 
 
-@pytest.mark.parametrize("kind", ["local", "gcs"])
-def test_kill_9_mid_upload_leaves_nothing_complete_looking_and_upload_all_finishes_it(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    url = destination(kind, tmp_path, request)
-    checkpoints = tmp_path / "checkpoints"
-    folder = make_checkpoint(checkpoints, STEP4, weights=600_000, optimizer=600_000)  # 10 parts each
-    make_checkpoint(checkpoints, STEP8, seed=1, weights=1000, optimizer=1000)  # newer: STEP4 is one to prune
+KILLED_COMPOSER = r"""
+import sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from utils import uploader, storage_gcs
+from utils.destination import open_destination
+marker = Path(sys.argv[4])
+uploader.PART_BYTES = 64 * 1024
+def compose(self, sources, name, real=storage_gcs.GCSStorage.compose):
+    info = real(self, sources, name)
+    if not name.startswith(".parts/"):  # a file's object is composed; its parts are not deleted yet
+        marker.write_text("composed")
+        time.sleep(60)
+    return info
+storage_gcs.GCSStorage.compose = compose
+checkpoints = Path(sys.argv[3])
+up = uploader.Uploader(open_destination(sys.argv[2]), checkpoints, background=False, streams=2)
+up.submit(checkpoints / "checkpoint-epoch0-step4-files0")
+print("finished: the kill came too late")
+"""
+
+
+def kill_uploader(script_text: str, url: str, checkpoints: Path, tmp_path: Path) -> None:
+    """Runs the script, which uploads STEP4 of `checkpoints` to `url`, and kills it with SIGKILL once it has
+    written its marker file."""
     marker = tmp_path / "marker"
     script = tmp_path / "killed_uploader.py"
-    script.write_text(KILLED_UPLOADER)
+    script.write_text(script_text)
     process = subprocess.Popen([sys.executable, str(script), str(REPO_ROOT), url, str(checkpoints), str(marker)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
@@ -244,6 +264,17 @@ def test_kill_9_mid_upload_leaves_nothing_complete_looking_and_upload_all_finish
         if process.poll() is None:
             process.kill()
     assert "finished" not in out
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs"])
+def test_kill_9_mid_upload_leaves_nothing_complete_looking_and_upload_all_finishes_it(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = destination(kind, tmp_path, request)
+    checkpoints = tmp_path / "checkpoints"
+    folder = make_checkpoint(checkpoints, STEP4, weights=600_000, optimizer=600_000)  # 10 parts each
+    make_checkpoint(checkpoints, STEP8, seed=1, weights=1000, optimizer=1000)  # newer: STEP4 is one to prune
+    kill_uploader(KILLED_UPLOADER, url, checkpoints, tmp_path)
     storage = open_storage(url)
     assert storage.stat(f"{STEP4}.files.json") is None  # nothing complete-looking
     assert records(checkpoints)[STEP4]["state"] == "uploading"
@@ -267,6 +298,29 @@ def test_kill_9_mid_upload_leaves_nothing_complete_looking_and_upload_all_finish
         assert resent < 20 + 2 + 1 + 5  # fewer than every part, the two small files and the manifest of STEP4 (+ the
         # write probe and STEP8's four objects)
         assert storage.list_tree(".parts") == []
+
+
+@pytest.mark.parametrize("then", ["start", "upload-all"])
+def test_parts_of_a_writer_killed_during_the_composes_are_removed_and_a_live_writers_kept(
+        then: str, tmp_path: Path, gcs_server: GCSEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    gcs_server.create_bucket("ckpts")
+    url, checkpoints = "gs://ckpts/ck", tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, STEP4, weights=600_000, optimizer=600_000)  # 10 parts each
+    kill_uploader(KILLED_COMPOSER, url, checkpoints, tmp_path)
+    storage = open_storage(url)
+    composed = [name for name in ("model.safetensors", "optimizer.bin") if storage.exists(f"{STEP4}/{name}")]
+    assert composed and all(storage.list_tree(f".parts/{STEP4}/{name}") for name in composed)  # parts left behind
+    live = f".parts/{STEP12}/model.safetensors/0-65536"  # another machine's upload, its object not composed yet
+    gcs_server.put("ckpts", f"ck/{live}", b"p" * 65536)
+    if then == "start":
+        open_destination(url)  # as a run (or any process opening it for writing) does first
+        assert not any(storage.list_tree(f".parts/{STEP4}/{name}") for name in composed)
+    else:
+        monkeypatch.setattr(uploader_module, "PART_BYTES", PART)
+        assert upload_manager.main(["upload-all", "--checkpoint-dir", str(checkpoints), "--destination", url]) == 0
+        assert records(checkpoints)[STEP4]["state"] == "uploaded"
+        assert [info.name for info in storage.list_tree(".parts")] == [live]
+    assert storage.exists(live)
 
 
 def uploads_started(server: GCSEmulator) -> list[str]:
@@ -405,6 +459,48 @@ def test_leftovers_of_dead_writers_are_removed_at_start_and_a_live_ones_kept(tmp
     assert all(path.exists() for path in dead)
     open_destination(str(dest))  # a run (or upload-all) opens it for writing
     assert not any(path.exists() for path in dead) and all(path.exists() for path in kept)
+
+
+def fill_up(monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+    """Writes into a local destination fail with ENOSPC, as on a full disk. at="write": every write, of the parts
+    of the files layout (os.pwrite) and of a streamed archive or manifest (into /dev/full, whose writes the
+    kernel refuses); at="open": creating any temporary file after the first."""
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return builtins.open("/dev/full" if TMP_UPLOAD_PREFIX in str(file) else file, mode, *args, **kwargs)
+
+    created, real_open = [0], os.open
+
+    def open_second(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if TMP_UPLOAD_PREFIX in str(path):
+            created[0] += 1
+            if created[0] > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    if at == "write":
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(storage_local, "open", open_full, raising=False)  # the module's open, not everyone's
+    else:
+        monkeypatch.setattr(os, "open", open_second)
+
+
+@pytest.mark.parametrize("archive_format, full_at", [("files", "write"), ("files", "open"), ("tar", "write")])
+def test_a_full_destination_folder_is_one_line_naming_it_and_leaves_nothing_there(
+        archive_format: str, full_at: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest, checkpoints = tmp_path / "uploads", tmp_path / "checkpoints"
+    folder = make_checkpoint(checkpoints, STEP4)
+    storage = open_destination(str(dest))  # opened while there was room
+    fill_up(monkeypatch, full_at)
+    Uploader(storage, checkpoints, archive_format, background=False, attempts=1, part_bytes=PART).submit(folder)
+    record = records(checkpoints)[STEP4]
+    assert record["state"] == "failed" and folder.is_dir()
+    written = rf"{STEP4}/\S+" if archive_format == FILES_FORMAT else re.escape(f"{STEP4}.tar")
+    assert re.fullmatch(rf"StorageError: upload destination {re.escape(str(dest))}: cannot write {written} "
+                        r"\(No space left on device\)", record["error"]), record["error"]
+    assert list(dest.iterdir()) == []  # no temporary file, no empty checkpoint folder
 
 
 def test_part_objects_older_than_a_day_are_removed_at_start(tmp_path: Path, gcs_server: GCSEmulator,

@@ -9,6 +9,10 @@ Archives: write_archive streams a checkpoint folder into any writable stream (an
 that only measures), with entries in a fixed order and no owner fields, so the same checkpoint always gives
 the same bytes; unpack_archive unpacks a stream (a download on its way) into a folder, and extract_archive
 unpacks a local archive into .tmp-<name>/ and renames it when whole.
+
+Every name read from a destination (a manifest's paths, an archive's entries, the log mirror's listing) is
+chosen by whoever can write there (GCS keeps `logs/../../x` as given): it becomes part of a local path only
+through checked_relative(), which refuses any that could lead outside its folder.
 """
 import base64
 import gzip
@@ -159,9 +163,17 @@ def _check_tar_format(archive_format: str) -> None:
 
 
 def _members_inside(tar: tarfile.TarFile, name: str, archive: str, include: Include) -> Iterator[tarfile.TarInfo]:
+    """The entries to unpack, each a file or folder whose name is a relative path inside <name>/. extractall's
+    filter="data" alone keeps every entry inside the unpacking folder (it strips a leading "/", and refuses
+    names and links that lead outside that folder, and device files), but would let <name>/../other/x or a
+    link to ../other put files beside <name>/; a checkpoint holds neither links nor "..", so both are refused."""
     for member in tar:
+        checked_relative(member.name, archive)
         if member.name != name and not member.name.startswith(name + "/"):
             raise UploadError(f"{archive}: entry {member.name!r} is outside {name}/")
+        if not (member.isfile() or member.isdir()):
+            raise UploadError(f"{archive}: entry {member.name!r} is a link or a special file, not a checkpoint's "
+                              "file or folder")
         if member.isdir() or member.name == name or include(member.name[len(name) + 1:]):
             yield member
 
@@ -231,11 +243,16 @@ def files_manifest(name: str, entries: list[FileEntry]) -> bytes:
     return (json.dumps({"checkpoint": name, "format": 1, "files": files}, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _safe_relative(path: Any) -> bool:
-    if not isinstance(path, str) or not path or "\\" in path:
-        return False
-    parts = PurePosixPath(path).parts
-    return not PurePosixPath(path).is_absolute() and all(part not in ("", ".", "..") for part in parts)
+def checked_relative(name: object, where: str) -> str:
+    """`name`, read from the destination at `where`, for joining onto a local folder: refused in one line unless
+    it is a relative path below that folder (not absolute, no ".." part, not the folder itself; no backslash,
+    which a Windows tool takes for a separator). Downloads and unpacking create no links, so such a name also
+    resolves inside the folder."""
+    path = PurePosixPath(name) if isinstance(name, str) else None
+    if path is None or not path.parts or path.is_absolute() or ".." in path.parts or "\\" in str(name):
+        raise UploadError(f"{where}: refusing {name!r}: a remote name must be a relative path inside its folder, "
+                          "without '..'")
+    return str(name)
 
 
 def parse_files_manifest(data: bytes, name: str, where: str) -> list[FileEntry]:
@@ -249,8 +266,8 @@ def parse_files_manifest(data: bytes, name: str, where: str) -> list[FileEntry]:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UploadError(f"{where}: not a checkpoint files manifest ({error})") from None
     for entry in entries:
-        if not _safe_relative(entry.path) or not isinstance(entry.size, int) or entry.size < 0 \
-                or not isinstance(entry.crc32c, str):
+        checked_relative(entry.path, where)
+        if not isinstance(entry.size, int) or entry.size < 0 or not isinstance(entry.crc32c, str):
             raise UploadError(f"{where}: bad entry {entry.path!r} (size {entry.size!r}, crc32c {entry.crc32c!r})")
     return entries
 

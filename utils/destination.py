@@ -85,6 +85,8 @@ def remote_checkpoints(storage: Storage) -> dict[str, tuple[CheckpointInfo, Obje
     (<name>.files.json, preferred) or its archive. info.path is where it would be restored to."""
     found: dict[str, tuple[CheckpointInfo, ObjectInfo]] = {}
     for obj in storage.list("checkpoint-*"):
+        # Only a name that is a checkpoint's (CHECKPOINT_PATTERN: one path component, no "/" or "..") is taken, so
+        # a listed name never leads outside the checkpoint folder it is restored into.
         split = split_archive_name(obj.name)
         if split and split[0] not in found:
             parsed = parse_checkpoint_name(split[0])

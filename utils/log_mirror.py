@@ -11,6 +11,7 @@ import logging
 import threading
 from pathlib import Path
 
+from utils.archive import checked_relative
 from utils.checkpoint_utils import UploadError
 from utils.manifest import one_line
 from utils.storage import Storage, StorageError
@@ -54,14 +55,16 @@ class LogMirror:
         return ([metrics] if metrics.is_file() else []) + trackers
 
     def pull(self) -> int:
-        """Brings the logs at the destination into an empty log_dir (a fresh machine); returns the files fetched."""
+        """Brings the logs at the destination into an empty log_dir (a fresh machine); returns the files fetched.
+        A name that would lead outside log_dir is an UploadError."""
         if (self.log_dir / METRICS_FILE).exists():
             return 0
         try:
             remote = self.storage.list_tree(LOGS_FOLDER)
-            for info in remote:
-                relative = info.name[len(LOGS_FOLDER) + 1:]
-                self.storage.download(info.name, self.log_dir / relative)
+            # Every name checked before the first download: a listing with one bad name fetches nothing.
+            targets = [self.log_dir / checked_relative(info.name[len(LOGS_FOLDER) + 1:], self.url) for info in remote]
+            for info, target in zip(remote, targets):
+                self.storage.download(info.name, target)
         except (OSError, StorageError) as error:
             raise UploadError(f"the logs at {self.url}: {one_line(error)}") from None
         if remote:

@@ -163,7 +163,8 @@ def upload_folder(storage: Storage, folder: Path, name: str, streams: int, on_by
     pending = [relative for relative in files if relative not in entries]
     uploads: list[FileUpload] = []
     try:
-        uploads = [storage.begin_file(folder / relative, f"{name}/{relative}", part_bytes) for relative in pending]
+        for relative in pending:  # one by one: those begun before one that fails are aborted too
+            uploads.append(storage.begin_file(folder / relative, f"{name}/{relative}", part_bytes))
         with ThreadPoolExecutor(max_workers=streams, thread_name_prefix=f"upload-{name[-24:]}") as pool:
             sends = [(upload, part) for upload in uploads for part in upload.parts]
             crcs = run_all(pool, [lambda u=upload, p=part: u.send(p, on_bytes) for upload, part in sends])

@@ -1,8 +1,8 @@
 """The Google Cloud Storage backend of utils/storage.py: gs://bucket/prefix through google-cloud-storage.
 
 Listing, lookups, downloads (checked by the library itself, checksum="crc32c", while the bytes arrive),
-deletes and composes; uploads are in utils/storage_gcs_upload.py. Part objects (.parts/...) older than a
-day, left by killed uploads, are deleted by remove_leftovers().
+deletes and composes; uploads are in utils/storage_gcs_upload.py. Part objects (.parts/...) that killed
+uploads left are deleted by remove_leftovers(): at once where their file's object is composed, else after a day.
 """
 from __future__ import annotations  # a method named `list` must not hide the builtin in annotations
 
@@ -24,7 +24,7 @@ from requests.adapters import HTTPAdapter
 
 from utils.storage import (CHUNK_BYTES, GCS_SCHEME, PART_BYTES, NotFoundError, ObjectInfo, OnBytes,
                            PreconditionFailedError, StorageError, shorten_middle)
-from utils.storage_gcs_upload import PARTS_FOLDER, GCSFileUpload, GCSWriter
+from utils.storage_gcs_upload import PARTS_FOLDER, GCSFileUpload, GCSWriter, part_target
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +332,17 @@ class GCSStorage:
             raise self._error(error, self._url(name)) from None
 
     def remove_leftovers(self) -> list[ObjectInfo]:
-        """Deletes part objects older than a day: what killed uploads left, which no later upload of their
-        checkpoint reused or removed. Younger ones may belong to an upload in progress."""
+        """Deletes the part objects that no upload needs: those of a file whose object is composed already (what
+        a writer killed during the composes left; a live writer deletes them itself right after its compose),
+        and any older than a day. The others may be another machine's upload in progress, which no pid here can
+        tell, or verified parts that the next attempt at that checkpoint reuses (and then deletes)."""
         cutoff = time.time() - LEFTOVER_PART_AGE_S
-        old = [info for info in self.list_tree(PARTS_FOLDER) if info.modified is not None and info.modified < cutoff]
-        for info in old:
-            self.delete_generation(info.name, info.generation)
-        return old
+        # Listed before the objects are looked up: a writer sends parts only while its file's object does not
+        # exist (begin_file refuses otherwise), so a listed part whose object exists afterwards is in that object.
+        parts = self.list_tree(PARTS_FOLDER)
+        composed = {target for target in {part_target(info.name) for info in parts} if target and self.exists(target)}
+        done = [info for info in parts if part_target(info.name) in composed
+                or (info.modified is not None and info.modified < cutoff)]
+        for info in done:
+            self.delete_generation(info.name, info.generation)  # that version only: never a newer upload's part
+        return done

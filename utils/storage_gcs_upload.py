@@ -34,6 +34,12 @@ def part_name(name: str, part: Part) -> str:
     return f"{PARTS_FOLDER}/{name}/{part.offset}-{part.length}"
 
 
+def part_target(part: str) -> str:
+    """The object that a part (or an intermediate compose) .parts/<name>/<leaf> goes into: <name>; "" for an
+    object directly under .parts/, which is no part."""
+    return part[len(PARTS_FOLDER) + 1:].rpartition("/")[0]
+
+
 class GCSWriter:
     """A resumable upload fed by write(); close() finishes and verifies it, an exception cancels it."""
 

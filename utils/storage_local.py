@@ -3,7 +3,9 @@
 Every write goes to a hidden temporary file named `.tmp-upload-<pid>+<host>+<name>` beside its final name,
 is fsynced, then hard-linked to the final name (which fails if that exists: nothing is overwritten) and the
 folder fsynced. A writer killed on the way leaves its temporary file; the pid and host in the name tell a
-dead writer's leftovers (removed by remove_leftovers) from a live one's (kept).
+dead writer's leftovers (removed by remove_leftovers) from a live one's (kept). A write that fails (a full
+disk) is one line naming the destination folder, and removes its temporary file and the folders it created
+that stayed empty.
 """
 from __future__ import annotations  # a method named `list` must not hide the builtin in annotations
 
@@ -69,6 +71,23 @@ def link_into_place(tmp: Path, final: Path) -> None:
     finally:
         tmp.unlink()
     fsync_dir(final.parent)
+
+
+def cannot_write(root: Path, final: Path, error: OSError) -> StorageError:
+    """A failed write at the destination as one line naming it: a full disk's OSError (Errno 28) names nothing."""
+    return StorageError(f"upload destination {root}: cannot write {final.relative_to(root)} "
+                        f"({error.strerror or error})")
+
+
+def remove_empty_folders(folder: Path, root: Path) -> None:
+    """`folder` and its parents below `root` while they are empty: the checkpoint folders that a failed write
+    created, which would otherwise stay behind empty."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another file's, maybe another writer's), or gone already
+            return
+        folder = folder.parent
 
 
 class LocalStorage:
@@ -158,13 +177,13 @@ class LocalStorage:
 
     def open_writer(self, name: str) -> BinaryIO:
         self._check_root()
-        return _LocalWriter(self._path(name))  # type: ignore[return-value]
+        return _LocalWriter(self.root, self._path(name))  # type: ignore[return-value]
 
     def begin_file(self, src: Path, name: str, part_bytes: int = PART_BYTES) -> "LocalFileUpload":
         self._check_root()
         if self.exists(name):
             raise PreconditionFailedError(f"{self._path(name)}: already exists; not overwriting")
-        return LocalFileUpload(src, self._path(name), name, part_bytes)
+        return LocalFileUpload(self.root, src, self._path(name), name, part_bytes)
 
     def _check_root(self) -> None:
         """A mounted destination that drops out leaves its folder missing, or an empty mount point on the boot
@@ -217,15 +236,23 @@ class LocalStorage:
 class _LocalWriter:
     """Writes to a hidden temporary file; close() links it to the final name, which must not exist yet."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, root: Path, final: Path) -> None:
+        self.root = root
         self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)  # a subfolder of the root, which open_writer checked
         self.tmp = final.parent / tmp_upload_name(final.name)
-        self.handle = open(self.tmp, "wb")
         self.closed = False
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)  # a subfolder of the root, which open_writer checked
+            self.handle = open(self.tmp, "wb")
+        except OSError as error:
+            remove_empty_folders(final.parent, root)
+            raise cannot_write(root, final, error) from None
 
     def write(self, data: bytes) -> int:
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            raise cannot_write(self.root, self.final, error) from None
 
     def writable(self) -> bool:
         return True
@@ -237,15 +264,23 @@ class _LocalWriter:
         if self.closed:
             return
         self.closed = True
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        link_into_place(self.tmp, self.final)
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            link_into_place(self.tmp, self.final)
+        except OSError as error:
+            self.abort()  # the end of a write fails too on a full disk (the flush, the fsync)
+            raise cannot_write(self.root, self.final, error) from None
 
     def abort(self) -> None:
         self.closed = True
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:  # the flush of what is buffered fails again on a full disk; the file goes anyway
+            pass
         self.tmp.unlink(missing_ok=True)
+        remove_empty_folders(self.final.parent, self.root)
 
     def __enter__(self) -> "_LocalWriter":
         return self
@@ -258,16 +293,22 @@ class LocalFileUpload:
     """A file copied by several threads at once into one temporary file (each part written at its offset),
     then fsynced, checked against the bytes sent and linked into place."""
 
-    def __init__(self, src: Path, final: Path, name: str, part_bytes: int) -> None:
+    def __init__(self, root: Path, src: Path, final: Path, name: str, part_bytes: int) -> None:
+        self.root = root
         self.src = src
         self.final = final
         self.name = name
         self.size = src.stat().st_size
         self.parts = split_into_parts(self.size, part_bytes)
-        final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = final.parent / tmp_upload_name(final.name)
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.size)
+        self._fd = -1
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, self.size)
+        except OSError as error:
+            self.abort()
+            raise cannot_write(root, final, error) from None
 
     def send(self, part: Part, on_bytes: OnBytes) -> int:
         crc = 0
@@ -278,7 +319,10 @@ class LocalFileUpload:
                 chunk = reader.read(min(CHUNK_BYTES, left))
                 if not chunk:
                     raise StorageError(f"{self.src}: changed size during the upload")
-                os.pwrite(self._fd, chunk, position)  # parts never overlap: no lock needed
+                try:
+                    os.pwrite(self._fd, chunk, position)  # parts never overlap: no lock needed
+                except OSError as error:  # the destination's failure; the source's read errors name the source
+                    raise cannot_write(self.root, self.final, error) from None
                 crc = google_crc32c.extend(crc, chunk)
                 position += len(chunk)
                 left -= len(chunk)
@@ -286,16 +330,23 @@ class LocalFileUpload:
         return crc
 
     def finish(self, crcs: list[int]) -> ObjectInfo:
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
         expected = encode_crc32c(combine_parts(crcs, self.parts))
-        stored = encode_crc32c(crc32c_of_range(self.tmp, 0, self.size))  # what reached the file, read back
-        if self.tmp.stat().st_size != self.size or stored != expected:
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            stored = encode_crc32c(crc32c_of_range(self.tmp, 0, self.size))  # what reached the file, read back
+            stored_size = self.tmp.stat().st_size
+        except OSError as error:
+            raise cannot_write(self.root, self.final, error) from None
+        if stored_size != self.size or stored != expected:
             self.abort()
             raise StorageError(f"{self.final}: written copy differs from the bytes sent (crc32c {stored} vs "
                                f"{expected}); removed it")
-        link_into_place(self.tmp, self.final)
+        try:
+            link_into_place(self.tmp, self.final)
+        except OSError as error:
+            raise cannot_write(self.root, self.final, error) from None
         return ObjectInfo(self.name, self.size, expected, None, time.time())
 
     def abort(self) -> None:
@@ -303,4 +354,4 @@ class LocalFileUpload:
             os.close(self._fd)
             self._fd = -1
         self.tmp.unlink(missing_ok=True)
-
+        remove_empty_folders(self.final.parent, self.root)
