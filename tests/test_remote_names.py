@@ -16,7 +16,7 @@ from utils.archive import FileEntry, files_manifest
 from utils.checkpoint_utils import UploadError
 from utils.destination import find_local_or_remote, remote_checkpoints, restore_checkpoint
 from utils.log_mirror import LogMirror
-from utils.storage import LocalStorage, ObjectInfo, encode_crc32c
+from utils.storage import LocalStorage, ObjectInfo, StorageError, encode_crc32c
 
 STEP4, STEP8 = "checkpoint-epoch0-step4-files0", "checkpoint-epoch0-step8-files0"
 REFUSED = "a remote name must be a relative path inside its folder, without '..'"
@@ -157,3 +157,20 @@ def test_a_listed_checkpoint_name_outside_the_checkpoint_folder_is_never_taken(t
     assert list(remote_checkpoints(storage)) == [STEP4]  # type: ignore[arg-type]
     info, obj = find_local_or_remote(tmp_path / "checkpoints", "latest", storage)  # type: ignore[arg-type]
     assert info.path == tmp_path / "checkpoints" / STEP4 and obj is not None and obj.name == f"{STEP4}.files.json"
+
+
+def test_a_link_planted_in_a_local_destination_leads_no_write_or_read_outside_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    destination = tmp_path / "destination"
+    destination.mkdir()
+    (destination / STEP8).symlink_to(outside)  # named like the checkpoint the run will upload next
+    storage = LocalStorage(destination)
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"weights")
+    with pytest.raises(StorageError, match=f"refusing '{STEP8}/model.safetensors': it leads outside the folder"):
+        storage.upload_file(source, f"{STEP8}/model.safetensors")
+    with pytest.raises(StorageError, match="leads outside the folder"):
+        storage.read_bytes(f"{STEP8}/model.safetensors")
+    assert list(outside.iterdir()) == []
+    assert storage.upload_file(source, f"{STEP4}/model.safetensors").size == len(b"weights")  # a real folder is fine

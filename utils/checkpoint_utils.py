@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-epoch(\d+)-step(\d+)-files(\d+)")
 TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def checkpoint_name(epoch: int, step: int, files: int) -> str:
 
 
 def parse_checkpoint_name(name: str) -> tuple[int, int, int] | None:
-    match = CHECKPOINT_PATTERN.match(name)
+    match = CHECKPOINT_PATTERN.fullmatch(name)  # "$" would let a trailing newline through
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 

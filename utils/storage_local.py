@@ -100,7 +100,12 @@ class LocalStorage:
         self._root_device: int | None = None  # the filesystem of root at the first write; later writes need the same
 
     def _path(self, name: str) -> Path:
-        return self.root / name
+        path = self.root / name
+        # Whoever can write the folder could plant a link named like a future checkpoint: nothing is read or written
+        # through one that leads outside it.
+        if not path.resolve().is_relative_to(self.root):
+            raise StorageError(f"{self.root}: refusing {name!r}: it leads outside the folder (a symbolic link?)")
+        return path
 
     def _info(self, name: str, path: Path) -> ObjectInfo:
         stat = path.stat()
