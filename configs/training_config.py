@@ -146,6 +146,10 @@ class TrainingConfig:
     writes the same files. "auto" = on CUDA; false writes synchronously."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on local disk."""
+    allow_unverified_checkpoints: bool = False
+    """Resume a checkpoint without checksums.json (saved by an earlier version, or one that lost the file): its files
+    are then not verified, so a damaged one is trained on (they are still read only as data: safetensors, JSON,
+    torch.load(weights_only=True)). False refuses such a checkpoint in one line."""
     checkpoint_dir: str = "checkpoints"
     logging_steps: int = 100
     """Write a metrics line (and sync with the GPU) every this many optimizer steps."""
@@ -243,8 +247,8 @@ class TrainingConfig:
         for name in ("adam_epsilon", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.adam_epsilon >= 1:
-            raise ConfigError(f"adam_epsilon must be below 1 (it guards a division by the gradient's scale), "
+        if not 0 < self.adam_epsilon < 1:  # 0: a parameter whose gradient is 0 (an unused token) turns NaN
+            raise ConfigError(f"adam_epsilon must be in (0, 1) (it guards AdamW's division by the gradient's scale), "
                               f"got {self.adam_epsilon!r}")
         if self.learning_rate * self.weight_decay >= 1:  # each step multiplies every weight by 1 - lr * wd
             raise ConfigError(f"weight_decay {self.weight_decay!r} times learning_rate {self.learning_rate!r} must be "

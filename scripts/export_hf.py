@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path,
                         help="a tokenizer.json (or a folder holding one) to include instead of the run's own")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="export a checkpoint without checksums.json (saved by an earlier version): its files are "
+                             "then not verified")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # download progress of a remote checkpoint
     try:
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-hf-", dir=args.out_dir.parent) as workdir:
             checkpoint = materialize_checkpoint(args.checkpoint, Path(workdir))
-            exported = export_checkpoint(checkpoint, args.out_dir, args.dtype, args.tokenizer, args.overwrite)
+            exported = export_checkpoint(checkpoint, args.out_dir, args.dtype, args.tokenizer, args.overwrite,
+                                         args.allow_unverified)
             # The tokenizer's source, unless it lies in the unpacked checkpoint deleted just below.
             source = exported.tokenizer
             if source is not None and Path(workdir).resolve() in source.resolve().parents:

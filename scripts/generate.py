@@ -29,9 +29,10 @@ from utils.export import (TOKENIZER_FILE, ExportError, checkpoint_tokenizer, hf_
                           load_checkpoint_model, materialize_checkpoint)
 
 
-def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None,
+def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None, allow_unverified: bool,
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """From an exported folder (config.json) or a training checkpoint; a clear ExportError otherwise."""
+    """From an exported folder (config.json) or a training checkpoint (allow_unverified: also one without
+    checksums.json); a clear ExportError otherwise."""
     if (location / "config.json").is_file():
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
@@ -40,7 +41,7 @@ def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None,
         tokenizer_file = tokenizer_override or location / TOKENIZER_FILE
         where = "the model folder"
     else:
-        model = load_checkpoint_model(location)
+        model = load_checkpoint_model(location, allow_unverified)
         tokenizer_file = tokenizer_override or checkpoint_tokenizer(location)
         where = "the checkpoint or beside the run's shards"
     if tokenizer_file is None or not tokenizer_file.exists():
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer.json (or a folder holding one) to use instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="read a checkpoint without checksums.json (saved by an earlier version): its files are "
+                             "then not verified")
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         parser.error("--max-new-tokens must be positive")
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             location = materialize_checkpoint(args.model, Path(workdir))
             if not location.is_dir():
                 raise ExportError(f"{args.model}: no such checkpoint or model folder")
-            model, tokenizer = load_model_and_tokenizer(location, args.tokenizer)
+            model, tokenizer = load_model_and_tokenizer(location, args.tokenizer, args.allow_unverified)
         model.to(device)
         text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     except ExportError as error:

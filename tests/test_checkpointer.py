@@ -3,25 +3,34 @@ hand-off, the resume choice and its refusals, and the train state it restores. (
 several processes are end-to-end tests: test_train_e2e.py, test_multiprocess.py.)"""
 import errno
 import json
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
+from conftest import MICRO_MODEL
 from configs.training_config import ConfigError, TrainingConfig
 from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints
+from utils.checkpoint_writer import write_rng_state
 from utils.checkpointer import Checkpointer
 from utils.data_utils import DataPosition, StreamSpec
 from utils.shards import DataError
 from utils.destination import open_destination
 from utils.manifest import UploadManifest
 from utils.metrics import TrainingMetrics
+from utils.model import build_model
 from utils import resume
 from utils.resume import schedule_changes
 from utils.storage import ObjectInfo
 from utils.train_state import TrainState
+from utils.training_utils import make_optimizer
 
 SPEC = StreamSpec(("tokenized_a.npz", "tokenized_b.npz"), seq_len=64, seed=1234, vocab_size=4096, eos_token_id=0,
                   pad_token_id=None, shuffle_window_shards=1)
@@ -32,7 +41,7 @@ class FakeAccelerator:
     """The parts of Accelerator a Checkpointer uses, for one process: save_state writes small files."""
 
     is_main_process = is_local_main_process = True
-    num_processes, process_index = 1, 0
+    num_processes, process_index, step = 1, 0, 0
     mixed_precision = "no"
     device = torch.device("cpu")
     distributed_type = "NO"
@@ -43,7 +52,7 @@ class FakeAccelerator:
     def save_state(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / WEIGHTS).write_bytes(b"weights of " + Path(folder).name.encode())
-        torch.save({"step": 0}, Path(folder) / "random_states_0.pkl")
+        write_rng_state(self, Path(folder))
 
     def load_state(self, folder: str) -> None:
         if not (Path(folder) / WEIGHTS).read_bytes().startswith(b"weights"):
@@ -223,10 +232,11 @@ def test_load_restores_the_train_state_and_refuses_another_stream(tmp_path: Path
     other_stream = TrainState(replace(SPEC, seed=1), TrainingMetrics())
     with pytest.raises(DataError, match="trained with seed=1234"):
         checkpointer.load(target, other_stream)
-    (target.path / "checksums.json").unlink()  # as a checkpoint of an earlier version: loading itself fails
+    (target.path / "checksums.json").unlink()  # as a checkpoint of an earlier version, allowed: loading itself fails
     (target.path / WEIGHTS).write_bytes(b"garbage")
+    unverified = make_checkpointer(replace(config, allow_unverified_checkpoints=True), accelerator)
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
-        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+        unverified.load(target, TrainState(SPEC, TrainingMetrics()))
 
 
 def test_a_resume_that_would_reshape_the_schedule_unasked_is_refused(tmp_path: Path) -> None:
@@ -260,15 +270,19 @@ def test_a_damaged_or_malformed_checkpoint_is_one_line_naming_the_file(tmp_path:
     with pytest.raises(CheckpointError, match="random_states_0.pkl: missing"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
 
-    # A checkpoint of an earlier version records no checksums: its RNG files must at least load.
+    # A checkpoint of an earlier version records no checksums: loaded only when allowed, its RNG files must load.
     (target.path / "checksums.json").unlink()
     weights.write_bytes(b"weights again")
-    torch.save({"step": 0}, target.path / "random_states_0.pkl")
+    write_rng_state(FakeAccelerator(), target.path)
+    with pytest.raises(CheckpointError, match=f"^{target.path}: records no checksums.json .*; set "
+                                              "allow_unverified_checkpoints .* to load it unverified$"):
+        checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+    checkpointer = make_checkpointer(replace(config, allow_unverified_checkpoints=True))
     checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
     (target.path / "random_states_0.pkl").write_bytes(torch.load.__doc__.encode()[:10])  # truncated, say
     with pytest.raises(CheckpointError, match="random_states_0.pkl: unreadable"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
-    torch.save({"step": 0}, target.path / "random_states_0.pkl")
+    write_rng_state(FakeAccelerator(), target.path)
     (target.path / "metadata.json").write_text("{}")
     with pytest.raises(CheckpointError, match="metadata.json: not a checkpoint's metadata"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
@@ -277,3 +291,62 @@ def test_a_damaged_or_malformed_checkpoint_is_one_line_naming_the_file(tmp_path:
     (target.path / "data_state.json").write_text(json.dumps({k: v for k, v in data_state.items() if k != "position"}))
     with pytest.raises(CheckpointError, match="unreadable train state"):
         checkpointer.load(target, TrainState(SPEC, TrainingMetrics()))
+
+
+@pytest.fixture
+def accelerator() -> Iterator[Accelerator]:
+    """A real Accelerator on the CPU, for saves that write what train.py writes."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def real_checkpointer(tmp_path: Path, accelerator: Accelerator, async_save: bool) -> Checkpointer:
+    """A Checkpointer of the micro model, saving synchronously or in the background."""
+    config = make_config(tmp_path, model=MICRO_MODEL, async_save=async_save)
+    model = build_model(config.model_shape())
+    prepared = accelerator.prepare(model, *make_optimizer(model, config, fused=False))
+    checkpointer = Checkpointer(config, config.model_shape(), accelerator, None, shared_disk=True)
+    checkpointer.start(lambda record: None, prepared, None)
+    return checkpointer
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_weights_follow_the_umask_like_every_other_file(tmp_path: Path, accelerator: Accelerator,
+                                                            async_save: bool) -> None:
+    checkpointer = real_checkpointer(tmp_path, accelerator, async_save)
+    umask = os.umask(0o027)
+    try:
+        checkpointer.save(state_at(4), "scheduled")
+        checkpointer.wait_for_write()
+    finally:
+        os.umask(umask)
+    saved = Path(checkpointer.config.checkpoint_dir) / "checkpoint-epoch0-step4-files0"
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in saved.iterdir()}
+    assert WEIGHTS in modes and modes == dict.fromkeys(modes, 0o640)  # safetensors alone wrote 0600
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_that_fills_the_disk_leaves_no_temporary_folder(tmp_path: Path, accelerator: Accelerator,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               async_save: bool) -> None:
+    checkpointer = real_checkpointer(tmp_path, accelerator, async_save)
+    checkpointer.save(state_at(4), "scheduled")
+    checkpointer.wait_for_write()
+    save = torch.save
+
+    def fill_the_disk(value: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(file).name == "optimizer.bin":  # after model.safetensors: the folder holds half a checkpoint
+            Path(file).write_bytes(b"half an optimizer")
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        save(value, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    folder = Path(checkpointer.config.checkpoint_dir)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointer.save(state_at(8), "scheduled")
+        checkpointer.wait_for_write()
+    assert str(raised.value).startswith(f"saving checkpoint-epoch0-step8-files0 in {folder} failed: [Errno 28] No "
+                                        f"space left on device: '{folder / '.tmp-checkpoint-epoch0-step8-files0'}")
+    assert "\n" not in str(raised.value)
+    assert [path.name for path in folder.iterdir()] == ["checkpoint-epoch0-step4-files0"]

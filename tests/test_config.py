@@ -64,7 +64,8 @@ def test_overrides_and_paths(tmp_path: Path) -> None:
     ({"max_steps": "10"}, "max_steps has the wrong type"),
     ({"learning_rate": -1.0}, "learning_rate must be in (0, 1]"),
     ({"learning_rate": 1e300}, "learning_rate must be in (0, 1]"),  # once a traceback at the first step
-    ({"adam_epsilon": 1e300}, "adam_epsilon must be below 1"),
+    ({"adam_epsilon": 1e300}, "adam_epsilon must be in (0, 1)"),
+    ({"adam_epsilon": 0}, "adam_epsilon must be in (0, 1)"),  # NaN at the first step
     ({"weight_decay": 1e300}, "weight_decay 1e+300 times learning_rate 0.0002 must be below 1"),
     ({"process_group_timeout_s": 1e300}, "process_group_timeout_s must be in (0, 604800]"),  # once an OverflowError
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),

@@ -1,6 +1,8 @@
 """Export to a Hugging Face folder (local, archived and gs:// checkpoints) and text generation."""
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,16 @@ def test_fp32_export_reloads_with_equal_logits(trained: Path, sample_data: Path,
     torch.testing.assert_close(logits(auto, input_ids), logits(exported, input_ids), rtol=0, atol=0)
 
 
+def test_the_exported_weights_follow_the_umask_like_every_other_file(trained: Path, tmp_path: Path) -> None:
+    umask = os.umask(0o027)
+    try:
+        assert export_hf.main([str(checkpoint_of(trained)), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and modes == dict.fromkeys(modes, 0o640)  # safetensors alone wrote 0600
+
+
 def test_bf16_export_and_tokenizer(trained: Path, sample_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert export_hf.main([str(checkpoint_of(trained)), str(out)]) == 0  # bf16 by default
@@ -118,6 +130,8 @@ def test_export_refuses_to_overwrite_and_bad_checkpoints(trained: Path, tmp_path
     assert "model.safetensors: damaged (15 bytes" in capsys.readouterr().err  # checksums.json says what it was
     (broken / "checksums.json").unlink()  # as a checkpoint of an earlier version, which records none
     assert export_hf.main([str(broken), str(tmp_path / "x")]) == 2
+    assert "records no checksums.json" in capsys.readouterr().err
+    assert export_hf.main([str(broken), str(tmp_path / "x"), "--allow-unverified"]) == 2
     assert "model.safetensors: unreadable" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

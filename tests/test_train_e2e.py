@@ -1,5 +1,6 @@
 """train.py end to end on CPU: checkpoints, exact resume, refusals, signals, bad data, two processes."""
 import json
+import os
 import re
 import shutil
 import signal
@@ -151,19 +152,26 @@ def test_a_resume_never_reshapes_the_schedule_unasked(tmp_path: Path, sample_dat
         [1e-3 * lr_multiplier(i, 2, 12, 0.1) for i in range(9, 12)], rel=1e-12)
 
 
+def run_diverging(after_step: int, *args: str) -> subprocess.CompletedProcess:
+    """train.py whose weights turn NaN after `after_step` (tests/train_diverging.py)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DIVERGE_AFTER_STEP": str(after_step)}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "train_diverging.py"), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=240, env=env)
+
+
 def test_a_diverging_run_stops_before_a_nan_reaches_a_checkpoint(tmp_path: Path, sample_data: Path) -> None:
     options = dict(max_steps=30, save_steps=5, logging_steps=5, keep_checkpoints=1, lr_decay_steps=30, warmup_steps=0)
     config = write_config(tmp_path, sample_data, **options)
     assert run_train("--config", str(config), "--max-steps", "5").returncode == 0
     good = checkpoints(tmp_path)
-    # A learning rate of 1e4: NaN within a few steps, between two logging steps.
-    diverging = write_config(tmp_path, sample_data, **options, learning_rate=1e4)
-    result = run_train("--config", str(diverging), "--resume", "latest")
+    # NaN weights after step 7, between two logging steps (tests/train_diverging.py).
+    result = run_diverging(7, "--config", str(config), "--resume", "latest")
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    assert re.search(r"NaN or infinite since step \d+ \(seen at step \d+\); nothing after step 5 was saved; the "
-                     r"newest good checkpoint is checkpoint-epoch0-step5-files0", errors[0]), errors[0]
+    assert errors[0].endswith("NaN or infinite since step 8 (seen at step 10); nothing after step 5 was saved; the "
+                              "newest good checkpoint is checkpoint-epoch0-step5-files0: resume it (--resume latest) "
+                              "with a lower learning_rate or max_grad_norm"), errors[0]
     assert checkpoints(tmp_path) == good  # nothing saved, nothing pruned
     assert all(np.isfinite(tensor).all() for tensor in weights(tmp_path / "checkpoints" / good[0]).values())
     assert not np.isfinite(read_metrics(tmp_path / "logs")[-1]["loss"])  # the log shows what happened
@@ -280,13 +288,13 @@ def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
 def test_a_nan_since_the_last_logging_step_never_reaches_the_save_of_a_data_error(tmp_path: Path) -> None:
     data = tmp_path / "data"
     seed = good_then_corrupt_shard(data, steps=8)
-    # A learning rate of 1e4 diverges within the 8 steps, and no step is logged before the bad shard stops the run.
+    # The weights turn NaN after step 3, and no step is logged before the bad shard stops the run after step 8.
     config = write_config(tmp_path, data, max_steps=20, save_steps=100, logging_steps=100, seed=seed,
-                          shuffle_window_shards=1, learning_rate=1e4, warmup_steps=0, lr_decay_steps=20)
-    result = run_train("--config", str(config))
+                          shuffle_window_shards=1, warmup_steps=0, lr_decay_steps=20)
+    result = run_diverging(3, "--config", str(config))
     assert result.returncode == 3, result.stderr[-3000:]
-    assert re.search(r"error: training diverged: .* since step \d \(seen at step 8\); nothing after step 0 was saved",
-                     result.stderr), result.stderr[-3000:]
+    assert "error: training diverged: the loss or the gradient norm is NaN or infinite since step 4 (seen at step 8); " \
+           "nothing after step 0 was saved" in result.stderr, result.stderr[-3000:]
     assert checkpoints(tmp_path) == []
 
 

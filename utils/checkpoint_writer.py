@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -257,7 +258,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, name: 
     """
     folder = Path(checkpoint_dir)
     tmp, final = begin_save(accelerator, folder, name)
-    with one_line_save_error(name, folder):
+    with one_line_save_error(name, folder, remove=tmp if accelerator.is_main_process else None):
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -278,7 +279,7 @@ def begin_save(accelerator: Accelerator, folder: Path, name: str) -> tuple[Path,
     final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
     if final.exists():
         raise CheckpointError(f"{final} already exists; refusing to overwrite it")
-    with one_line_save_error(name, folder):
+    with one_line_save_error(name, folder, remove=tmp if accelerator.is_main_process else None):
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left by a crash during an earlier save
@@ -295,6 +296,8 @@ def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any]
         write_json_atomic(tmp / filename, value)
     for filename, source in copied_files.items():
         shutil.copyfile(source, tmp / filename)
+    for weights in tmp.glob("*.safetensors"):
+        follow_umask(weights)
     record_checksums(tmp)  # last: of every file, so that a damaged one is refused when loaded or uploaded
     fsync_tree(tmp)
     os.rename(tmp, final)
@@ -302,21 +305,37 @@ def finish_save(folder: Path, tmp: Path, final: Path, json_files: dict[str, Any]
 
 
 @contextmanager
-def one_line_save_error(name: str, folder: Path) -> Iterator[None]:
-    """A failed write as one CheckpointError line; the half-written .tmp- folder is removed at the next start.
-    torch's writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos": the free space
-    says what it was."""
+def one_line_save_error(name: str, folder: Path, remove: Path | None = None) -> Iterator[None]:
+    """A failed write as one CheckpointError line, the half-written folder `remove` (the main process's .tmp-<name>)
+    removed with it: a full disk gets back what the save took. torch's writer reports a full disk as
+    "[enforce fail at inline_container.cc] unexpected pos": the free space says what it was."""
     try:
         yield
     except (OSError, RuntimeError, CheckpointError, DistributedCheckpointError) as error:
         detail = " ".join(failure_text(error).split())[:300]
         try:
-            free = shutil.disk_usage(folder).free
+            free = shutil.disk_usage(folder).free  # before the removal, which frees what the save wrote
         except OSError:
             free = None
         if free is not None and free < LOW_DISK_BYTES and "No space left" not in detail:
             detail = f"no space left on device ({free / 1e6:,.0f} MB free): {detail}"
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
         raise CheckpointError(f"saving {name} in {folder} failed: {detail}") from None
+
+
+def follow_umask(path: Path) -> None:
+    """safetensors writes a file into a temporary file (mode 0600) renamed into place: `path` gets the mode open()
+    gives a new file in its folder (0666 less the umask), as every other file of a checkpoint or an export has, so
+    that whoever may read the others may read the weights too."""
+    probe = path.with_name(f".mode-probe-{path.name}")
+    probe.touch()
+    try:
+        mode = stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink()
+    if stat.S_IMODE(path.stat().st_mode) != mode:  # a filesystem of fixed modes (gcsfuse) is never asked to chmod
+        os.chmod(path, mode)
 
 
 def failure_text(error: BaseException) -> str:

@@ -35,6 +35,7 @@ from utils.run_identity import claim_run
 from utils.storage import Storage
 from utils.train_state import TrainState
 from utils.training_utils import first_process_decides
+from utils.untrusted import METADATA_FILES, check_rng_files, check_sharded_folder, refuse_unverified
 from utils.uploader import Uploader, disk_warning
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,10 @@ class Checkpointer:
 
     def load(self, target: ResumeTarget, state: TrainState) -> None:
         """Restores the model, optimizer, schedule and RNG (Accelerate) and the train state, once the first
-        process has checked every file against the checksums recorded at save time."""
-        first_process_decides(self.accelerator, lambda: check_files(target.path))
+        process has checked every file against the checksums recorded at save time, and that none would run code
+        (check_files)."""
+        first_process_decides(self.accelerator,
+                              lambda: check_files(target.path, self.config.allow_unverified_checkpoints))
         try:
             self.accelerator.load_state(str(target.path))
         except Exception as error:  # truncated or corrupt files raise anything from EOFError to RuntimeError
@@ -224,7 +227,8 @@ class Checkpointer:
                 self.saved(final, step, blocked, blocked - waited)
         else:
             tmp, final = begin_save(self.accelerator, self.folder, name)
-            with one_line_save_error(name, self.folder):
+            half_written = tmp if main_process else None  # removed by the main process when the save fails
+            with one_line_save_error(name, self.folder, remove=half_written):
                 if main_process or self.shared_disk:  # a disk of this machine's own keeps nothing of a save
                     write_rng_state(self.accelerator, tmp)
                 snapshot = self.snapshot(tmp)
@@ -236,7 +240,7 @@ class Checkpointer:
             if snapshot is not None:
                 def write() -> None:
                     writing = time.monotonic()
-                    with one_line_save_error(name, self.folder):
+                    with one_line_save_error(name, self.folder, remove=half_written):
                         snapshot.write(tmp)
                         if main_process:
                             finish_save(self.folder, tmp, final, files, copied)
@@ -354,21 +358,21 @@ def read_state_files(checkpoint: Path) -> dict[str, Any]:
             "metrics": read_json(checkpoint / "training_metrics.json")}
 
 
-def check_files(checkpoint: Path) -> None:
-    """Every file as it was saved (checksums.json); for a checkpoint of an earlier version, which records no
-    checksums, at least the RNG files must load (Accelerate would skip a truncated one without a word)."""
+def check_files(checkpoint: Path, allow_unverified: bool) -> None:
+    """Before load_state reads anything: every file as it was saved (checksums.json; a checkpoint without one is
+    refused unless allow_unverified), the pickles torch.distributed.checkpoint would unpickle with the full unpickler
+    (utils/untrusted.py), and the RNG files, which load_state would skip without a word if they did not load."""
     try:
-        if verify_checksums(checkpoint):
-            return
+        verified = verify_checksums(checkpoint)
     except ChecksumError as error:
         raise CheckpointError(f"{error}; resume from another checkpoint (python scripts/checkpoint_viewer.py "
                               "list)") from None
-    log.info(f"Note: {checkpoint.name} records no checksums (saved by an earlier version): its files are not verified")
-    for rng_file in sorted(checkpoint.glob("random_states_*.pkl")):
-        try:
-            torch.load(rng_file, weights_only=False)
-        except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
-            raise CheckpointError(f"{rng_file}: unreadable ({type(error).__name__}: {error})") from None
+    if not verified:
+        refuse_unverified(checkpoint, allow_unverified,
+                          "set allow_unverified_checkpoints (--set allow_unverified_checkpoints=true)")
+    for folder in sorted({metadata.parent for metadata in checkpoint.rglob(METADATA_FILES)}):
+        check_sharded_folder(folder)
+    check_rng_files(checkpoint)
 
 
 def prune_without_uploads(checkpoint_dir: str | Path, keep: int) -> list[str]:

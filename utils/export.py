@@ -27,9 +27,11 @@ from transformers.initialization import no_init_weights
 from configs.model_config import ModelShape, build_model_config
 from utils.archive import FILES_FORMAT, extract_archive, split_archive_name
 from utils.checkpoint_utils import CheckpointError
+from utils.checkpoint_writer import follow_umask
 from utils.checksum import ChecksumError, verify_checksums
 from utils.destination import remote_checkpoints, restore_checkpoint
 from utils.storage import StorageError, is_gcs_url, open_storage
+from utils.untrusted import check_sharded_folder, refuse_unverified
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODEL_FILE = "model.safetensors"
@@ -70,7 +72,9 @@ def read_checkpoint_json(checkpoint: Path, name: str) -> dict:
         raise ExportError(f"{path}: unreadable ({error})") from None
 
 
-def check_checkpoint(checkpoint: Path) -> None:
+def check_checkpoint(checkpoint: Path, allow_unverified: bool) -> None:
+    """A training checkpoint whose files an export reads are as they were saved (checksums.json); one without
+    checksums.json is refused unless allow_unverified."""
     if not checkpoint.exists():
         raise ExportError(f"{checkpoint}: no such checkpoint")
     if not checkpoint.is_dir():
@@ -79,10 +83,12 @@ def check_checkpoint(checkpoint: Path) -> None:
         raise ExportError(f"{checkpoint}: not a training checkpoint (no training_config.json)")
     if not (checkpoint / MODEL_FILE).is_file() and not (checkpoint / FSDP_MODEL_DIR).is_dir():
         raise ExportError(f"{checkpoint}: no model weights (neither {MODEL_FILE} nor {FSDP_MODEL_DIR}/)")
-    try:  # the files an export reads, as they were saved (a checkpoint of an earlier version records no checksums)
-        verify_checksums(checkpoint, only=lambda name: (checkpoint / name).exists() and (
+    try:
+        verified = verify_checksums(checkpoint, only=lambda name: (checkpoint / name).exists() and (
             name in (MODEL_FILE, "training_config.json", TOKENIZER_FILE) or name.startswith(f"{FSDP_MODEL_DIR}/")))
-    except ChecksumError as error:
+        if not verified:
+            refuse_unverified(checkpoint, allow_unverified, "pass --allow-unverified")
+    except (ChecksumError, CheckpointError) as error:
         raise ExportError(str(error)) from None
 
 
@@ -109,9 +115,12 @@ def saved_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
             raise ExportError(f"{checkpoint / MODEL_FILE}: unreadable ({error})") from None
     sharded = checkpoint / FSDP_MODEL_DIR
     try:
+        check_sharded_folder(sharded)  # what dcp_to_torch_save unpickles, checked before it does
         with tempfile.TemporaryDirectory(prefix="export-hf-fsdp-") as scratch:
             dcp_to_torch_save(sharded, Path(scratch) / "model.pt")
             return torch.load(Path(scratch) / "model.pt", weights_only=True)["model"]
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise ExportError(f"{sharded}: unreadable sharded checkpoint ({str(error).splitlines()[0]})") from None
 
@@ -173,9 +182,10 @@ def hf_tokenizer(tokenizer_file: Path, eos_token_id: int | None) -> PreTrainedTo
     return tokenizer
 
 
-def load_checkpoint_model(checkpoint: Path) -> GPTNeoXForCausalLM:
-    """The checkpoint's model in fp32, built in memory (what export writes, without the folder)."""
-    check_checkpoint(checkpoint)
+def load_checkpoint_model(checkpoint: Path, allow_unverified: bool = False) -> GPTNeoXForCausalLM:
+    """The checkpoint's model in fp32, built in memory (what export writes, without the folder); allow_unverified:
+    also from a checkpoint without checksums.json."""
+    check_checkpoint(checkpoint, allow_unverified)
     config = checkpoint_model_config(checkpoint)
     state = checkpoint_state(checkpoint, config)
     with no_init_weights():  # every weight is overwritten just below
@@ -240,6 +250,7 @@ def write_model_folder(checkpoint: Path, out_dir: Path, dtype: str, tokenizer: P
     out_dir.mkdir(parents=True)
     save_file({name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in state.items()},
               out_dir / MODEL_FILE, metadata={"format": "pt"})
+    follow_umask(out_dir / MODEL_FILE)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     if tokenizer is not None:
@@ -263,15 +274,15 @@ def check_export_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "bf16", tokenizer: Path | None = None,
-                      overwrite: bool = False) -> Exported:
+                      overwrite: bool = False, allow_unverified: bool = False) -> Exported:
     """Exports `checkpoint` into out_dir, through a temporary sibling folder renamed when complete.
 
     An existing out_dir is an error unless `overwrite`, and even then only an earlier export (a folder
-    holding config.json) is replaced.
+    holding config.json) is replaced. A checkpoint without checksums.json is refused unless allow_unverified.
     """
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    check_checkpoint(checkpoint)
+    check_checkpoint(checkpoint, allow_unverified)
     tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
     check_export_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
