@@ -27,7 +27,7 @@ if __name__ == "__main__":  # before the imports below: a missing or broken pack
 
 import torch  # noqa: E402
 
-from utils.performance import peak_tflops_for  # noqa: E402
+from utils.performance import peak_tflops_for
 
 NVIDIA_PROC = Path("/proc/driver/nvidia/version")
 SMI_QUERY = "index,name,driver_version,memory.total,memory.used,utilization.gpu,temperature.gpu"

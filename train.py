@@ -24,28 +24,27 @@ from torch.distributed.tensor import DTensor
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.command_line import config_from_args, parse_args, resolved_config_json
-from configs.model_config import shape_as_dict
-from configs.training_config import ConfigError, TrainingConfig
-from utils.accelerator import (enable_activation_checkpointing, keep_logits_in_low_precision, make_accelerator,
-                               use_fused_adamw)
-from utils.checkpoint_utils import CheckpointError, ReportedByTheMainProcess, list_checkpoints
-from utils.checkpointer import Checkpointer, check_sharded_checkpoints_share_a_disk, shares_checkpoint_disk
-from utils.data_utils import BatchLoader
-from utils.shards import DataError, ShardUnavailableError
-from utils.destination import open_destination
-from utils.evaluation import Evaluator
-from utils.export import ExportError, check_export_target, export_checkpoint
-from utils.metrics import TrainingMetrics
+from configs.training_config import TrainingConfig
+from utils.accelerator import (
+    enable_activation_checkpointing,
+    first_process_decides,
+    keep_logits_in_low_precision,
+    make_accelerator,
+    use_fused_adamw,
+)
+from utils.checkpoint_utils import Checkpointer
+from utils.checkpoints.export import check_export_target, export_checkpoint
+from utils.checkpoints.folders import list_checkpoints
+from utils.data.evaluation import Evaluator
+from utils.data.loader import BatchLoader
+from utils.data_utils import RunData, open_data
+from utils.errors import DataError, ShardUnavailableError
 from utils.model import build_model
-from utils.performance import MfuMeter, check_memory, describe_fast_path, make_mfu_meter, window_peak_memory_gib
-from utils.run_data import RunData, open_data
-from utils.resume import schedule_changes
-from utils.run_identity import claim_output_folders
-from utils.run_log import LogWindow, RunLog
-from utils.train_state import TrainState
-from utils.training_utils import (Consensus, StopRequest, TrainingDiverged, apply_optimizer_settings,
-                                  collective_failure, first_process_decides, lost_another_process,
-                                  make_optimizer)
+from utils.performance import check_memory, make_mfu_meter
+from utils.run_log import MetricsWindow, RunLog
+from utils.stopping import StepAgreement, StopRequest, TrainingDiverged, exit_code_after
+from utils.train_state import TrainingMetrics, TrainState
+from utils.training_utils import make_optimizer
 
 log = logging.getLogger("train")
 
@@ -65,24 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = make_accelerator(config)
         with logging_redirect_tqdm():
             return train(config, accelerator, args.resume, launcher_pid)
-    except (ConfigError, DataError, CheckpointError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ReportedByTheMainProcess:
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except RuntimeError as error:
-        if not lost_another_process(error):
+    except (Exception, KeyboardInterrupt) as error:
+        exit_code = exit_code_after(error)  # one line for what a user can act on; a bug keeps its traceback
+        if exit_code is None:
             raise
-        # The launcher stops this process next, and says which one failed; their own error line says why.
-        print(f"error: lost another process of this run ({collective_failure(error)}): it stopped or its machine "
-              "went away; resume from the newest checkpoint (--resume latest)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # during start-up; once training runs, Ctrl+C saves a checkpoint instead
-        print("\ninterrupted before training started: nothing to save", file=sys.stderr)
-        return 130
+        return exit_code
     finally:
         # A process group left for the interpreter's exit aborts the process (gloo: "terminate called without an
         # active exception"), which would replace the exit code a launcher passes on.
@@ -102,7 +88,6 @@ class Run:
     evaluator: Evaluator | None
     checkpointer: Checkpointer
     log: RunLog
-    mfu_meter: MfuMeter
     tokens_per_step: int
 
 
@@ -110,36 +95,30 @@ def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, 
     run, data, state = set_up(config, accelerator, resume)
     stop = StopRequest(launcher_pid)
     stop.install()
-    if state.step >= config.max_steps:  # nothing to train; uploads an earlier run left unfinished still happen
-        if accelerator.is_main_process:
-            log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
-        uploads_left = drain(run, stop)
-        return stop.exit_code if stop.signal_number is not None else 1 if uploads_left else 0
-
-    loader = data.loader(state.position, accelerator)
+    training, trained = state.step < config.max_steps, 0
     try:
-        exit_code = fit(run, loader, state, stop)
+        if training:
+            loader = data.loader(state.position, accelerator)
+            try:
+                trained = fit(run, loader, state, stop)
+            finally:
+                loader.close()
+        elif accelerator.is_main_process:  # nothing to train; uploads an earlier run left unfinished still happen
+            log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
     finally:
-        loader.close()
-        uploads_left = drain(run, stop)  # at the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued
-    if stop.signal_number is not None:  # a signal during the training or the wait for the uploads
-        exit_code = stop.exit_code
-    if stop.failure is not None or run.log.failure is not None:
-        saved = f"; saved {run.checkpointer.last_saved_name}" if run.checkpointer.last_saved_name else ""
-        print(f"error: {stop.failure or run.log.failure}{saved}", file=sys.stderr)
-        return 1
+        # At the end, on Ctrl+C, SIGTERM or an error alike: the last save is queued.
+        uploads_left = wait_for_writes_and_uploads(run, stop)
+    exit_code = stop.final_exit_code(trained, run.log.failure, run.checkpointer.last_saved_name)
 
     # --- export ----------------------------------------------------------------------------------
-    if exit_code == 0 and config.export_hf_dir is not None and accelerator.is_main_process:
+    if exit_code == 0 and training and config.export_hf_dir is not None and accelerator.is_main_process:
         final = list_checkpoints(config.checkpoint_dir)[-1]
         exported = export_checkpoint(final.path, Path(config.export_hf_dir), config.export_dtype, overwrite=True)
         log.info(f"Exported {final.name} ({exported.dtype}) as a Hugging Face model to {exported.out_dir}")
-    if exit_code == 0 and uploads_left:
-        exit_code = 1  # training is done, but some checkpoints exist only on this machine
-    return exit_code
+    return 1 if exit_code == 0 and uploads_left else exit_code  # done, but some checkpoints exist only here
 
 
-def drain(run: Run, stop: StopRequest) -> list[str]:
+def wait_for_writes_and_uploads(run: Run, stop: StopRequest) -> list[str]:
     """The checkpoint being written, the uploads (up to upload_timeout_s, or until a signal), the trackers, the
     logs' copy at the destination; returns the checkpoints whose upload is not verified."""
     stop.draining = True
@@ -155,19 +134,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     shape = config.model_shape()
     if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
         check_memory(config, accelerator.device, accelerator.num_processes)
-    first_process_decides(accelerator, lambda: claim_output_folders(config))  # writable, locked, readable
-    # Several machines may each have a checkpoint disk of their own, or share one.
-    shared_disk = shares_checkpoint_disk(accelerator, config.checkpoint_dir)
-    if config.fsdp:  # every process writes its shards there
-        check_sharded_checkpoints_share_a_disk(accelerator, shared_disk, config.checkpoint_dir)
-    # Checkpoints are uploaded here (and --resume looks here too); the main process uploads.
-    remote = open_destination(config.upload_destination, config.gcs_credentials) if config.upload_destination else None
-    checkpointer = Checkpointer(config, shape, accelerator, remote, shared_disk)
-    resume_from = checkpointer.find_resume(resume)
-    checkpointer.claim(resume_from, auto=resume == "auto")
-    if resume_from is not None:
-        checkpointer.restore_logs()
-    checkpointer.remove_incomplete_saves()
+    checkpointer = Checkpointer.open(config, shape, accelerator, resume)
 
     # --- model -----------------------------------------------------------------------------------
     set_seed(config.seed)
@@ -181,59 +148,41 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     if config.export_hf_dir is not None:  # found out now, not after hours of training
         check_export_target(Path(config.export_hf_dir), overwrite=True)
 
-    # --- optimizer and schedule ------------------------------------------------------------------
+    # --- optimizer and schedule, then the resumed state ------------------------------------------
     optimizer, scheduler = make_optimizer(model, config, fused=use_fused_adamw(config.fused_adamw, accelerator))
     model, prepared_optimizer, prepared_scheduler = accelerator.prepare(model, optimizer, scheduler)
     keep_logits_in_low_precision(model, accelerator)
-
-    # --- resume ----------------------------------------------------------------------------------
     state = TrainState(data.spec, TrainingMetrics(history_length=config.loss_history_length,
                                                   best_from_validation=data.evaluator is not None))
-    if resume_from is not None:
-        checkpointer.load(resume_from, state)
-        changes = schedule_changes(resume_from, config) + apply_optimizer_settings(optimizer, scheduler, config)
-        if accelerator.is_main_process:
-            for change in changes:
-                log.info(f"Changed since {resume_from.name}: {change}")
-            log.info(f"Resumed from {resume_from.name}: step {state.step}, epoch {state.position.epoch}, "
-                     f"{state.position.samples_consumed} samples consumed")
-        resume_from.release(accelerator)
+    checkpointer.restore(state, optimizer, scheduler)
 
-    mfu_meter = make_mfu_meter(shape, accelerator.device, accelerator.num_processes, config.peak_tflops)
     tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                        * accelerator.num_processes * shape.seq_len)
-    if accelerator.is_main_process:
-        log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
-                 f"device {accelerator.device} x {accelerator.num_processes} processes, "
-                 f"mixed precision {accelerator.mixed_precision}")
-        log.info(f"Speed: {describe_fast_path(config, accelerator, mfu_meter)}")
-        for line in data.describe(tokens_per_step):
-            log.info(line)
-    run_log = RunLog(accelerator, config)
-    hyperparameters = {**config.to_dict(), "model_shape": shape_as_dict(shape), "run_id": checkpointer.run_id,
-                       "num_processes": accelerator.num_processes}
-    first_process_decides(accelerator, lambda: run_log.start_trackers(state.step, hyperparameters))
+    mfu_meter = make_mfu_meter(shape, accelerator.device, accelerator.num_processes, config.peak_tflops)
+    run_log = RunLog(accelerator, config, mfu_meter, tokens_per_step)
+    run_log.describe_start(shape, n_params, data.describe(tokens_per_step))
+    first_process_decides(accelerator, lambda: run_log.start_trackers(state.step, shape, checkpointer.run_id))
     checkpointer.start(run_log.event, (model, prepared_optimizer, prepared_scheduler), data.tokenizer)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
-                run_log, mfu_meter, tokens_per_step), data, state)
+                run_log, tokens_per_step), data, state)
 
 
 def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> int:
     """Trains from `state` to max_steps, or until a stop is requested (returns its exit code)."""
     config, accelerator = run.config, run.accelerator
     run.log.start_progress(config.max_steps, state.step)
-    window = LogWindow(accelerator.device)
+    window = MetricsWindow(accelerator.device)
     # Every process must stop (and save) at the same step, or a collective save would hang.
-    consensus = Consensus(accelerator, stop, run.checkpointer.time_due, config.process_group_timeout_s)
+    agreed = StepAgreement(accelerator, stop, run.checkpointer.time_due, config.process_group_timeout_s)
     try:
         while state.step < config.max_steps:
             train_step(run, loader, state, window)
             run.log.step_done()
             report_failures(run, stop)
-            consensus.update()
-            if consensus.abort:  # a checkpoint write failed: stop, without a save that would fail the same way
+            agreed.update()
+            if agreed.abort:  # a checkpoint write failed: stop, without a save that would fail the same way
                 return stop.exit_code
-            if state.step % config.logging_steps == 0 or saving(run, state, consensus):
+            if state.step % config.logging_steps == 0 or save_due(run, state, agreed):
                 log_and_check(run, state, window)  # the only place the loop waits for the device
             validating = run.evaluator is not None and (state.step % config.eval_steps == 0
                                                         or state.step == config.max_steps)
@@ -242,15 +191,15 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
             pause_start = time.perf_counter()  # validation and saving are left out of tokens/s and MFU
             if validating:  # on the held-out batches, before a save so the checkpoint records it
                 # A stop agreed between batches ends it (the checkpoint records no half validation).
-                result = run.evaluator.evaluate(run.model, accelerator, consensus.update)
+                result = run.evaluator.evaluate(run.model, accelerator, agreed.update)
                 if result is not None:
                     state.metrics.record_validation(state.step, result.as_record())
                     run.log.validation(state.step, result.as_record())
-            if saving(run, state, consensus):  # again: a stop or a timed save may be agreed during validation
-                save_checked(run, state, window, "stop requested" if consensus.stop_now else "scheduled")
-                consensus.timed_save = False
+            if save_due(run, state, agreed):  # again: a stop or a timed save may be agreed during validation
+                save_checked(run, state, window, "stop requested" if agreed.stop_now else "scheduled")
+                agreed.timed_save = False
             window.pause(time.perf_counter() - pause_start)
-            if consensus.stop_now:
+            if agreed.stop_now:
                 return stop.exit_code
     except DataError as error:
         # The last completed step is consistent: save it so no progress is lost. A bad shard stops every
@@ -276,29 +225,29 @@ def report_failures(run: Run, stop: StopRequest) -> None:
         stop.fail(failed_write, save=False)
 
 
-def saving(run: Run, state: TrainState, consensus: Consensus) -> bool:
+def save_due(run: Run, state: TrainState, agreed: StepAgreement) -> bool:
     """Whether this step ends with a save, as every process agrees."""
-    return not consensus.abort and run.checkpointer.should_save(state.step, consensus.stop_now, consensus.timed_save)
+    return not agreed.abort and run.checkpointer.should_save(state.step, agreed.stop_now, agreed.timed_save)
 
 
-def save_checked(run: Run, state: TrainState, window: LogWindow, reason: str) -> None:
+def save_checked(run: Run, state: TrainState, window: MetricsWindow, reason: str) -> None:
     """Saves `state` once the steps since the last logging step are known to be finite."""
     if window.steps:
         log_and_check(run, state, window)
     run.checkpointer.save(state, reason)
 
 
-def log_and_check(run: Run, state: TrainState, window: LogWindow) -> None:
+def log_and_check(run: Run, state: TrainState, window: MetricsWindow) -> None:
     """The metrics line of the window's steps; raises TrainingDiverged if their loss or a gradient norm was NaN
     or infinite. Before any save: a NaN never reaches a checkpoint, and the good ones are not pruned."""
-    record, first_non_finite = training_record(run, state, window)
+    record, first_non_finite = run.log.close_window(window, state)
     run.log.training(record)
     if first_non_finite is not None or not math.isfinite(record["loss"]):
         raise TrainingDiverged.at(state.step, first_non_finite, run.checkpointer.last_saved_step,
                                   run.checkpointer.last_saved_name)
 
 
-def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWindow) -> None:
+def train_step(run: Run, loader: BatchLoader, state: TrainState, window: MetricsWindow) -> None:
     """One optimizer step: forward and backward over the accumulated micro-batches, clip, update; noted in
     `window` once complete (a step cut short by a data error is trained again after a resume)."""
     accelerator, model, accumulation = run.accelerator, run.model, run.config.gradient_accumulation_steps
@@ -328,22 +277,6 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: LogWind
     state.advance(batch.position, run.tokens_per_step)
     # A NaN or inf gradient norm on an update that the loss scaler did not skip: diverged.
     window.step_done(losses, lr, grad_norm, state.step, updated)
-
-
-def training_record(run: Run, state: TrainState, window: LogWindow) -> tuple[dict[str, Any], int | None]:
-    """The metrics line of a logging step, its loss recorded in the metrics, and the window's first step with
-    a non-finite gradient norm (None: all finite); the next window starts."""
-    lr, grad_norm = window.lr, float(window.grad_norm)
-    loss, seconds, steps, first_non_finite = window.close(run.accelerator, run.config.gradient_accumulation_steps)
-    state.metrics.record(state.step, loss, lr)
-    tokens_per_sec = steps * run.tokens_per_step / seconds
-    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_seen": state.metrics.tokens_seen, "tokens_per_sec": tokens_per_sec,
-            "elapsed_s": time.perf_counter() - window.run_start, "epoch": state.position.epoch,
-            "shards_skipped": state.position.shards_skipped,
-            "mfu": run.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
-            "gpu_memory_gib": window_peak_memory_gib(run.accelerator.device),  # this process's; null on CPU
-            "max_steps": run.config.max_steps}, first_non_finite
 
 
 if __name__ == "__main__":

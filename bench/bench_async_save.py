@@ -9,7 +9,7 @@
 It builds the model and AdamW (one step, so the optimizer state exists), then saves it through the run's
 Checkpointer, `--saves` times in each mode, into a temporary folder on the disk given by --dir. Blocked is
 what the loop waits for; written is how long the checkpoint takes to appear (for async, in the background).
-With --fsdp the state is sharded over the launched processes (on CPU processes through tests/cpu_fsdp.py) and
+With --fsdp the state is sharded over the launched processes (on CPU processes through tests/e2e/cpu_fsdp.py) and
 each writes its shards with torch.distributed.checkpoint, synchronously or with its async_save.
 """
 import argparse
@@ -23,23 +23,26 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
+from cpu_fsdp import enable_fsdp_on_cpu  # noqa: E402
 
 from bench import smoke  # noqa: E402
 from configs.training_config import TrainingConfig  # noqa: E402
-from cpu_fsdp import enable_fsdp_on_cpu  # noqa: E402
 from utils.accelerator import fsdp_plugin  # noqa: E402
-from utils.archive import folder_size, human_size  # noqa: E402
-from utils.checkpointer import Checkpointer  # noqa: E402
-from utils.data_utils import DataPosition, StreamSpec  # noqa: E402
-from utils.metrics import TrainingMetrics  # noqa: E402
+from utils.checkpoint_utils import Checkpointer
+from utils.data.order import DataPosition, StreamSpec
+from utils.display import fmt_bytes
 from utils.model import build_model  # noqa: E402
-from utils.train_state import TrainState  # noqa: E402
-from utils.training_utils import make_optimizer  # noqa: E402
+from utils.train_state import (
+    TrainingMetrics,
+    TrainState,  # noqa: E402
+)
+from utils.training_utils import make_optimizer
+from utils.uploads.formats import folder_size
 
 SMOKE_DEFAULTS = {"hidden": 64, "layers": 2, "vocab": 256, "saves": 2}
 
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             accelerator.wait_for_everyone()  # every process's shards are in
             if accelerator.is_main_process:
                 size = folder_size(Path(folder) / state.checkpoint_name)
-                report(f"{'async' if mode else 'sync ':5s} checkpoint {human_size(size)}: blocked per save "
+                report(f"{'async' if mode else 'sync ':5s} checkpoint {fmt_bytes(size)}: blocked per save "
                        f"{statistics.median(blocked):.2f} s (min {min(blocked):.2f}), written after "
                        f"{statistics.median(written):.2f} s")
             accelerator.wait_for_everyone()

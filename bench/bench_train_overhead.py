@@ -10,7 +10,7 @@ Three loops, interleaved round by round so that drifting machine load hits each 
   train.py  the real script, as a subprocess on the sample shards; its step time comes from the
             wall-clock `elapsed_s` of consecutive metrics.jsonl lines (logging, data loading and all)
   bare      the same model, AdamW, LR schedule and gradient clipping on the batches train.py trains on, read
-            in advance through train.py's own data set-up (utils/run_data.py)
+            in advance through train.py's own data set-up (utils/data_utils.py)
   trainer   transformers.Trainer on the same samples (AdamW, cosine schedule, clipping, no saving)
 All three are timed as mean step times over windows of `--log-every` steps (train.py's logging windows;
 those overlapping the first `--warmup` steps are dropped). Two ratios are reported: of the fastest window
@@ -43,9 +43,9 @@ from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingA
 from bench import smoke  # noqa: E402
 from configs.model_config import build_model_config  # noqa: E402
 from configs.training_config import TrainingConfig  # noqa: E402
-from utils.data_utils import DataPosition  # noqa: E402
-from utils.run_data import open_data  # noqa: E402
-from utils.training_utils import lr_multiplier, parameter_groups  # noqa: E402
+from utils.data.order import DataPosition
+from utils.data_utils import open_data
+from utils.training_utils import lr_multiplier, parameter_groups
 
 SMOKE_DEFAULTS = {"batch": 2, "steps": 6, "warmup": 2, "log_every": 2, "rounds": 1}
 

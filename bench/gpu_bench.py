@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs.training_config import ConfigError, config_from_dict  # noqa: E402
-from utils.performance import check_memory, flops_per_token  # noqa: E402
+from utils.performance import check_memory, flops_per_token
 
 STDERR_TAIL_LINES = 200
 """Lines of each run's stderr kept in the output folder: enough for a traceback and the start-up log."""

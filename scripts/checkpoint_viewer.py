@@ -25,12 +25,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.training_config import ConfigError, TrainingConfig, load_config  # noqa: E402
-from utils.checkpoint_utils import (CheckpointError, CheckpointInfo, find_checkpoint, list_checkpoints,  # noqa: E402
-                                    parse_checkpoint_name, read_json)
-from utils.display import (fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value, holders_hint,  # noqa: E402
-                           subfolders_holding, upload_label)
-from utils.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot  # noqa: E402
-from utils.metrics import TrainingMetrics  # noqa: E402
+from utils.checkpoints.folders import (
+    CheckpointInfo,
+    find_checkpoint,
+    holders_hint,
+    list_checkpoints,
+    parse_checkpoint_name,
+    subfolders_holding,
+)
+from utils.display import fmt_count, fmt_duration, fmt_loss, fmt_lr, fmt_time, fmt_value
+from utils.errors import CheckpointError
+from utils.files import read_json
+from utils.train_state import TrainingMetrics
+from utils.uploads.manifest import MANIFEST_NAME, ManifestSnapshot, read_snapshot, upload_label
+
 TREND_ARROWS = {"improving": "↓", "worsening": "↑", "flat": "→"}
 RULE = "=" * 78
 METRICS_FILE = "metrics.jsonl"
@@ -246,9 +254,11 @@ def list_remote(checkpoint_dir: Path, manifest: ManifestSnapshot | None, local_n
             f"{checkpoint_dir / MANIFEST_NAME} does not exist yet; the uploader writes it at the first upload"
         raise CheckpointError(f"--remote: no upload destination known ({reason})")
     try:
-        from utils.storage import StorageError, open_storage
-        from utils.archive import human_size, split_archive_name
-        from utils.destination import checkpoint_bytes
+        from utils.display import fmt_bytes
+        from utils.storage import open_storage
+        from utils.storage.base import StorageError
+        from utils.uploads.destination import checkpoint_bytes
+        from utils.uploads.formats import split_archive_name
     except ImportError as error:
         raise CheckpointError(f"--remote: remote listing unavailable (cannot import utils.storage: {error})") from None
     try:
@@ -272,7 +282,7 @@ def list_remote(checkpoint_dir: Path, manifest: ManifestSnapshot | None, local_n
     print(f"☁️  {len(objects)} remote checkpoint{'s' if len(objects) != 1 else ''} in {manifest.destination}:")
     print(RULE)
     for index, (item, name, size) in enumerate(objects, 1):
-        print(f"{index:2d}. {item.name:<46} Step: {step_of(name):<6} Size: {human_size(size):<10} "
+        print(f"{index:2d}. {item.name:<46} Step: {step_of(name):<6} Size: {fmt_bytes(size):<10} "
               f"Local: {'yes' if name in local_names else 'no'}")
     return 0
 

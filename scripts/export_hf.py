@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a training checkpoint as a standard Hugging Face model folder (the command line of utils/export.py).
+"""Export a training checkpoint as a standard Hugging Face model folder (the command line of utils/checkpoints/export.py).
 
     python scripts/export_hf.py checkpoints/checkpoint-epoch0-step10000-files8 exports/refocused-1.2b
     python scripts/export_hf.py CHECKPOINT OUT_DIR --dtype fp32 --tokenizer data/mine/tokenizer.json
@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.export import DTYPES, ExportError, export_checkpoint, materialize_checkpoint  # noqa: E402
+from utils.checkpoints.export import DTYPES, export_checkpoint, materialize_checkpoint
+from utils.errors import ExportError
 
 
 def main(argv: list[str] | None = None) -> int:

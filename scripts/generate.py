@@ -10,7 +10,7 @@ The model is a checkpoint folder, a checkpoint archive (.tar, .tar.zst, .tar.gz,
 them), gs://bucket/prefix/<checkpoint name or archive>, or an exported Hugging Face model folder.
 
 The text is written with the run's tokenizer: the exported folder's, else the checkpoint's tokenizer.json
-(or the run's, as utils/export.py finds it), else --tokenizer. Sampling is seeded (--seed), so the
+(or the run's, as utils/checkpoints/export.py finds it), else --tokenizer. Sampling is seeded (--seed), so the
 same command prints the same text; --temperature 0 decodes greedily.
 """
 import argparse
@@ -25,8 +25,14 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from utils.export import (TOKENIZER_FILE, ExportError, checkpoint_tokenizer, hf_tokenizer,  # noqa: E402
-                          load_checkpoint_model, materialize_checkpoint)
+from utils.checkpoints.export import (
+    TOKENIZER_FILE,
+    checkpoint_tokenizer,
+    hf_tokenizer,
+    load_checkpoint_model,
+    materialize_checkpoint,
+)
+from utils.errors import ExportError
 
 
 def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None, allow_unverified: bool,

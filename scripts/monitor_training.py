@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from configs.training_config import ConfigError, load_config  # noqa: E402
-from utils.checkpoint_utils import CheckpointError, list_checkpoints, read_json  # noqa: E402
-from utils.display import (fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr, holders_hint,  # noqa: E402
-                           subfolders_holding, upload_label)
-from utils.manifest import read_snapshot  # noqa: E402
+from utils.checkpoints.folders import holders_hint, list_checkpoints, subfolders_holding
+from utils.display import fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr
+from utils.errors import CheckpointError
+from utils.files import read_json
+from utils.uploads.manifest import read_snapshot, upload_label
 
 METRICS_FILE = "metrics.jsonl"
 TAIL_BYTES = 256 * 1024

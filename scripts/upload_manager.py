@@ -20,12 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config, path_from_here  # noqa: E402
-from utils.archive import folder_size, human_size, split_archive_name  # noqa: E402
-from utils.checkpoint_utils import CheckpointError, UploadError, list_checkpoints, parse_checkpoint_name  # noqa: E402
-from utils.destination import checkpoint_bytes, open_destination, remote_checkpoints  # noqa: E402
-from utils.manifest import UploadManifest, UploadRecord, read_snapshot  # noqa: E402
-from utils.storage import StorageError, is_gcs_url  # noqa: E402
-from utils.uploader import Uploader  # noqa: E402
+from utils.checkpoints.folders import list_checkpoints, parse_checkpoint_name
+from utils.display import fmt_bytes
+from utils.errors import CheckpointError, UploadError
+from utils.storage import is_gcs_url
+from utils.storage.base import StorageError
+from utils.uploads.destination import checkpoint_bytes, open_destination, remote_checkpoints
+from utils.uploads.formats import folder_size, split_archive_name
+from utils.uploads.manifest import UploadManifest, UploadRecord, read_snapshot
+from utils.uploads.uploader import Uploader, UploadSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +82,8 @@ class Settings:
         if self.destination_note:
             print(self.destination_note)
         return Uploader(open_destination(self.destination, self.credentials, check_write), self.checkpoint_dir,
-                        self.archive_format, background=False, attempts=self.attempts, streams=self.streams)
+                        UploadSettings(self.archive_format, background=False, attempts=self.attempts,
+                                       streams=self.streams))
 
     def require_checkpoint_dir(self) -> None:
         if not self.checkpoint_dir.is_dir():
@@ -128,7 +132,7 @@ def command_list(settings: Settings) -> int:
     for index, info in enumerate(checkpoints, 1):
         record = records.get(info.name)
         state = record.state if record else "local"
-        print(f"{index:2d}. {info.name:40s} Step: {info.step:<8d} {human_size(folder_size(info.path)):>10s}  {state}")
+        print(f"{index:2d}. {info.name:40s} Step: {info.step:<8d} {fmt_bytes(folder_size(info.path)):>10s}  {state}")
     note = other_destination_note(manifest, settings.destination) if settings.destination else None
     if note:
         print(note)
@@ -146,9 +150,9 @@ def command_status(settings: Settings) -> int:
     for name in names:
         record = records.get(name)
         state = record.state if record else ("local" if name in local else "remote")
-        local_size = human_size(folder_size(local[name].path)) if name in local else "-"
+        local_size = fmt_bytes(folder_size(local[name].path)) if name in local else "-"
         obj = remote[name][1] if name in remote else None
-        remote_size = human_size(checkpoint_bytes(uploader.storage, obj)) if obj else "-"
+        remote_size = fmt_bytes(checkpoint_bytes(uploader.storage, obj)) if obj else "-"
         archive = (split_archive_name(obj.name) or ("", "?"))[1] if obj else "-"
         crc = (record.crc32c if record and record.crc32c else (obj.crc32c if obj else None)) or "-"
         note = ""
@@ -192,7 +196,7 @@ def command_upload(settings: Settings, names: list[str] | None) -> int:
     mine = records_for(uploader.manifest, uploader.destination)
     for name in names:
         if name in everything and name not in mine:
-            # uploads.json keeps one record per checkpoint (utils/uploader.py): this upload's replaces it.
+            # uploads.json keeps one record per checkpoint (utils/uploads/uploader.py): this upload's replaces it.
             elsewhere = str(everything[name].remote_url).rsplit("/", 1)[0]
             print(f"note: {name}: uploads.json's record of its upload to {elsewhere} "
                   f"({everything[name].state}) is replaced by this upload's")

@@ -1,21 +1,32 @@
 """The Accelerator of a run, set up for speed: precision, torch.compile, FSDP or DDP, TF32, activation
-checkpointing, and the logits kept in low precision.
+checkpointing, and the logits kept in low precision; and what its processes decide together.
 
 On a GPU a run gets bf16 autocast over fp32 master weights (fp16 on GPUs without bf16 tensor cores), TF32
 for the remaining fp32 matmuls, torch.compile after wrapping (so checkpoints keep plain parameter names),
 DDP gradients as views into the all-reduce buckets, or FSDP2 when configured.
 """
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
-                              InitProcessGroupKwargs, TorchDynamoPlugin)
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from configs.training_config import TRACKERS, ConfigError, TrainingConfig
+from utils.errors import CheckpointError
+
+T = TypeVar("T")
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -146,3 +157,24 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Keep only each layer's input in forward and recompute the layer in backward (non-reentrant,
     which works with torch.compile and DDP)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def first_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """decide() runs on the first process only; every process returns its result, or raises: the first process
+    its own error, the others a CheckpointError or ConfigError (as it is) or a CheckpointError saying what
+    failed. No process is left waiting for a decision that never comes."""
+    outcome: list[Any] = [None]
+    failure: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = decide()
+        except Exception as error:  # noqa: BLE001  (passed on, then raised again below)
+            failure = error
+            outcome[0] = error if isinstance(error, (CheckpointError, ConfigError)) else CheckpointError(
+                f"the first process failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})")
+    broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]

@@ -1,12 +1,11 @@
-"""How the tools print numbers, sizes, times and upload states, and where they point when a folder holds
-nothing (scripts/checkpoint_viewer.py and scripts/monitor_training.py show them the same way)."""
-from collections.abc import Callable
+"""How numbers, sizes, durations and errors are printed, the same way everywhere: one formatter each.
+
+Sizes are in decimal units, labelled as such (1 MB = 1,000,000 bytes), as GCS and disk makers count them."""
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from configs.training_config import CONFIG_DIR, ConfigError, load_config
-from utils.manifest import ManifestSnapshot
+MESSAGE_CHARS = 300
+"""How much of a library's error message a one-line error keeps (its middle is cut, not its end)."""
 
 
 def fmt_loss(value: float | None) -> str:
@@ -33,76 +32,27 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_bytes(size: float) -> str:
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} TB"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:,.1f} TB"
 
 
 def fmt_value(value: Any) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
-def upload_label(manifest: ManifestSnapshot | None, name: str, detailed: bool = False) -> str:
-    """One checkpoint's upload state in words: "uploaded", "failed (...)", "n/a" when nothing records it."""
-    if manifest is None:
-        return "n/a"
-    if manifest.problem:
-        return f"unknown ({manifest.problem})" if detailed else "unknown"
-    entry = manifest.checkpoints.get(name)
-    if not isinstance(entry, dict):
-        return "not recorded"
-    label = str(entry.get("state", "unknown"))
-    if detailed:
-        if label == "failed" and entry.get("error"):
-            label += f" ({entry['error']})"
-        if entry.get("remote_url"):
-            label += f" -> {entry['remote_url']}"
-        if entry.get("attempts"):
-            label += f", {entry['attempts']} attempt(s)"
-        if entry.get("updated"):
-            label += f", updated {entry['updated']}"
-    return label
+def shorten_middle(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """One line of at most `limit` characters: a library's messages put the reason at the end ("... Failed to
+    resolve 'storage.googleapis.com'"), after a long URL, so the middle goes."""
+    line = " ".join(text.split())
+    if len(line) <= limit:
+        return line
+    head = limit // 3
+    return f"{line[:head]} … {line[len(line) - (limit - head - 3):]}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Where to look instead: after `bash run.sh tiny`, checkpoints/ and logs/ hold the run in tiny/
-# ---------------------------------------------------------------------------------------------
-
-def subfolders_holding(folder: Path, holds: Callable[[Path], bool]) -> list[Path]:
-    """The subfolders of `folder` for which `holds` is true, sorted; OSError when `folder` cannot be read."""
-    holders = []
-    for sub in sorted(folder.iterdir()):
-        try:
-            if sub.is_dir() and holds(sub):
-                holders.append(sub)
-        except OSError:  # an unreadable subfolder is simply not a hint
-            continue
-    return holders
-
-
-def config_naming(folder: Path, folder_field: str) -> str | None:
-    """The name of a config in configs/ whose `folder_field` ("checkpoint_dir" or "log_dir") is `folder`."""
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        try:
-            config = load_config(path.stem).with_repo_paths()  # like train.py: relative to the repo root
-        except ConfigError:
-            continue
-        if Path(getattr(config, folder_field)).resolve() == folder.resolve():
-            return path.stem
-    return None
-
-
-def holders_hint(holders: list[Path], option: str, folder_field: str) -> str:
-    """"DIR holds some: pass OPTION DIR or --config NAME" (the config only where one names DIR), for one or
-    several (non-empty) holders."""
-    hints = []
-    for sub in holders:
-        config = config_naming(sub, folder_field)
-        hints.append(f"pass {option} {sub}" + (f" or --config {config}" if config else ""))
-    if len(holders) == 1:
-        return f"{holders[0]} holds some: {hints[0]}"
-    return f"subfolders {', '.join(str(sub) for sub in holders)} hold some: {'; '.join(hints)}"
+def one_line(error: BaseException) -> str:
+    """An error as one line: its type and message, at most 500 characters."""
+    return shorten_middle(f"{type(error).__name__}: {error}", 500)

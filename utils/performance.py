@@ -1,4 +1,4 @@
-"""Speed and scale: FLOPs and MFU, the memory preflight, and the stop vote that never waits for the device.
+"""Speed and scale: FLOPs and MFU, the memory preflight, and the one line that says what a run does for speed.
 
 MFU (model FLOPs utilisation) follows PaLM appendix B: a trained token costs 6*N + 12*L*H*Q*T FLOPs,
 N the parameters without the input embedding (a lookup, not a matmul), L layers, H*Q = hidden size,
@@ -14,12 +14,9 @@ stored), plus the fp32 logits and their gradient. For the 1.2b preset at micro-b
 """
 import os
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
-import numpy as np
 import psutil
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 
 from configs.model_config import ModelShape, padded_vocab_size
@@ -269,46 +266,3 @@ def describe_fast_path(config: TrainingConfig, accelerator: Accelerator, meter: 
             f"FSDP {'on' if config.fsdp else 'off'}, fused AdamW {'on' if fused else 'off'}, "
             f"TF32 {'on' if cuda else 'n/a'} | "
             f"{meter.flops_per_token / 1e9:.3g} GFLOP per token, {peak}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Agreeing to stop without waiting for the device
-# ---------------------------------------------------------------------------------------------
-
-class StopVote:
-    """All processes agree whether to stop, whether a save is due by time, and whether to stop without a save, one
-    step late, so that no process waits for the device or for the others.
-
-    A collective save needs every process to stop (and save) at the same step. The votes are facts of the host (a
-    signal, the clock, a failed write), so they travel between hosts over a gloo group of their own, never through
-    the device: an all-reduce over the GPUs would make the host wait for the device's queued work before it could
-    read the result. Each step's votes are all-reduced in the background and read at the next step, when they have
-    long arrived; every process reads the same sums at the same step. `group`: None for a single process, which
-    decides at once."""
-
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
-        self.pending: tuple[np.ndarray, dist.Work] | None = None
-
-    @classmethod
-    def between(cls, num_processes: int, timeout_s: float) -> "StopVote":
-        """The vote of `num_processes` processes (every one of them must call this: the group is made together)."""
-        if num_processes == 1:
-            return cls(None)
-        return cls(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
-
-    def decide(self, stop: bool, save_due: bool = False, abort: bool = False) -> tuple[bool, bool, bool]:
-        """Whether to stop after this step, whether to save, and whether to stop without saving: each true when
-        any process votes so. With several processes, the votes cast now count at the next call."""
-        if self.group is None:
-            return stop, save_due, abort
-        agreed = (False, False, False)
-        if self.pending is not None:
-            sums, reduction = self.pending
-            reduction.wait()
-            agreed = (bool(sums[0]), bool(sums[1]), bool(sums[2]))
-        votes = np.array([stop, save_due, abort], dtype=np.int32)
-        # A view of the numpy array: read above as host memory, with no tensor method that could wait for a device.
-        reduction = dist.all_reduce(torch.from_numpy(votes), group=self.group, async_op=True)
-        self.pending = (votes, reduction)
-        return agreed

@@ -1,7 +1,7 @@
 """What a run reports as it goes: the progress bar, one JSON line per logging step and per validation in
 <log_dir>/metrics.jsonl, and the same values in TensorBoard. Only the main process writes.
 
-LogWindow keeps the steps since the last logging step: their summed loss stays on the device, so the loop
+MetricsWindow keeps the steps since the last logging step: their summed loss stays on the device, so the loop
 waits for the GPU only at a logging step, and their training time leaves out validation and saving.
 """
 import json
@@ -17,13 +17,16 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import TrainingConfig
-from utils.checkpoint_utils import CheckpointError
+from utils.errors import CheckpointError
+from utils.performance import MfuMeter, describe_fast_path, window_peak_memory_gib
+from utils.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-class LogWindow:
+class MetricsWindow:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.loss = torch.zeros((), device=device)
@@ -71,9 +74,12 @@ class RunLog:
     """Writes the run's logs; a write that fails (a full log disk) is remembered in `failure` rather than raised,
     so that the loop can still save a checkpoint before it stops."""
 
-    def __init__(self, accelerator: Accelerator, config: TrainingConfig) -> None:
+    def __init__(self, accelerator: Accelerator, config: TrainingConfig, mfu_meter: MfuMeter,
+                 tokens_per_step: int) -> None:
         self.accelerator = accelerator
         self.config = config
+        self.mfu_meter = mfu_meter
+        self.tokens_per_step = tokens_per_step
         self.main_process = accelerator.is_main_process
         self.log_dir = Path(config.log_dir)
         self.metrics_file = self.log_dir / "metrics.jsonl"
@@ -82,8 +88,21 @@ class RunLog:
         """Why the logs could not be written (one line naming the folder); nothing more is written after it."""
         self._lock = threading.Lock()  # background saves and uploads report from their own threads
 
-    def start_trackers(self, step: int, hyperparameters: dict[str, Any]) -> None:
-        """The trackers, given the run's hyperparameters, and the logs cut back to `step`, where training starts:
+    def describe_start(self, shape: ModelShape, n_params: int, data_lines: list[str]) -> None:
+        """The start-up lines of the main process: the model and the devices, what the run does for speed, its data."""
+        if not self.main_process:
+            return
+        accelerator, config = self.accelerator, self.config
+        log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
+                 f"device {accelerator.device} x {accelerator.num_processes} processes, "
+                 f"mixed precision {accelerator.mixed_precision}")
+        log.info(f"Speed: {describe_fast_path(config, accelerator, self.mfu_meter)}")
+        for line in data_lines:
+            log.info(line)
+
+    def start_trackers(self, step: int, shape: ModelShape, run_id: str | None) -> None:
+        """The trackers, given the run's hyperparameters (the resolved config, the model shape, the run id and the
+        number of processes), and the logs cut back to `step`, where training starts:
         the steps after it are trained again (after a kill, the log can be ahead of the newest checkpoint; a fresh
         start may find the log of an attempt that saved nothing), so each step appears once. On the main process;
         logs that cannot be written are a CheckpointError (nothing is trained yet, nothing needs saving)."""
@@ -93,6 +112,8 @@ class RunLog:
         if self.metrics_file.exists():
             self._write_guarded("metrics.jsonl", lambda: rewind(self.metrics_file, step))
         if self.config.trackers:
+            hyperparameters = {**self.config.to_dict(), "model_shape": shape_as_dict(shape), "run_id": run_id,
+                               "num_processes": self.accelerator.num_processes}
             # TensorBoard hides the events of the steps after purge_step that earlier writers left.
             options = {"tensorboard": {"purge_step": step + 1}}
             self._write_guarded("the trackers' logs", lambda: self.accelerator.init_trackers(
@@ -107,6 +128,21 @@ class RunLog:
     def step_done(self) -> None:
         assert self.progress is not None
         self.progress.update(1)
+
+    def close_window(self, window: MetricsWindow, state: TrainState) -> tuple[dict[str, Any], int | None]:
+        """The metrics line of a logging step, its loss recorded in the metrics, and the window's first step with
+        a non-finite gradient norm (None: all finite); the next window starts."""
+        lr, grad_norm = window.lr, float(window.grad_norm)
+        loss, seconds, steps, first_non_finite = window.close(self.accelerator, self.config.gradient_accumulation_steps)
+        state.metrics.record(state.step, loss, lr)
+        tokens_per_sec = steps * self.tokens_per_step / seconds
+        return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_seen": state.metrics.tokens_seen, "tokens_per_sec": tokens_per_sec,
+                "elapsed_s": time.perf_counter() - window.run_start, "epoch": state.position.epoch,
+                "shards_skipped": state.position.shards_skipped,
+                "mfu": self.mfu_meter.mfu(tokens_per_sec),  # None (null) when the peak is unknown
+                "gpu_memory_gib": window_peak_memory_gib(self.accelerator.device),  # this process's; null on CPU
+                "max_steps": self.config.max_steps}, first_non_finite
 
     def training(self, record: dict[str, Any]) -> None:
         """A logging step's metrics line (all processes pass it; the main process writes it)."""
