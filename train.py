@@ -88,6 +88,8 @@ class Run:
     evaluator: Evaluator | None
     checkpointer: Checkpointer
     log: RunLog
+    accumulation: int
+    """Micro-batches per optimizer step on each process: the global batch's share."""
     tokens_per_step: int
 
 
@@ -132,6 +134,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
     """Everything the loop needs, in the order that fails fastest: folders, resume choice, model, data,
     optimizer, the resumed state."""
     shape = config.model_shape()
+    accumulation = config.accumulation(accelerator.num_processes)  # the global batch, shared by these processes
     if config.memory_preflight:  # stop at once, with advice, rather than run out of memory later
         check_memory(config, accelerator.device, accelerator.num_processes)
     checkpointer = Checkpointer.open(config, shape, accelerator, resume)
@@ -156,15 +159,14 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
                                                   best_from_validation=data.evaluator is not None))
     checkpointer.restore(state, optimizer, scheduler)
 
-    tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
-                       * accelerator.num_processes * shape.seq_len)
+    tokens_per_step = config.global_batch(accelerator.num_processes) * shape.seq_len
     mfu_meter = make_mfu_meter(shape, accelerator.device, accelerator.num_processes, config.peak_tflops)
-    run_log = RunLog(accelerator, config, mfu_meter, tokens_per_step)
+    run_log = RunLog(accelerator, config, mfu_meter, accumulation, tokens_per_step)
     run_log.describe_start(shape, n_params, data.describe(tokens_per_step))
     first_process_decides(accelerator, lambda: run_log.start_trackers(state.step, shape, checkpointer.run_id))
     checkpointer.start(run_log.event, (model, prepared_optimizer, prepared_scheduler), data.tokenizer)
     return (Run(config, accelerator, model, prepared_optimizer, prepared_scheduler, data.evaluator, checkpointer,
-                run_log, tokens_per_step), data, state)
+                run_log, accumulation, tokens_per_step), data, state)
 
 
 def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> int:
@@ -250,7 +252,7 @@ def log_and_check(run: Run, state: TrainState, window: MetricsWindow) -> None:
 def train_step(run: Run, loader: BatchLoader, state: TrainState, window: MetricsWindow) -> None:
     """One optimizer step: forward and backward over the accumulated micro-batches, clip, update; noted in
     `window` once complete (a step cut short by a data error is trained again after a resume)."""
-    accelerator, model, accumulation = run.accelerator, run.model, run.config.gradient_accumulation_steps
+    accelerator, model, accumulation = run.accelerator, run.model, run.accumulation
     losses = []
     for micro_step in range(accumulation):
         batch = next(loader)

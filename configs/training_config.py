@@ -87,11 +87,20 @@ class TrainingConfig:
 
     # --- optimisation (Pythia-1.4B defaults) ---------------------------------------------------
     max_steps: int = 10000
-    """Optimizer steps to train for (one step = accumulation x processes x batch samples)."""
+    """Optimizer steps to train for (one step = global_batch_size samples)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step, all processes together: the recipe's batch, the same on 1 GPU or 8 (gradient
+    accumulation makes up the difference: global_batch_size / (per_device_train_batch_size x processes)
+    micro-batches a step, which must divide). null: per_device_train_batch_size x gradient_accumulation_steps x
+    processes, a batch that changes with the number of GPUs."""
     per_device_train_batch_size: int = 4
     """Samples per micro-batch on each process."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches summed into one optimizer step."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches summed into one optimizer step on each process, when global_batch_size is null (null: 1);
+    set one of the two."""
+    accept_new_global_batch: bool = False
+    """Resume a checkpoint trained with another global batch (refused otherwise: the same steps would then see
+    another number of samples)."""
     learning_rate: float = 2e-4
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at learning_rate x min_lr_ratio."""
@@ -237,9 +246,15 @@ class TrainingConfig:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
     def _check_steps(self) -> None:
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
-                     "keep_checkpoints", "logging_steps", "prefetch_batches", "loss_history_length"):
+        for name in ("max_steps", "per_device_train_batch_size", "save_steps", "keep_checkpoints", "logging_steps",
+                     "prefetch_batches", "loss_history_length"):
             self._positive(name)
+        for name in ("global_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) is not None:
+                self._positive(name)
+        if self.global_batch_size is not None and self.gradient_accumulation_steps is not None:
+            raise ConfigError("set global_batch_size (samples per step, all processes together) or "
+                              "gradient_accumulation_steps (micro-batches per process), not both")
         if not isinstance(self.max_files, int) or self.max_files == 0 or self.max_files < -1:
             raise ConfigError(f"max_files must be -1 (all) or a positive integer, got {self.max_files!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -349,6 +364,27 @@ class TrainingConfig:
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < vocab_size):
             raise ConfigError(f"pad_token_id must be null or a token id below vocab_size {vocab_size}, "
                               f"got {self.pad_token_id!r}")
+
+    def accumulation(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step on each of `num_processes` processes: the global batch's share, or
+        gradient_accumulation_steps. A global batch they cannot share evenly is a ConfigError naming what would."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        per_pass = self.per_device_train_batch_size * num_processes
+        steps, rest = divmod(self.global_batch_size, per_pass)
+        if rest == 0:
+            return steps
+        nearest = [value for value in (steps * per_pass, (steps + 1) * per_pass) if value > 0]
+        divisors = [size for size in range(self.per_device_train_batch_size, 0, -1)
+                    if self.global_batch_size % (size * num_processes) == 0][:1]
+        micro = (f", or per_device_train_batch_size {divisors[0]}" if divisors else "")
+        raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                          f"per_device_train_batch_size {self.per_device_train_batch_size} x {num_processes} "
+                          f"process(es) = {per_pass}: use global_batch_size {' or '.join(map(str, nearest))}{micro}")
+
+    def global_batch(self, num_processes: int) -> int:
+        """Samples per optimizer step on `num_processes` processes."""
+        return self.per_device_train_batch_size * self.accumulation(num_processes) * num_processes
 
     @property
     def schedule_steps(self) -> int:

@@ -28,7 +28,14 @@ from utils.checkpoints.ownership import (
     claim_run,
     shares_checkpoint_disk,
 )
-from utils.checkpoints.resume import ResumeTarget, check_resumable, resume_target, schedule_changes
+from utils.checkpoints.resume import (
+    ResumeTarget,
+    batch_changes,
+    check_resumable,
+    resume_target,
+    saved_process_count,
+    schedule_changes,
+)
 from utils.checkpoints.untrusted import check_files
 from utils.checkpoints.writer import (
     BackgroundWriter,
@@ -127,10 +134,18 @@ class Checkpointer:
         if target is None:
             return
         self.load(target, state)
-        changes = schedule_changes(target, self.config) + apply_optimizer_settings(optimizer, scheduler, self.config)
+        processes = self.accelerator.num_processes
+        changes = (schedule_changes(target, self.config) + batch_changes(target, self.config, processes)
+                   + apply_optimizer_settings(optimizer, scheduler, self.config))
         if self.accelerator.is_main_process:
             for change in changes:
                 log.info(f"Changed since {target.name}: {change}")
+            saved_processes = saved_process_count(target)
+            if saved_processes not in (None, processes):
+                # Only dropout would draw from them (off), and the data order is the seed's, not the processes'.
+                log.info(f"{target.name} was saved by {saved_processes} process(es), this run has {processes}: each "
+                         "process takes its own RNG state where the checkpoint has one, and nothing the run draws "
+                         "depends on them")
             log.info(f"Resumed from {target.name}: step {state.step}, epoch {state.position.epoch}, "
                      f"{state.position.samples_consumed} samples consumed")
         target.release(self.accelerator)
@@ -141,7 +156,7 @@ class Checkpointer:
         model shape) are CheckpointErrors, a schedule that would change unasked a ConfigError."""
         target = resume_target(self.config.checkpoint_dir, resume, self.remote, self.accelerator, self.shared_disk)
         if target is not None:
-            check_resumable(target, self.config, self.shape)
+            check_resumable(target, self.config, self.shape, self.accelerator.num_processes)
         return target
 
     def claim(self, resumed: ResumeTarget | None, auto: bool) -> None:
@@ -362,7 +377,9 @@ class Checkpointer:
         """The JSON files of a checkpoint of `state`, by file name."""
         saved = state.state_dict()
         return {
-            "training_config.json": {**self.config.to_dict(), "model_shape": shape_as_dict(self.shape)},
+            "training_config.json": {**self.config.to_dict(), "model_shape": shape_as_dict(self.shape),
+                                     "samples_per_step": self.config.global_batch(self.accelerator.num_processes),
+                                     "num_processes": self.accelerator.num_processes},
             "metadata.json": {**build_metadata(state.step, state.position.epoch, state.files_consumed,
                                                state.metrics.tokens_seen, saved["metrics"],
                                                state.metrics.summary(state.step), system_info(self.accelerator)),

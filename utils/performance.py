@@ -214,8 +214,8 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, preset: str, usable: int, c
         found.append('"activation_checkpointing": true')
     smaller = next((mb for mb in range(plan.micro_batch - 1, 0, -1) if fits(replace(plan, micro_batch=mb))), None)
     if smaller is not None:
-        found.append(f'"per_device_train_batch_size": {smaller} (raise gradient_accumulation_steps to keep the '
-                     'batch)')
+        found.append(f'"per_device_train_batch_size": {smaller} (global_batch_size keeps the batch: accumulation '
+                     'makes up the difference)')
     if cuda and plan.shards == 1 and not found:
         # Sharding is for when the weights and optimizer state themselves do not fit one GPU.
         checkpointed = replace(plan, activation_checkpointing=True)

@@ -74,11 +74,12 @@ class RunLog:
     """Writes the run's logs; a write that fails (a full log disk) is remembered in `failure` rather than raised,
     so that the loop can still save a checkpoint before it stops."""
 
-    def __init__(self, accelerator: Accelerator, config: TrainingConfig, mfu_meter: MfuMeter,
+    def __init__(self, accelerator: Accelerator, config: TrainingConfig, mfu_meter: MfuMeter, accumulation: int,
                  tokens_per_step: int) -> None:
         self.accelerator = accelerator
         self.config = config
         self.mfu_meter = mfu_meter
+        self.accumulation = accumulation
         self.tokens_per_step = tokens_per_step
         self.main_process = accelerator.is_main_process
         self.log_dir = Path(config.log_dir)
@@ -96,6 +97,10 @@ class RunLog:
         log.info(f"Model: GPT-NeoX {config.model_preset}, {n_params:,} parameters, seq {shape.seq_len} | "
                  f"device {accelerator.device} x {accelerator.num_processes} processes, "
                  f"mixed precision {accelerator.mixed_precision}")
+        processes = accelerator.num_processes
+        log.info(f"Batch: {config.global_batch(processes):,} samples a step = micro-batch "
+                 f"{config.per_device_train_batch_size} x {self.accumulation} accumulated x {processes} process(es), "
+                 f"{self.tokens_per_step:,} tokens")
         log.info(f"Speed: {describe_fast_path(config, accelerator, self.mfu_meter)}")
         for line in data_lines:
             log.info(line)
@@ -133,7 +138,7 @@ class RunLog:
         """The metrics line of a logging step, its loss recorded in the metrics, and the window's first step with
         a non-finite gradient norm (None: all finite); the next window starts."""
         lr, grad_norm = window.lr, float(window.grad_norm)
-        loss, seconds, steps, first_non_finite = window.close(self.accelerator, self.config.gradient_accumulation_steps)
+        loss, seconds, steps, first_non_finite = window.close(self.accelerator, self.accumulation)
         state.metrics.record(state.step, loss, lr)
         tokens_per_sec = steps * self.tokens_per_step / seconds
         return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -7,7 +7,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from configs.model_config import build_model_config, padded_vocab_size, resolve_shape
-from configs.training_config import ConfigError, load_config
+from configs.training_config import ConfigError, config_from_dict, load_config
 from utils.training_utils import lr_multiplier, parameter_groups
 
 
@@ -167,3 +167,29 @@ def test_a_run_shorter_than_its_warmup_is_allowed_and_a_flag_error_names_the_fla
     assert load_config("tiny", {"max_steps": 10}).max_steps == 10  # tiny warms up for 20 steps: a smoke test
     with pytest.raises(ConfigError, match=r"configs/tiny.json with max_steps=0 from the command line: max_steps"):
         load_config("tiny", {"max_steps": 0, "data": None})
+
+
+def test_the_global_batch_is_shared_by_any_number_of_processes() -> None:
+    config = config_from_dict({"model_preset": "tiny", "global_batch_size": 256, "per_device_train_batch_size": 4},
+                              "test")
+    assert [(n, config.accumulation(n), config.global_batch(n)) for n in (1, 2, 8)] == [
+        (1, 64, 256), (2, 32, 256), (8, 8, 256)]
+    with pytest.raises(ConfigError, match=r"^global_batch_size 256 is not a multiple of per_device_train_batch_size 4 "
+                                          r"x 3 process\(es\) = 12: use global_batch_size 252 or 264$"):
+        config.accumulation(3)
+    odd = config_from_dict({"model_preset": "tiny", "global_batch_size": 6, "per_device_train_batch_size": 4}, "test")
+    with pytest.raises(ConfigError, match="use global_batch_size 4 or 8, or per_device_train_batch_size 3$"):
+        odd.accumulation(1)
+    legacy = config_from_dict({"model_preset": "tiny", "per_device_train_batch_size": 2,
+                               "gradient_accumulation_steps": 3}, "test")
+    assert legacy.global_batch(2) == 12  # without global_batch_size the batch grows with the processes
+    with pytest.raises(ConfigError, match="set global_batch_size .* or gradient_accumulation_steps .*, not both"):
+        config_from_dict({"model_preset": "tiny", "global_batch_size": 8, "gradient_accumulation_steps": 2}, "test")
+
+
+def test_the_shipped_configs_keep_their_batch_on_any_gpu_count() -> None:
+    production = load_config("production")
+    assert production.global_batch_size == 256 and production.per_device_train_batch_size == 4
+    assert production.global_batch(1) * production.model_shape().seq_len == 524_288  # tokens a step, 1 GPU or 8
+    assert production.accumulation(8) == 8 and production.accumulation(1) == 64
+    assert load_config("tiny").accumulation(1) == 1 and load_config("test").global_batch_size == 8

@@ -26,14 +26,14 @@ from transformers.initialization import no_init_weights
 
 from configs.model_config import ModelShape, build_model_config
 from configs.training_config import FILES_FORMAT
-from utils.uploads.formats import extract_archive, split_archive_name
-from utils.errors import CheckpointError, ExportError
-from utils.checkpoints.writer import follow_umask
 from utils.checkpoints.checksums import ChecksumError, verify_checksums
-from utils.uploads.destination import remote_checkpoints, restore_checkpoint
+from utils.checkpoints.untrusted import check_sharded_folder, refuse_unverified
+from utils.checkpoints.writer import follow_umask
+from utils.errors import CheckpointError, ExportError
 from utils.storage import is_gcs_url, open_storage
 from utils.storage.base import StorageError
-from utils.checkpoints.untrusted import check_sharded_folder, refuse_unverified
+from utils.uploads.destination import remote_checkpoints, restore_checkpoint
+from utils.uploads.formats import extract_archive, split_archive_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODEL_FILE = "model.safetensors"

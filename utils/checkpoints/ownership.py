@@ -24,8 +24,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from configs.training_config import ConfigError, TrainingConfig
 from utils.errors import CheckpointError, UploadError
-from utils.uploads.manifest import UploadManifest
 from utils.storage.base import PreconditionFailedError, Storage, StorageError
+from utils.uploads.manifest import UploadManifest
 
 RUN_ID_FILE = ".run-id"
 log = logging.getLogger(__name__)

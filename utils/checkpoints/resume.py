@@ -16,14 +16,19 @@ from accelerate import Accelerator
 
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import ConfigError, TrainingConfig
+from utils.accelerator import first_process_decides
 from utils.checkpoints.folders import list_checkpoints
+from utils.display import one_line
 from utils.errors import CheckpointError, UploadError
 from utils.files import read_json
-from utils.uploads.destination import (check_fresh_destination, check_no_newer_at_destination, download_checkpoint,
-                                       find_local_or_remote, remote_checkpoints)
-from utils.display import one_line
 from utils.storage.base import ObjectInfo, Storage, StorageError
-from utils.accelerator import first_process_decides
+from utils.uploads.destination import (
+    check_fresh_destination,
+    check_no_newer_at_destination,
+    download_checkpoint,
+    find_local_or_remote,
+    remote_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +102,9 @@ def resume_target(checkpoint_dir: str, resume: str | None, remote: Storage | Non
     return ResumeTarget(path, own_copy, read_json(path / "training_config.json"))
 
 
-def check_resumable(target: ResumeTarget, config: TrainingConfig, shape: ModelShape) -> None:
-    """Refuses a checkpoint of another model shape, and a schedule that would change without being asked to."""
+def check_resumable(target: ResumeTarget, config: TrainingConfig, shape: ModelShape, num_processes: int) -> None:
+    """Refuses a checkpoint of another model shape, and a schedule or a global batch that would change without being
+    asked to."""
     saved_shape = target.saved_config.get("model_shape")
     if saved_shape != shape_as_dict(shape):
         raise CheckpointError(f"{target.name} holds a model of shape {saved_shape}, not this config's "
@@ -110,6 +116,45 @@ def check_resumable(target: ResumeTarget, config: TrainingConfig, shape: ModelSh
                           f"{config.max_steps} steps (lr_decay_steps is unset, so it follows max_steps): set "
                           f"lr_decay_steps {saved_length} to keep it (steps past {saved_length} then run at the "
                           f"final rate), or lr_decay_steps {config.max_steps} to decay over the new length")
+    check_global_batch(target, config, num_processes)
+
+
+def saved_process_count(target: ResumeTarget) -> int | None:
+    """How many processes trained the checkpoint (None for one that does not say)."""
+    count = target.saved_config.get("num_processes")
+    if count is None:  # saved before training_config.json recorded it: metadata.json's system_info does
+        system = read_json(target.path / "metadata.json").get("system_info", {})
+        count = system.get("num_processes") if isinstance(system, dict) else None
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def saved_global_batch(target: ResumeTarget) -> int | None:
+    """Samples per optimizer step of the run that saved a checkpoint (None where it cannot be told)."""
+    saved = target.saved_config
+    if isinstance(saved.get("samples_per_step"), int):
+        return saved["samples_per_step"]
+    processes, micro = saved_process_count(target), saved.get("per_device_train_batch_size")
+    if processes is None or not isinstance(micro, int):
+        return None
+    return micro * (saved.get("gradient_accumulation_steps") or 1) * processes
+
+
+def check_global_batch(target: ResumeTarget, config: TrainingConfig, num_processes: int) -> None:
+    """Refuses to go on with another number of samples per step unless accept_new_global_batch says so: on another
+    number of GPUs, a config without global_batch_size would change it silently."""
+    saved, now = saved_global_batch(target), config.global_batch(num_processes)
+    if saved is None or saved == now or config.accept_new_global_batch:
+        return
+    raise ConfigError(f"resuming {target.name} would change the global batch from {saved} to {now} samples a step "
+                      f"(per_device_train_batch_size x accumulation x {num_processes} process(es)): set "
+                      f"global_batch_size {saved} to keep it on any number of processes, or "
+                      "--set accept_new_global_batch=true to train on with the new one")
+
+
+def batch_changes(target: ResumeTarget, config: TrainingConfig, num_processes: int) -> list[str]:
+    """The global batch's change, when accept_new_global_batch allowed one."""
+    saved, now = saved_global_batch(target), config.global_batch(num_processes)
+    return [] if saved in (None, now) else [f"global batch: {saved} -> {now} samples a step"]
 
 
 def saved_schedule_steps(saved_config: dict[str, Any]) -> int | None:

@@ -38,16 +38,22 @@ import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils import save as accelerate_save
-from accelerate.utils.constants import (FSDP_MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME,
-                                        SCALER_NAME, SCHEDULER_NAME)
+from accelerate.utils.constants import (
+    FSDP_MODEL_NAME,
+    OPTIMIZER_NAME,
+    RNG_STATE_NAME,
+    SAFE_WEIGHTS_NAME,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+)
 from torch.distributed.checkpoint.api import CheckpointException as DistributedCheckpointError
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+from utils.checkpoints.checksums import record_checksums
 from utils.checkpoints.folders import TMP_PREFIX
 from utils.errors import CheckpointError
 from utils.files import fsync_dir, fsync_tree, write_json_atomic
-from utils.checkpoints.checksums import record_checksums
 
 log = logging.getLogger(__name__)
 LOW_DISK_BYTES = 256 * 1024 * 1024

@@ -18,11 +18,11 @@ import torch
 from accelerate import Accelerator
 
 from configs.training_config import TrainingConfig
+from utils.data.cache import open_shard_source
 from utils.data.loader import BatchLoader, LoaderSettings
 from utils.data.order import DataPosition, StreamSpec
 from utils.data.shards import ShardSource
 from utils.errors import DataError
-from utils.data.cache import open_shard_source
 from utils.storage import is_gcs_url
 
 log = logging.getLogger(__name__)

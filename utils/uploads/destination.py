@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 from configs.training_config import FILES_FORMAT, FILES_STREAMS
-from utils.display import fmt_bytes
-from utils.uploads.formats import Include, all_files, parse_files_manifest, split_archive_name
 from utils.checkpoints.folders import CheckpointInfo, find_checkpoint, list_checkpoints, parse_checkpoint_name
+from utils.display import fmt_bytes
 from utils.errors import UploadError
-from utils.uploads.manifest import UploadManifest
 from utils.storage import open_storage
 from utils.storage.base import ObjectInfo, Storage, StorageError
 from utils.storage.local import LocalStorage
+from utils.uploads.formats import Include, all_files, parse_files_manifest, split_archive_name
+from utils.uploads.manifest import UploadManifest
 from utils.uploads.transfer import remote_url, restore_archive, restore_files
 
 log = logging.getLogger(__name__)

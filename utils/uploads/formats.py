@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import google_crc32c
 import zstandard
 
-from configs.training_config import ARCHIVE_FORMATS, FILES_FORMAT, FILES_STREAMS
+from configs.training_config import ARCHIVE_FORMATS, FILES_FORMAT
 from utils.checkpoints.folders import TMP_PREFIX, parse_checkpoint_name
 from utils.errors import UploadError
 

@@ -11,10 +11,10 @@ import logging
 import threading
 from pathlib import Path
 
-from utils.uploads.formats import checked_relative
-from utils.errors import UploadError
 from utils.display import one_line
+from utils.errors import UploadError
 from utils.storage.base import Storage, StorageError
+from utils.uploads.formats import checked_relative
 
 log = logging.getLogger(__name__)
 LOGS_FOLDER = "logs"

@@ -29,15 +29,36 @@ import google_crc32c
 from tqdm import tqdm
 
 from configs.training_config import FILES_FORMAT
-from utils.display import fmt_bytes
-from utils.uploads.formats import (FileEntry, HashingWriter, Include, archive_name, checkpoint_files, all_files,
-                                   files_manifest, folder_size, measure_archive, parse_files_manifest, unpack_archive,
-                                   write_archive)
-from utils.checkpoints.folders import TMP_PREFIX
-from utils.errors import UploadError
 from utils.checkpoints.checksums import check_file, recorded_checksums
-from utils.storage.base import (CHUNK_BYTES, PART_BYTES, FileUpload, ObjectInfo, OnBytes, PreconditionFailedError,
-                                Storage, StorageError, crc32c_of_file, encode_crc32c)
+from utils.checkpoints.folders import TMP_PREFIX
+from utils.display import fmt_bytes
+from utils.errors import UploadError
+from utils.storage.base import (
+    CHUNK_BYTES,
+    PART_BYTES,
+    FileUpload,
+    ObjectInfo,
+    OnBytes,
+    PreconditionFailedError,
+    Storage,
+    StorageError,
+    crc32c_of_file,
+    encode_crc32c,
+)
+from utils.uploads.formats import (
+    FileEntry,
+    HashingWriter,
+    Include,
+    all_files,
+    archive_name,
+    checkpoint_files,
+    files_manifest,
+    folder_size,
+    measure_archive,
+    parse_files_manifest,
+    unpack_archive,
+    write_archive,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

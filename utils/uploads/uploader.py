@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from configs.training_config import FILES_FORMAT, FILES_STREAMS, TrainingConfig
-from utils.display import fmt_bytes
-from utils.uploads.formats import archive_name, check_archive_format, folder_size
-from utils.checkpoints.folders import CheckpointInfo, list_checkpoints, prune_checkpoints
-from utils.errors import CheckpointError
 from utils.checkpoints.checksums import ChecksumError, verify_checksums
-from utils.display import one_line
-from utils.uploads.manifest import UploadManifest, UploadRecord, by_step
+from utils.checkpoints.folders import CheckpointInfo, list_checkpoints, prune_checkpoints
+from utils.display import fmt_bytes, one_line
+from utils.errors import CheckpointError
 from utils.storage.base import PART_BYTES, ObjectInfo, Storage, StorageError
+from utils.uploads.formats import archive_name, check_archive_format, folder_size
+from utils.uploads.manifest import UploadManifest, UploadRecord, by_step
 from utils.uploads.transfer import UploadConflict, remote_url, upload_checkpoint
 
 log = logging.getLogger(__name__)
