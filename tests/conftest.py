@@ -90,13 +90,7 @@ def disk_peak(folder: Path, action: Callable[[], Any]) -> tuple[int, Any]:
 
     def sample() -> None:
         while not done.is_set():
-            total = 0
-            for path in folder.rglob("*"):
-                try:
-                    total += path.stat().st_size if path.is_file() else 0
-                except FileNotFoundError:  # renamed into place meanwhile
-                    continue
-            peak[0] = max(peak[0], total)
+            peak[0] = max(peak[0], bytes_under(folder))
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -106,4 +100,17 @@ def disk_peak(folder: Path, action: Callable[[], Any]) -> tuple[int, Any]:
     finally:
         done.set()
         sampler.join()
-    return max(peak[0], sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())), result
+    return max(peak[0], bytes_under(folder)), result
+
+
+def bytes_under(folder: Path) -> int:
+    """The bytes of the files under `folder` now. os.walk skips a folder that vanishes while it is listed (a
+    .tmp- folder renamed into place), where Path.rglob raises."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+    return total
