@@ -147,7 +147,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, resume: str | None)
         enable_activation_checkpointing(model)
 
     # --- data ------------------------------------------------------------------------------------
-    data = open_data(config, shape, accelerator)
+    data = open_data(config, shape, accelerator, checkpointer.resumed_data_state())
     if config.export_hf_dir is not None:  # found out now, not after hours of training
         check_export_target(Path(config.export_hf_dir), overwrite=True)
 

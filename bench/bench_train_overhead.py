@@ -62,7 +62,7 @@ def real_batches(config: TrainingConfig, count: int) -> list[torch.Tensor]:
     """The first `count` micro-batches train.py trains on, from its own data set-up (so that this benchmark
     follows when the stream's definition changes)."""
     accelerator = Accelerator(cpu=True)
-    loader = open_data(config, config.model_shape(), accelerator).loader(DataPosition(), accelerator)
+    loader = open_data(config, config.model_shape(), accelerator, None).loader(DataPosition(), accelerator)
     try:
         return [next(loader).input_ids for _ in range(count)]
     finally:

@@ -69,6 +69,12 @@ class TrainingConfig:
     one window in RAM (4 bytes per token, e.g. 16 shards of 10M tokens: 640 MB per process), and with gs:// data
     the next window's shards are downloaded into cache_dir meanwhile (as far as cache_max_gb allows). 1 reads
     the shards one after another, each shuffled alone. A run must keep its value to resume."""
+    mix_whole_dataset: bool | str = "auto"
+    """Every window draws from the whole dataset: each of the S windows of an epoch takes a seeded 1/S of every
+    shard's samples (shuffle_window_shards shards' worth, the same memory), so that no window brings content the
+    model has not seen, and each shard is read S times an epoch. false: windows of whole shards. "auto": true for
+    a local folder, and for gs:// data when the selected shards fit cache_max_gb (else every window would
+    download them again); a resumed run keeps the order it began with. A run must keep its value to resume."""
     pad_token_id: int | None = None
     """Padding id of shards whose 2-D input_ids rows come with neither attention_mask nor sequence_lengths: its
     trailing run is dropped from each row. None refuses such shards (their padding would be trained on)."""
@@ -316,6 +322,8 @@ class TrainingConfig:
         if self.data.startswith("gs://") and not self.data[len("gs://"):].strip("/"):
             raise ConfigError(f"data {self.data!r} names no bucket (expected gs://BUCKET or gs://BUCKET/PREFIX)")
         self._positive("shuffle_window_shards")
+        if self.mix_whole_dataset not in ("auto", True, False):
+            raise ConfigError(f'mix_whole_dataset must be "auto", true or false, got {self.mix_whole_dataset!r}')
         if not isinstance(self.prefetch_shards, int) or isinstance(self.prefetch_shards, bool) \
                 or self.prefetch_shards < 0:
             raise ConfigError(f"prefetch_shards must be a non-negative integer, got {self.prefetch_shards!r}")

@@ -50,6 +50,7 @@ from utils.checkpoints.writer import (
     write_rng_state,
 )
 from utils.errors import AlreadyReported, CheckpointError
+from utils.files import read_json
 from utils.storage.base import Storage
 from utils.train_state import TrainState, build_metadata, read_state_files
 from utils.training_utils import apply_optimizer_settings
@@ -149,6 +150,16 @@ class Checkpointer:
             log.info(f"Resumed from {target.name}: step {state.step}, epoch {state.position.epoch}, "
                      f"{state.position.samples_consumed} samples consumed")
         target.release(self.accelerator)
+
+    def resumed_data_state(self) -> dict[str, Any] | None:
+        """The data_state.json of the checkpoint to resume (what the data order must continue); None for a fresh
+        start. Read before restore() checks the files: it is JSON, and restore() refuses the checkpoint if it lied."""
+        if self.resume_from is None:
+            return None
+        state = read_json(self.resume_from.path / "data_state.json")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.resume_from.path / 'data_state.json'}: not a data state (no JSON object)")
+        return state
 
     def find_resume(self, resume: str | None) -> ResumeTarget | None:
         """The checkpoint every process resumes from (`resume`: a name or "latest"), or None for a fresh start.

@@ -64,6 +64,9 @@ def test_input_pipeline_smoke():
         assert re.search(rf"^ *{re.escape(source)}.* = +{FIGURE} M tokens/s", output, re.MULTILINE), output
     assert re.search(rf"^one verified download from the emulator .* = +{FIGURE} MB/s$", output, re.MULTILINE)
     assert "shards downloaded: 2" in output
+    assert "order over 2 shards in 2 windows of 1 shards' worth an epoch" in output
+    assert re.search(rf"^ +windows of whole shards +2 +{FIGURE} +2 +2$", output, re.MULTILINE), output
+    assert re.search(rf"^ +mix_whole_dataset +4 +{FIGURE} +2 +\d+$", output, re.MULTILINE), output  # half: timing
 
 
 def test_train_overhead_smoke(tmp_path):

@@ -17,6 +17,7 @@ from utils.data.cache import CachedShardSource, cache_folder
 from utils.data.loader import BatchLoader, LoaderSettings
 from utils.data.order import DataPosition, StreamSpec, epoch_shard_order, select_shards, window_starts
 from utils.data.shards import LocalShardSource
+from utils.data_utils import choose_mixing
 from utils.errors import DataError, ShardUnavailableError
 from utils.storage import open_storage
 
@@ -201,7 +202,7 @@ def test_resume_while_streaming_continues_at_the_same_sample(gcs_server: GCSEmul
     # 28 samples an epoch in windows of 1, 2, 2 and 2 shards; 8 steps of 2 plus a read-ahead of 2 batches stay
     # inside epoch 0, and step 4 is in the middle of the second window.
     common = {"max_files": 7, "lr_decay_steps": 8, "prefetch_shards": 2, "prefetch_batches": 2, "save_steps": 4,
-              "shuffle_window_shards": 2}
+              "shuffle_window_shards": 2, "mix_whole_dataset": False}  # windows of whole shards: see the downloads
 
     local_run = tmp_path / "local"
     local_run.mkdir()
@@ -296,3 +297,31 @@ def test_config_fields_for_streaming() -> None:
     assert config.data == "gs://bucket/prefix"  # not made a local path
     assert config.gcs_credentials == str(Path("key.json").absolute())  # a flag's path: from the current folder
     assert Path(config.cache_dir).is_absolute()
+
+
+def test_windows_mix_the_whole_dataset_unless_the_cache_cannot_hold_it(gcs_server: GCSEmulator,
+                                                                         tmp_path: Path) -> None:
+    paths = make_shards(tmp_path / "shards", count=6, samples=4)
+    upload(gcs_server, "bucket", "", paths)
+    total = sum(path.stat().st_size for path in paths)
+    config = config_from_dict({"data": "gs://bucket", "shuffle_window_shards": 2}, "test")
+    fits = source_for(tmp_path, "gs://bucket", max_bytes=total)
+    shards = fits.list_shards()
+    mix, note = choose_mixing(config, fits, shards, resumed=None)
+    assert mix and note == ("Order: 3 windows an epoch, each a seeded 1/3 of every one of the 6 shards "
+                            "(mix_whole_dataset): each shard is read 3 times an epoch")
+    small = source_for(tmp_path, "gs://bucket", max_bytes=total - 1, cache="small")
+    small.list_shards()
+    mix, note = choose_mixing(config, small, shards, resumed=None)
+    assert not mix and note.startswith(f"Order: 3 windows of whole shards an epoch (mix_whole_dataset false: the 6 "
+                                       f"shards ({total / 1000:,.1f} KB) do not fit cache_max_gb 20, and every "
+                                       "window would download them again)")
+    # A resume keeps the order its checkpoint began with, whatever the cache holds now; a choice is a choice.
+    assert choose_mixing(config, small, shards, resumed={"mix_whole_dataset": True})[0]
+    assert not choose_mixing(config, fits, shards, resumed={})[0]  # saved before the choice: whole shards
+    forced = config_from_dict({"data": "gs://bucket", "shuffle_window_shards": 2, "mix_whole_dataset": True}, "test")
+    mix, note = choose_mixing(forced, small, shards, resumed=None)
+    assert mix and note.endswith("; ⚠️  the 6 shards ({:,.1f} KB) do not fit cache_max_gb 20: every window downloads "
+                                 "them again".format(total / 1000))
+    for source in (fits, small):
+        source.close()

@@ -283,7 +283,7 @@ def test_a_shard_one_process_cannot_fetch_stops_the_run_instead_of_hanging(tmp_p
     # Shard by shard, so that the second fetch comes after a shard of training (in windows, the first window
     # would fetch all of the sample's shards before the first step).
     config = write_config(tmp_path, sample_data, max_steps=100_000, save_steps=50, prefetch_batches=1,
-                          shuffle_window_shards=1)
+                          shuffle_window_shards=1, mix_whole_dataset=False)
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO_ROOT / "tests" / "e2e" / "train_with_failing_fetch.py"), "--config", str(config)]

@@ -266,9 +266,10 @@ def good_then_corrupt_shard(data: Path, steps: int) -> int:
 def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     data = tmp_path / "data"
     seed = good_then_corrupt_shard(data, steps=3)
-    # Shard by shard, so that the good shard trains before the bad one is read (in one window of both, the bad
-    # shard would stop the run before its first step).
-    config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed, shuffle_window_shards=1)
+    # Shard by shard, so that the good shard trains before the bad one is read (in one window of both, or in
+    # windows that mix every shard, the bad shard would stop the run before its first step).
+    config = write_config(tmp_path, data, max_steps=10, save_steps=100, seed=seed, shuffle_window_shards=1,
+                          mix_whole_dataset=False)
     result = run_train("--config", str(config))
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -276,7 +277,7 @@ def test_bad_shard_mid_run_saves_progress_and_exits_2(tmp_path: Path) -> None:
     assert checkpoints(tmp_path) == ["checkpoint-epoch0-step3-files1"]
 
     skipping = write_config(tmp_path, data, max_steps=5, save_steps=100, seed=seed, skip_bad_shards=True,
-                            shuffle_window_shards=1, checkpoint_dir=str(tmp_path / "skip"),
+                            shuffle_window_shards=1, mix_whole_dataset=False, checkpoint_dir=str(tmp_path / "skip"),
                             log_dir=str(tmp_path / "skiplogs"))
     result = run_train("--config", str(skipping))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -289,7 +290,7 @@ def test_a_nan_since_the_last_logging_step_never_reaches_the_save_of_a_data_erro
     seed = good_then_corrupt_shard(data, steps=8)
     # The weights turn NaN after step 3, and no step is logged before the bad shard stops the run after step 8.
     config = write_config(tmp_path, data, max_steps=20, save_steps=100, logging_steps=100, seed=seed,
-                          shuffle_window_shards=1, warmup_steps=0, lr_decay_steps=20)
+                          shuffle_window_shards=1, mix_whole_dataset=False, warmup_steps=0, lr_decay_steps=20)
     result = run_diverging(3, "--config", str(config))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "error: training diverged: the loss or the gradient norm is NaN or infinite since step 4 (seen at step 8); " \

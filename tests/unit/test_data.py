@@ -168,7 +168,7 @@ def test_a_folder_named_like_a_shard_is_left_out_and_said_so(tmp_path: Path) -> 
     source, spec = spec_for(tmp_path)
     assert spec.shards == ("tokenized_000.npz", "tokenized_001.npz") and source.not_shards == ["tokenized_zzz.npz"]
     config = config_from_dict({"model_preset": "tiny", "data": str(tmp_path)}, "test")
-    lines = RunData(config, source, spec, None, None, None).describe(tokens_per_step=64)
+    lines = RunData(config, source, spec, None, None, None, None).describe(tokens_per_step=64)
     assert lines[-1] == f"⚠️  Data: skipped 1 folder(s) named like shards in {tmp_path}/tokenized_*.npz: tokenized_zzz.npz"
 
 

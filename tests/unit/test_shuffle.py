@@ -50,8 +50,8 @@ class RecordingSource(LocalShardSource):
         self.calls.append(("release", name))
 
 
-def spec_for(source: LocalShardSource, window: int, seed: int = 3) -> StreamSpec:
-    return StreamSpec(tuple(source.list_shards()), SEQ_LEN, seed, VOCAB, None, None, window)
+def spec_for(source: LocalShardSource, window: int, seed: int = 3, mix: bool = False) -> StreamSpec:
+    return StreamSpec(tuple(source.list_shards()), SEQ_LEN, seed, VOCAB, None, None, window, mix)
 
 
 def take(source, spec: StreamSpec, n: int, batch_size: int = 2, rank: int = 0, world_size: int = 1,
@@ -100,14 +100,14 @@ def test_each_window_holds_its_own_shards_and_every_sample_comes_once_an_epoch(t
     assert batches[11].position.files_consumed(6) == 6 and batches[3].position.files_consumed(6) == 2
 
 
-@pytest.mark.parametrize("batch_size, world_size", [(3, 1), (2, 2)])
+@pytest.mark.parametrize("batch_size, world_size, mix", [(3, 1, False), (2, 2, False), (3, 1, True), (2, 2, True)])
 def test_resume_anywhere_yields_exactly_the_remaining_batches(tmp_path: Path, batch_size: int,
-                                                              world_size: int) -> None:
-    # 5 shards of 7 samples in windows of 1, 2 and 2 shards: micro-batches of 3 or 4 samples straddle windows
-    # and epochs.
+                                                              world_size: int, mix: bool) -> None:
+    # 5 shards of 7 samples in windows of 1, 2 and 2 shards (or their worth of every shard): micro-batches of 3 or
+    # 4 samples straddle windows and epochs.
     make_unique_shards(tmp_path, count=5, samples=7)
     source = LocalShardSource(tmp_path, "tokenized_*.npz")
-    spec = spec_for(source, window=2)
+    spec = spec_for(source, window=2, mix=mix)
     steps = 26
     reference = [take(source, spec, steps, batch_size, rank, world_size) for rank in range(world_size)]
     positions = [batch.position for batch in reference[0]]
@@ -183,6 +183,55 @@ def test_a_bad_shard_inside_a_window_stops_the_run_or_is_skipped_once_an_epoch(t
     assert [b.position for b in resumed] == [b.position for b in batches[2:]]
 
 
+def test_mixing_the_whole_dataset_gives_every_window_a_share_of_every_shard(tmp_path: Path) -> None:
+    make_shards(tmp_path, count=6, samples=8)
+    source = LocalShardSource(tmp_path, "tokenized_*.npz")
+    spec = spec_for(source, window=2, mix=True)  # 3 windows of 16 samples: a seeded third of each shard's 8
+    batches = take(source, spec, n=24, batch_size=4)  # two epochs
+    for epoch in (0, 1):
+        seen = [s for batch in batches[12 * epoch: 12 * (epoch + 1)] for s in batch.input_ids[:, 0].tolist()]
+        assert sorted(seen) == sorted(list(range(1, 7)) * 8)  # every sample once an epoch
+        for window in range(3):
+            counts = np.bincount(seen[16 * window: 16 * (window + 1)], minlength=7)[1:]
+            assert set(counts.tolist()) <= {2, 3} and counts.sum() == 16  # 8 // 3 or 8 // 3 + 1 of every shard
+    epoch_windows = [[s for batch in batches[4 * w: 4 * (w + 1)] for s in batch.input_ids[:, 0].tolist()]
+                     for w in range(6)]
+    assert epoch_windows[:3] != epoch_windows[3:]  # each epoch splits the shards anew
+    assert [b.position.files_consumed(6) for b in batches[3:12:4]] == [2, 4, 6]  # shards' worth, as in windows
+    again = take(source, spec, n=24, batch_size=4)
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(again, batches))  # a function of the seed
+
+
+def test_mixing_reads_every_shard_each_window_back_and_forth_and_hints_the_prefetcher(tmp_path: Path) -> None:
+    make_unique_shards(tmp_path, count=4, samples=4)
+    source = RecordingSource(tmp_path)
+    spec = spec_for(source, window=2, mix=True)  # 2 windows, 8 samples each
+    take(source, spec, n=3, batch_size=4, prefetch_batches=1, prefetch_shards=2)  # into the second window
+    order = [spec.shards[i] for i in epoch_shard_order(4, spec.seed, 0)]
+    fetched = [name for kind, name in source.calls if kind == "fetch"]
+    assert fetched == order + order[::-1]  # backwards in the second: a small cache still holds its first shards
+    hints = [names for kind, names in source.calls if kind == "prefetch"]
+    # prefetch_shards ahead, not a window (hinted shards stay cached: a window ahead would be every shard), each
+    # name once, into the next window but never past the epoch.
+    assert hints[:4] == [tuple(order[1:3]), tuple(order[2:4]), (order[3],), tuple(order[::-1][:2])]
+    assert hints[4:] == [tuple(order[::-1][1:3]), tuple(order[::-1][2:4]), (order[0],), ()]
+
+
+def test_a_bad_shard_is_skipped_and_counted_once_an_epoch_when_mixing(tmp_path: Path, caplog) -> None:
+    make_shards(tmp_path, count=4, samples=6)
+    (tmp_path / "tokenized_001.npz").write_bytes(b"garbage")
+    source = LocalShardSource(tmp_path, "tokenized_*.npz")
+    spec = spec_for(source, window=2, mix=True)  # 2 windows of 9 good samples an epoch
+    with caplog.at_level("WARNING"):  # into window 1; the loader waits for batch 5 to be taken before batch 6
+        take(source, spec, n=4, batch_size=3, skip_bad_shards=True, prefetch_batches=1)
+    assert sum("skipping bad shard" in record.message for record in caplog.records) == 1  # not again in window 1
+    batches = take(source, spec, n=12, batch_size=3, skip_bad_shards=True)
+    assert all(2 not in shards_of(batch) for batch in batches)
+    assert [b.position.shards_skipped for b in batches] == [1] * 6 + [2] * 6  # counted in each epoch's window 0
+    resumed = take(source, spec, n=8, batch_size=3, skip_bad_shards=True, position=batches[1].position)
+    assert [b.position for b in resumed] == [b.position for b in batches[2:10]]
+
+
 def test_a_resume_with_another_window_size_or_pad_id_is_refused(tmp_path: Path) -> None:
     make_shards(tmp_path, count=4, samples=5)
     source = LocalShardSource(tmp_path, "tokenized_*.npz")
@@ -195,6 +244,13 @@ def test_a_resume_with_another_window_size_or_pad_id_is_refused(tmp_path: Path) 
         with pytest.raises(DataError, match=f"ckpt: checkpoint was trained with {key}=") as error:
             position_from_state(changed, state, "ckpt")
         assert "\n" not in str(error.value)
+    # A checkpoint saved before mix_whole_dataset existed had windows of whole shards.
+    del state["mix_whole_dataset"]
+    assert position_from_state(spec, state, "ckpt") == DataPosition(0, 2, 3, 13)
+    with pytest.raises(DataError, match=r"^ckpt: checkpoint was trained with mix_whole_dataset=False, this run has "
+                                        r"True; resuming would not continue the same data \(--set "
+                                        r"mix_whole_dataset=false resumes it\)$"):
+        position_from_state(spec_for(source, window=2, mix=True), state, "ckpt")
     # A checkpoint from before windows (shard-by-shard order) does not continue the same data either.
     del state["shuffle_window_shards"], state["pad_token_id"]
     with pytest.raises(DataError, match="^ckpt: saved by an earlier version of train.py, whose data order \\(no "
@@ -204,9 +260,10 @@ def test_a_resume_with_another_window_size_or_pad_id_is_refused(tmp_path: Path) 
 
 def test_config_fields_of_the_stream() -> None:
     config = config_from_dict({}, "test")
-    assert (config.shuffle_window_shards, config.pad_token_id) == (16, None)
+    assert (config.shuffle_window_shards, config.pad_token_id, config.mix_whole_dataset) == (16, None, "auto")
     assert config_from_dict({"pad_token_id": 50256}, "test").pad_token_id == 50256
     for bad, message in [({"shuffle_window_shards": 0}, "shuffle_window_shards must be a positive integer"),
+                         ({"mix_whole_dataset": "yes"}, 'mix_whole_dataset must be "auto", true or false'),
                          ({"pad_token_id": 50257}, "pad_token_id must be null or a token id below vocab_size 50257"),
                          ({"pad_token_id": -1}, "pad_token_id must be null or a token id")]:
         with pytest.raises(ConfigError, match=message):

@@ -93,6 +93,10 @@ class CachedShardSource:
         self._infos = {info.name: info for info in infos}
         return [info.name for info in infos]
 
+    def size_of(self, names: list[str]) -> int:
+        """The bytes of these listed shards."""
+        return sum(self._infos[name].size for name in names)
+
     def fetch(self, name: str) -> Path:
         """The complete cached copy, held (shared lock) until release(name)."""
         with self._state:

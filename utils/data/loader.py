@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from configs.training_config import TrainingConfig
-from utils.data.order import DataPosition, StreamSpec, epoch_shard_order, window_sample_order, window_starts
+from utils.data.order import (DataPosition, StreamSpec, epoch_shard_order, stripe, window_reads, window_sample_order,
+                              window_starts)
 from utils.data.shards import DataError, ShardSource, pack, read_shard
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,10 @@ class BatchLoader:
         epoch_has_samples = window > 0 or start > 0
         mine: list[np.ndarray] = []  # this process's part of the micro-batch being gathered (may span windows)
         while not self._stop.is_set():
-            # A window resumed in the middle was loaded before: its skipped shards are already counted.
-            loaded = self._load_window(epoch, window, first_sample, skipped, count_skips=start == 0)
+            # A window resumed in the middle was loaded before: its skipped shards are already counted. Mixing the
+            # whole dataset, every window reads every shard: a skipped one counts once an epoch, in window 0.
+            count_skips = start == 0 and (window == 0 or not self.spec.mix_whole_dataset)
+            loaded = self._load_window(epoch, window, first_sample, skipped, count_skips)
             if not self._hand_out(loaded, start, mine):
                 return
             epoch_has_samples |= len(loaded.order) > 0
@@ -189,47 +192,61 @@ class BatchLoader:
         return False
 
     def _load_window(self, epoch: int, window: int, first_sample: int, skipped: int, count_skips: bool) -> _Window:
-        """Reads the window's shards one after another into memory and draws its sample order."""
-        shards, starts = self.spec.shards, self._starts
-        order = [shards[i] for i in epoch_shard_order(len(shards), self.spec.seed, epoch)]
-        first, end = starts[window], starts[window + 1]
+        """Reads the window's shards one after another into memory (mixing the whole dataset: its stripe of each)
+        and draws its sample order."""
+        spec, starts = self.spec, self._starts
+        order = epoch_shard_order(len(spec.shards), spec.seed, epoch)
+        mix, windows = spec.mix_whole_dataset, len(starts) - 1
         # The prefetcher works ahead: the rest of this window, the whole next one and at least prefetch_shards
-        # shards. Only within the epoch: a shard hinted again after it was read would be kept from eviction.
-        ahead = starts[min(window + 2, len(starts) - 1)]
+        # shards; mixing the whole dataset, where a window reads every shard, prefetch_shards shards (hinted shards
+        # are kept from eviction: more would hold the whole dataset in the cache). Only within the epoch: a shard
+        # hinted again after it was read would be kept from eviction.
+        reads, following, *later = [window_reads(len(order), starts, w, mix) for w in range(window, windows)] + [[]]
+        remaining = reads + following + [p for positions in later for p in positions]
         parts = []
-        for k in range(first, end):
-            upcoming = order[k + 1: max(ahead, k + 1 + self.prefetch_shards)] if self.prefetch_shards else []
-            self.source.prefetch(upcoming)
-            samples = self._load(order[k])
+        for n, position in enumerate(reads):
+            ahead = n + 1 + self.prefetch_shards if mix else max(len(reads) + len(following),
+                                                                 n + 1 + self.prefetch_shards)
+            ahead = ahead if self.prefetch_shards else 0
+            upcoming = remaining[n + 1: ahead]
+            self.source.prefetch(list(dict.fromkeys(spec.shards[order[p]] for p in upcoming)))
+            shard = int(order[position])
+            samples = self._load(spec.shards[shard], announce=count_skips or not mix)
+            if samples is not None and mix:
+                samples = samples[stripe(len(samples), spec.seed, epoch, shard, window, windows)]
             if samples is not None:
                 parts.append(samples)
             elif count_skips:
                 skipped += 1
         offsets = np.cumsum([0, *(len(part) for part in parts)])
-        after = (epoch, end) if end < len(shards) else (epoch + 1, 0)
-        return _Window(epoch, first, after, parts, offsets,
-                       window_sample_order(int(offsets[-1]), self.spec.seed, epoch, window), first_sample, skipped)
+        end = starts[window + 1]
+        after = (epoch, end) if end < len(spec.shards) else (epoch + 1, 0)
+        return _Window(epoch, starts[window], after, parts, offsets,
+                       window_sample_order(int(offsets[-1]), spec.seed, epoch, window), first_sample, skipped)
 
     def _say(self, level: int, message: str, *args: Any) -> None:
         """Every process walks the same stream and meets the same epochs and bad shards: the first one says so."""
         if self.rank == 0:
             log.log(level, message, *args)
 
-    def _load(self, name: str) -> np.ndarray | None:
-        """The shard's packed samples, or None when it is skipped (bad under skip_bad_shards, or too short)."""
+    def _load(self, name: str, announce: bool) -> np.ndarray | None:
+        """The shard's packed samples, or None when it is skipped (bad under skip_bad_shards, or too short; said
+        when `announce`: mixing the whole dataset, every window reads it again)."""
         path = self.source.fetch(name)  # ShardUnavailableError is not the shard's fault: never skipped
         try:
             tokens = read_shard(path, self.spec.vocab_size, self.spec.eos_token_id, self.spec.pad_token_id)
         except DataError as error:
             if not self.skip_bad_shards:
                 raise
-            self._say(logging.WARNING, "skipping bad shard: %s", error)
+            if announce:
+                self._say(logging.WARNING, "skipping bad shard: %s", error)
             return None
         finally:
             self.source.release(name)  # its tokens are in memory now: the cache may evict it
         samples = pack(tokens, self.spec.seq_len)
         if len(samples) == 0:
-            self._say(logging.WARNING, "skipping %s: %d tokens, fewer than one sample of %d", path, len(tokens),
-                      self.spec.seq_len)
+            if announce:
+                self._say(logging.WARNING, "skipping %s: %d tokens, fewer than one sample of %d", path,
+                          len(tokens), self.spec.seq_len)
             return None
         return samples
