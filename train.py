@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch.distributed.tensor import DTensor
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -44,7 +44,7 @@ from utils.performance import check_memory, make_mfu_meter
 from utils.run_log import MetricsWindow, RunLog
 from utils.stopping import StepAgreement, StopRequest, TrainingDiverged, exit_code_after
 from utils.train_state import TrainingMetrics, TrainState
-from utils.training_utils import make_optimizer
+from utils.training_utils import grads_to_none, make_optimizer
 
 log = logging.getLogger("train")
 
@@ -272,10 +272,7 @@ def train_step(run: Run, loader: BatchLoader, state: TrainState, window: Metrics
     updated = not accelerator.optimizer_step_was_skipped
     if updated:  # fp16 overflow: no update, so the schedule waits too
         run.scheduler.step()
-    # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, they stay so.
-    # Set to None, the no_sync micro-batches would make a second set beside the buckets.
-    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    run.optimizer.zero_grad(set_to_none=not ddp)
+    run.optimizer.zero_grad(set_to_none=grads_to_none(accelerator.distributed_type, accumulation))
     state.advance(batch.position, run.tokens_per_step)
     # A NaN or inf gradient norm on an update that the loss scaler did not skip: diverged.
     window.step_done(losses, lr, grad_norm, state.step, updated)

@@ -29,6 +29,14 @@ from utils.errors import CheckpointError
 T = TypeVar("T")
 
 
+DDP_SETTINGS = DistributedDataParallelKwargs(
+    gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets, not beside them: 4 bytes/param less
+    bucket_cap_mb=100,  # torchtitan's: fewer, larger all-reduces than the default 25 MB for 1.4B parameters
+    broadcast_buffers=False,  # the only buffers are the rotary tables, constants: no broadcast every forward
+)
+"""How every multi-process run that is not FSDP wraps the model in DistributedDataParallel."""
+
+
 def make_accelerator(config: TrainingConfig) -> Accelerator:
     """The run's Accelerator; a launch whose processes did not join one group, or FSDP without it, is refused."""
     cuda = torch.cuda.is_available()
@@ -50,8 +58,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         dynamo_plugin=dynamo_plugin(use_compile(config.compile, cuda), config.fsdp, config.compile_backend),
         fsdp_plugin=fsdp_plugin(config.activation_checkpointing, precision) if config.fsdp else None,
         kwargs_handlers=[
-            # Gradients live in DDP's all-reduce buckets instead of beside them: 4 bytes per parameter less.
-            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            DDP_SETTINGS,
             InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_s)),
         ],
     )

@@ -5,6 +5,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from configs.training_config import TrainingConfig
 
@@ -75,3 +76,13 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.
     for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * multiplier(scheduler.last_epoch)
     return list(changes.values())
+
+
+def grads_to_none(distributed_type: DistributedType, accumulation: int) -> bool:
+    """Whether the step ends with zero_grad(set_to_none=True), freeing the gradients, rather than zeroing them in
+    place. Under DDP with accumulation, in place: the gradients are views into its all-reduce buckets, and freed,
+    the no_sync micro-batches would make a second set beside the buckets. With one micro-batch a step there is no
+    no_sync backward, DDP makes the views again at the next backward, and freeing spares a pass over every
+    gradient (the zeroing, and the adding of the first backward to zeros)."""
+    ddp = distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    return not ddp or accumulation == 1
