@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from utils.data.loader import BatchLoader
 from utils.data_utils import RunData, open_data
 from utils.errors import DataError, ShardUnavailableError
 from utils.model import build_model
-from utils.performance import check_memory, make_mfu_meter
+from utils.performance import check_memory, choose_micro_batch, make_mfu_meter, smaller_micro_batch
 from utils.run_log import MetricsWindow, RunLog
 from utils.stopping import StepAgreement, StopRequest, TrainingDiverged, exit_code_after
 from utils.train_state import TrainingMetrics, TrainState
@@ -94,17 +94,19 @@ class Run:
 
 
 def train(config: TrainingConfig, accelerator: Accelerator, resume: str | None, launcher_pid: int | None) -> int:
+    chosen_micro_batch = config.per_device_train_batch_size == "auto"
+    if chosen_micro_batch:  # from here on, the micro-batch this machine fits
+        micro_batch, line = choose_micro_batch(config, accelerator.device, accelerator.num_processes)
+        config = replace(config, per_device_train_batch_size=micro_batch)
+        if accelerator.is_main_process:
+            log.info(line)
     run, data, state = set_up(config, accelerator, resume)
     stop = StopRequest(launcher_pid)
     stop.install()
     training, trained = state.step < config.max_steps, 0
     try:
         if training:
-            loader = data.loader(state.position, accelerator)
-            try:
-                trained = fit(run, loader, state, stop)
-            finally:
-                loader.close()
+            run, trained = fit_in_memory(run, data, state, stop, may_retry=chosen_micro_batch)
         elif accelerator.is_main_process:  # nothing to train; uploads an earlier run left unfinished still happen
             log.info(f"Nothing to train: step {state.step} has reached max_steps {config.max_steps}")
     finally:
@@ -215,6 +217,37 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
     finally:
         run.log.close()
     return 0
+
+
+def fit_in_memory(run: Run, data: RunData, state: TrainState, stop: StopRequest, may_retry: bool) -> tuple[Run, int]:
+    """fit() from the state's position, with the Run it trained with. When the first step runs out of GPU memory
+    at a micro-batch train.py chose ("auto", from an estimate), once more at the next smaller one that shares the
+    global batch (accumulation absorbs it), as Composer's automatic micro-batching does. On one process only: on
+    several, one that ran out would leave the others waiting in a collective."""
+    first_step = state.step
+    loader = data.loader(state.position, run.accelerator, run.config.per_device_train_batch_size)
+    try:
+        return run, fit(run, loader, state, stop)
+    except torch.OutOfMemoryError:
+        smaller = smaller_micro_batch(run.config, run.accelerator.num_processes)
+        if not may_retry or state.step != first_step or run.accelerator.num_processes > 1 or smaller is None:
+            raise
+    finally:
+        loader.close()
+    # Nothing was updated: the first step's gradients go, and the step is taken again from the same samples.
+    run.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    failed = run.config.per_device_train_batch_size
+    config = replace(run.config, per_device_train_batch_size=smaller)
+    run = replace(run, config=config, accumulation=config.accumulation(run.accelerator.num_processes))
+    run.log.accumulation = run.accumulation
+    log.warning(f"⚠️  Out of GPU memory in the first step at micro-batch {failed} (per_device_train_batch_size "
+                f"\"auto\"): trying micro-batch {smaller}, {run.accumulation} a step (the global batch stays)")
+    loader = data.loader(state.position, run.accelerator, smaller)
+    try:
+        return run, fit(run, loader, state, stop)
+    finally:
+        loader.close()
 
 
 def report_failures(run: Run, stop: StopRequest) -> None:

@@ -62,7 +62,8 @@ def real_batches(config: TrainingConfig, count: int) -> list[torch.Tensor]:
     """The first `count` micro-batches train.py trains on, from its own data set-up (so that this benchmark
     follows when the stream's definition changes)."""
     accelerator = Accelerator(cpu=True)
-    loader = open_data(config, config.model_shape(), accelerator, None).loader(DataPosition(), accelerator)
+    loader = open_data(config, config.model_shape(), accelerator, None).loader(DataPosition(), accelerator,
+                                                                               config.per_device_train_batch_size)
     try:
         return [next(loader).input_ids for _ in range(count)]
     finally:

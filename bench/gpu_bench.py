@@ -67,21 +67,30 @@ class Variant:
     compile: bool | str
     activation_checkpointing: bool
     steps: int
-    micro_batch: int | None = None  # None: the largest the memory preflight allows
+    micro_batch: int | str | None = None
+    """None: the largest the memory preflight allows (found here); "auto": train.py's own choice."""
+    global_batch: int | None = None
+    """global_batch_size (accumulation makes it up); None: one micro-batch a step."""
 
 
 VARIANTS = {
     "tiny": Variant("tiny", "tiny", "auto", False, 40, micro_batch=8),
+    # production.json's micro-batch, compiled, one micro-batch a step.
+    "1.2b-production-mb4": Variant("1.2b-production-mb4", "1.2b", True, False, 40, micro_batch=4),
+    # per_device_train_batch_size "auto": train.py picks the micro-batch; 4 of them a step at 8.
+    "1.2b-compiled-auto": Variant("1.2b-compiled-auto", "1.2b", True, False, 25, micro_batch="auto", global_batch=32),
     "1.2b-eager": Variant("1.2b-eager", "1.2b", False, False, 30),
     # The anchor's (../shared/bench/gpu_anchor_bench.py) micro-batch, for a like-for-like comparison.
     "1.2b-compiled-mb8": Variant("1.2b-compiled-mb8", "1.2b", True, False, 40, micro_batch=8),
+    "1.2b-eager-mb8": Variant("1.2b-eager-mb8", "1.2b", False, False, 30, micro_batch=8),
     "1.2b-compiled": Variant("1.2b-compiled", "1.2b", True, False, 40),
     "1.2b-compiled-ac": Variant("1.2b-compiled-ac", "1.2b", True, True, 25),
     "1.2b-eager-ac": Variant("1.2b-eager-ac", "1.2b", False, True, 20),
     # --smoke: a few steps of the tiny preset at the micro-batch the preflight picks (CPU or GPU).
     "tiny-smoke": Variant("tiny-smoke", "tiny", "auto", False, 6),
 }
-DEFAULT_VARIANTS = "tiny,1.2b-compiled-mb8,1.2b-eager,1.2b-compiled-ac,1.2b-compiled,1.2b-eager-ac"
+DEFAULT_VARIANTS = ("tiny,1.2b-compiled-mb8,1.2b-production-mb4,1.2b-compiled-auto,1.2b-eager-mb8,1.2b-compiled,"
+                    "1.2b-eager,1.2b-compiled-ac,1.2b-eager-ac")
 SMOKE_DEFAULTS = {"variants": "tiny-smoke", "max_micro_batch": 2, "log_every": 2, "skip_windows": 1,
                   "budget_s": 60, "shard_tokens": 2**15}
 
@@ -170,7 +179,7 @@ def keep_stderr_tail(output: str, path: Path) -> None:
     path.write_text("\n".join(output.splitlines()[-STDERR_TAIL_LINES:]) + "\n")
 
 
-def run_variant(variant: Variant, micro_batch: int, work: Path, out: Path, env: dict, log_every: int, skip: int,
+def run_variant(variant: Variant, micro_batch: int | str, work: Path, out: Path, env: dict, log_every: int, skip: int,
                 timeout: float) -> dict:
     """One train.py run, stopped (SIGKILL) once it has logged `variant.steps` steps: it never reaches a
     save, so no time goes into writing a 17 GB checkpoint that is not what is measured. Its stderr's tail goes
@@ -181,7 +190,8 @@ def run_variant(variant: Variant, micro_batch: int, work: Path, out: Path, env: 
               "max_steps": 1_000_000, "per_device_train_batch_size": micro_batch, "warmup_steps": 5,
               "save_steps": 1_000_000, "logging_steps": log_every, "compile": variant.compile,
               "activation_checkpointing": variant.activation_checkpointing,
-              "checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs")}
+              "checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs"),
+              **({"global_batch_size": variant.global_batch} if variant.global_batch else {})}
     (folder / "config.json").write_text(json.dumps(values))
     metrics, stderr_path = folder / "logs" / "metrics.jsonl", folder / "stderr.txt"
     wanted_windows = variant.steps // log_every
@@ -200,7 +210,9 @@ def run_variant(variant: Variant, micro_batch: int, work: Path, out: Path, env: 
             process.wait()
     output = stderr_path.read_text(errors="replace")
     keep_stderr_tail(output, out / f"{folder.name}.stderr.txt")
-    row = {"variant": variant.name, "micro_batch": micro_batch, "compile": variant.compile,
+    chosen = re.search(r"Micro-batch: (\d+) \(per_device_train_batch_size \"auto\"", output)
+    row = {"variant": variant.name, "micro_batch": int(chosen.group(1)) if chosen else micro_batch,
+           "compile": variant.compile,
            "activation_checkpointing": variant.activation_checkpointing, "wall_s": time.perf_counter() - started,
            "peak_memory_gib_nvidia_smi": memory.peak_mib / 1024 if memory.peak_mib else None}
     records = training_windows(metrics)
@@ -289,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             micro_batch = variant.micro_batch or largest_micro_batch(values, args.max_micro_batch, device)
             row = run_variant(variant, micro_batch, work, args.out, env, args.log_every, args.skip_windows,
                               time_left(args.budget_s, start))
-            if row.get("out_of_memory") and micro_batch > 1:
+            if row.get("out_of_memory") and isinstance(micro_batch, int) and micro_batch > 1:
                 print(json.dumps(row), flush=True)
                 row = run_variant(variant, max(1, micro_batch * 3 // 4), work, args.out, env, args.log_every,
                                   args.skip_windows, time_left(args.budget_s, start))

@@ -44,6 +44,18 @@ if [ "$smoke" = 0 ]; then
   else
     echo "warning: .gpu/gpu_anchor_bench.py missing (run bench/prepare_gpu_check.sh); no anchor to compare with" >&2
   fi
+  # Short checks before the long variants: which attention kernels the compiled model runs, and where the loop
+  # makes the host wait for the device (a tiny run of 30 steps, logging every 10, under sync debug mode).
+  timeout 150 "$PYTHON" bench/gpu_profile.py 2>&1 | grep -v "^USDT" | tee "$OUT/attention_kernels.log" \
+    || echo "error: bench/gpu_profile.py failed; its log is $OUT/attention_kernels.log" >&2
+  sync_run=$(mktemp -d)
+  printf '{"model_preset": "tiny", "data": "%s", "max_steps": 30, "logging_steps": 10, "save_steps": 1000000, "global_batch_size": 8, "per_device_train_batch_size": 8, "eval_holdout_files": 0, "checkpoint_dir": "%s/ck", "log_dir": "%s/logs"}' \
+    "$sync_run/data" "$sync_run" "$sync_run" >"$sync_run/config.json"
+  "$PYTHON" -c "import sys; sys.path.insert(0, '.'); from bench.gpu_bench import make_shards; make_shards(__import__('pathlib').Path(sys.argv[1]), 4096, 2**18)" "$sync_run/data"
+  timeout 150 "$PYTHON" bench/train_sync_debug.py --config "$sync_run/config.json" --upload-destination none >"$OUT/sync_debug.log" 2>&1
+  echo "sync debug (exit $?): $(grep -c 'synchronizing CUDA operation' "$OUT/sync_debug.log") synchronizing calls in 30 steps (3 logging steps), by place:"
+  grep 'synchronizing CUDA operation' "$OUT/sync_debug.log" | grep -o '^[^ ]*\.py:[0-9]*' | sort | uniq -c | sort -rn | head -15
+  rm -rf "$sync_run"
   # gpu_bench starts no variant after its budget and lets the one running go on up to 120 s past it.
   # At least one variant runs, however long the anchor took.
   budget=$((${TOTAL_S:-540} - (SECONDS - start) - 150))

@@ -99,8 +99,9 @@ class TrainingConfig:
     accumulation makes up the difference: global_batch_size / (per_device_train_batch_size x processes)
     micro-batches a step, which must divide). null: per_device_train_batch_size x gradient_accumulation_steps x
     processes, a batch that changes with the number of GPUs."""
-    per_device_train_batch_size: int = 4
-    """Samples per micro-batch on each process."""
+    per_device_train_batch_size: int | str = 4
+    """Samples per micro-batch on each process. "auto" (with global_batch_size): the largest that shares the
+    global batch evenly over the processes and that the memory preflight says fits, said at start."""
     gradient_accumulation_steps: int | None = None
     """Micro-batches summed into one optimizer step on each process, when global_batch_size is null (null: 1);
     set one of the two."""
@@ -252,9 +253,15 @@ class TrainingConfig:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
     def _check_steps(self) -> None:
-        for name in ("max_steps", "per_device_train_batch_size", "save_steps", "keep_checkpoints", "logging_steps",
-                     "prefetch_batches", "loss_history_length"):
+        for name in ("max_steps", "save_steps", "keep_checkpoints", "logging_steps", "prefetch_batches",
+                     "loss_history_length"):
             self._positive(name)
+        if self.per_device_train_batch_size == "auto":
+            if self.global_batch_size is None:
+                raise ConfigError('per_device_train_batch_size "auto" needs global_batch_size: the batch a step '
+                                  "keeps while the micro-batch follows the GPU's memory")
+        else:
+            self._positive("per_device_train_batch_size")
         for name in ("global_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) is not None:
                 self._positive(name)

@@ -371,7 +371,9 @@ class Checkpointer:
     def saved(self, final: Path, step: int, blocked: float, writing: float) -> None:
         """On the main process, once a checkpoint folder is complete: report it, hand it to the uploader, prune."""
         size = folder_size(final)
-        log.info(f"✅ Saved {final.name}")
+        written = f", written in the background in {writing:,.1f} s" if self.snapshot_objects is not None else ""
+        # The pause is left out of the tokens/s and MFU the log lines report: said here, so a cadence's cost shows.
+        log.info(f"✅ Saved {final.name} (training paused {blocked:,.1f} s for it{written})")
         if self.report is not None:
             self.report({"event": "save", "step": step, "checkpoint": final.name, "bytes": size,
                          "seconds_blocked": round(blocked, 3), "seconds_writing": round(writing, 3),

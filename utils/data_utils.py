@@ -1,6 +1,6 @@
 """The data of a run, set up from its config and model shape in one call (litgpt's get_dataloaders): the shard
 source, the training stream and the loader that continues it from a position, and the validation batches."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ class RunData:
     """The run's tokenizer.json (the config's, else the one beside the shards, fetched from a bucket), copied into
     every checkpoint; None when there is none."""
 
-    def loader(self, position: DataPosition, accelerator: Accelerator) -> BatchLoader:
-        """This process's micro-batches from `position` on, read by a background thread."""
-        return BatchLoader(self.source, self.spec, LoaderSettings.of(self.config, accelerator.device),
-                           accelerator.process_index, accelerator.num_processes, position)
+    def loader(self, position: DataPosition, accelerator: Accelerator, micro_batch: int) -> BatchLoader:
+        """This process's micro-batches of `micro_batch` samples from `position` on, read by a background thread."""
+        settings = replace(LoaderSettings.of(self.config, accelerator.device), batch_size=micro_batch)
+        return BatchLoader(self.source, self.spec, settings, accelerator.process_index, accelerator.num_processes,
+                           position)
 
     def describe(self, tokens_per_step: int) -> list[str]:
         """The start-up log lines about the data."""

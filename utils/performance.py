@@ -217,26 +217,65 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, preset: str, usable: int, c
         found.append(f'"per_device_train_batch_size": {smaller} (global_batch_size keeps the batch: accumulation '
                      'makes up the difference)')
     if cuda and plan.shards == 1 and not found:
-        # Sharding is for when the weights and optimizer state themselves do not fit one GPU.
+        # Sharding is for when the weights and optimizer state themselves do not fit one GPU. The way that fits
+        # the GPUs of this run and recomputes least; where none does, the one that needs the fewest GPUs (on 24 GB
+        # cards, FSDP with activation checkpointing fits on far fewer than FSDP alone).
         checkpointed = replace(plan, activation_checkpointing=True)
+        ways = []
         for candidate, extra in ((plan, ""), (checkpointed, ' with "activation_checkpointing": true'),
                                  (replace(checkpointed, micro_batch=1),
                                   ' with "activation_checkpointing": true and "per_device_train_batch_size": 1')):
             gpus = next((n for n in range(2, MAX_FSDP_GPUS + 1) if fits(replace(candidate, shards=n))), None)
             if gpus is not None:
-                found.append(f'"fsdp": true{extra}' + (f" on at least {gpus} GPUs" if gpus > num_processes else ""))
-                break
+                ways.append((gpus, extra))
+        if ways:
+            gpus, extra = next(((n, e) for n, e in ways if n <= num_processes), min(ways, key=lambda way: way[0]))
+            found.append(f'"fsdp": true{extra}' + (f" on at least {gpus} GPUs" if gpus > num_processes else ""))
     if preset != "tiny":
         found.append("the tiny config (--config tiny)")
     return found
+
+
+def memory_plan(config: TrainingConfig, micro_batch: int, device: torch.device, num_processes: int) -> MemoryPlan:
+    return MemoryPlan(micro_batch, device.type == "cuda" and config.mixed_precision != "no",
+                      config.activation_checkpointing, num_processes if config.fsdp else 1)
+
+
+def choose_micro_batch(config: TrainingConfig, device: torch.device, num_processes: int) -> tuple[int, str]:
+    """per_device_train_batch_size "auto": the largest micro-batch that shares global_batch_size evenly over the
+    processes and fits the preflight's estimate (1 when none does: the preflight then refuses, with advice), and
+    the start-up line that says so."""
+    assert config.global_batch_size is not None  # the config refuses "auto" without it
+    sizes = [size for size in range(config.global_batch_size // num_processes, 0, -1)
+             if config.global_batch_size % (size * num_processes) == 0]
+    if not sizes:
+        raise ConfigError(f"global_batch_size {config.global_batch_size} cannot be shared by {num_processes} "
+                          f"processes: use a multiple of {num_processes}")
+    usable, where = usable_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    shape = config.model_shape()
+    for size in sizes:
+        needed = estimate_memory(shape, memory_plan(config, size, device, num_processes)).total
+        if needed <= usable:
+            return size, (f'Micro-batch: {size} (per_device_train_batch_size "auto": the largest that shares '
+                          f"global_batch_size {config.global_batch_size} over {num_processes} process(es) and fits, "
+                          f"about {needed / GIB:.1f} of the {usable / GIB:.1f} GiB usable on {where})")
+    return 1, (f'Micro-batch: 1 (per_device_train_batch_size "auto": none fits the {usable / GIB:.1f} GiB usable on '
+               f"{where})")
+
+
+def smaller_micro_batch(config: TrainingConfig, num_processes: int) -> int | None:
+    """The next micro-batch below config's that shares its global_batch_size evenly; None where there is none."""
+    if config.global_batch_size is None:
+        return None
+    return next((size for size in range(int(config.per_device_train_batch_size) - 1, 0, -1)
+                 if config.global_batch_size % (size * num_processes) == 0), None)
 
 
 def check_memory(config: TrainingConfig, device: torch.device, num_processes: int) -> MemoryEstimate:
     """Raises a one-line ConfigError when the run cannot fit on the device, naming what would fit."""
     shape = config.model_shape()
     cuda = device.type == "cuda"
-    plan = MemoryPlan(config.per_device_train_batch_size, cuda and config.mixed_precision != "no",
-                      config.activation_checkpointing, num_processes if config.fsdp else 1)
+    plan = memory_plan(config, int(config.per_device_train_batch_size), device, num_processes)
     estimate = estimate_memory(shape, plan)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     usable, where = usable_memory(device, local_processes)

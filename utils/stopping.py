@@ -113,6 +113,12 @@ def exit_code_after(error: BaseException) -> int | None:
         return 2
     if isinstance(error, AlreadyReported):
         return 2
+    if isinstance(error, torch.OutOfMemoryError):
+        detail = ". ".join(" ".join(str(error).split()).split(". ")[:2])  # "CUDA out of memory. Tried to allocate X"
+        print(f"error: out of GPU memory ({detail}); use a smaller per_device_train_batch_size (global_batch_size "
+              'keeps the batch), "activation_checkpointing": true, or per_device_train_batch_size "auto"',
+              file=sys.stderr)
+        return 2
     if isinstance(error, TrainingDiverged):
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -2,6 +2,7 @@
 cadence: the same files as a synchronous save, exact resume, a kill -9 during a background write, a save that
 waits for the previous write, and saves every N minutes."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,10 @@ def test_async_saves_write_the_same_files_and_resume_bit_identically(tmp_path: P
     result = run_train("--config", str(config), "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "written asynchronously" in result.stderr and "Resumed from checkpoint-epoch0-step4-files0" in result.stderr
+    assert re.search(r"✅ Saved checkpoint-epoch\d+-step8-files\d+ \(training paused \d+\.\d s for it, written in "
+                     r"the background in \d+\.\d s\)", result.stderr), result.stderr[-3000:]
+    assert re.search(r"Host memory for asynchronous saves: \d+\.\d\d GB in one allocation \(\d+\.\d s\), reused by "
+                     r"the next saves", result.stderr), result.stderr[-3000:]
 
     assert [line["loss"] for line in read_metrics(split / "logs")] == [line["loss"] for line in
                                                                       read_metrics(straight / "logs")]

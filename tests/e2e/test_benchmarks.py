@@ -194,3 +194,10 @@ def test_gpu_bench_arguments():
     smoke = gpu_bench.parse_args(["--smoke", "--log-every", "3"])
     assert (smoke.variants, smoke.max_micro_batch, smoke.log_every) == ("tiny-smoke", 2, 3)  # explicit flags win
     assert set(gpu_bench.DEFAULT_VARIANTS.split(",")) == set(gpu_bench.VARIANTS) - {"tiny-smoke"}
+
+
+def test_gpu_profile_smoke():
+    # On a CPU too, the compiled model's causal attention without a mask runs torch's flash kernel for the CPU.
+    output = succeeded(run_bench(sys.executable, "bench/gpu_profile.py", "--smoke"))
+    assert re.search(r"^attention kernel: aten::_scaled_dot_product_flash_attention_for_cpu +2 calls", output,
+                     re.MULTILINE), output

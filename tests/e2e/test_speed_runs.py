@@ -29,3 +29,16 @@ def test_train_refuses_a_model_that_cannot_fit_and_logs_mfu(tmp_path: Path, samp
     assert "MFU against 0.001 TFLOP/s per process" in result.stderr
     saved = json.loads(next((tmp_path / "checkpoints").glob("checkpoint-*/training_config.json")).read_text())
     assert saved["peak_tflops"] == 0.001 and saved["memory_preflight"] is True
+
+
+def test_an_auto_micro_batch_is_chosen_said_and_recorded(tmp_path: Path, sample_data: Path) -> None:
+    # On this machine's RAM the micro model fits any micro-batch: the largest that shares 8 samples over 1 process.
+    config = write_config(tmp_path, sample_data, max_steps=2, save_steps=2, global_batch_size=8,
+                          per_device_train_batch_size="auto")
+    result = run_train("--config", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'Micro-batch: 8 (per_device_train_batch_size "auto": the largest that shares global_batch_size 8 over ' \
+           "1 process(es) and fits, about " in result.stderr
+    assert "Batch: 8 samples a step = micro-batch 8 x 1 accumulated x 1 process(es)" in result.stderr
+    saved = json.loads(next((tmp_path / "checkpoints").glob("checkpoint-*/training_config.json")).read_text())
+    assert saved["per_device_train_batch_size"] == 8 and saved["samples_per_step"] == 8

@@ -17,6 +17,7 @@ from utils.performance import (
     GIB,
     MemoryPlan,
     check_memory,
+    choose_micro_batch,
     count_parameters,
     estimate_memory,
     flops_per_token,
@@ -113,6 +114,42 @@ def test_preflight_on_an_8gb_gpu_points_to_fsdp_and_tiny(monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r'would fit: "fsdp": true with "activation_checkpointing": true and '
                                           r'"per_device_train_batch_size": 1 on at least \d+ GPUs, or the tiny config'):
         check_memory(config_for(per_device_train_batch_size=4), torch.device("cuda"), 1)
+
+
+@pytest.mark.parametrize("card_gib, gpus", [(24, 2), (40, 2)])
+def test_preflight_on_24_and_40_gb_cards_offers_fsdp_with_activation_checkpointing(
+        monkeypatch: pytest.MonkeyPatch, card_gib: int, gpus: int) -> None:
+    # production.json's micro-batch 4 without checkpointing on one GPU: FSDP alone would need 6 GPUs of 24 GB,
+    # with activation checkpointing 2; on 40 GB, checkpointing alone fits one GPU.
+    with_usable(monkeypatch, card_gib * 0.95 - 1)
+    with pytest.raises(ConfigError) as error:
+        check_memory(config_for(per_device_train_batch_size=4), torch.device("cuda"), 1)
+    message = str(error.value)
+    if card_gib == 24:
+        assert f'would fit: "fsdp": true with "activation_checkpointing": true on at least {gpus} GPUs' in message
+    else:
+        assert 'would fit: "activation_checkpointing": true' in message
+    check_memory(config_for(per_device_train_batch_size=4, activation_checkpointing=True, fsdp=card_gib == 24),
+                 torch.device("cuda"), gpus)
+
+
+def test_auto_micro_batch_is_the_largest_that_shares_the_global_batch_and_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with_usable(monkeypatch, 79.1 * 0.95 - 1)  # an H100: micro-batch 8 fits (58 GiB), 16 does not
+    auto = {"per_device_train_batch_size": "auto", "global_batch_size": 256}
+    size, line = choose_micro_batch(config_for(**auto), torch.device("cuda"), 1)
+    assert size == 8 and line.startswith('Micro-batch: 8 (per_device_train_batch_size "auto": the largest that shares '
+                                         "global_batch_size 256 over 1 process(es) and fits, about 58.")
+    assert choose_micro_batch(config_for(**auto, activation_checkpointing=True), torch.device("cuda"), 8)[0] == 16
+    assert choose_micro_batch(config_for(**{**auto, "global_batch_size": 24}), torch.device("cuda"), 2)[0] == 6
+    with_usable(monkeypatch, 8 * 0.95 - 1)  # nothing fits: 1, and the preflight then refuses with its advice
+    assert choose_micro_batch(config_for(**auto), torch.device("cuda"), 1)[0] == 1
+    with pytest.raises(ConfigError, match="global_batch_size 6 cannot be shared by 8 processes: use a multiple of 8"):
+        choose_micro_batch(config_for(**{**auto, "global_batch_size": 6}), torch.device("cuda"), 8)
+    with pytest.raises(ConfigError, match='per_device_train_batch_size "auto" needs global_batch_size'):
+        config_for(per_device_train_batch_size="auto")
+    with pytest.raises(ConfigError, match="per_device_train_batch_size must be a positive integer"):
+        config_for(per_device_train_batch_size="big", global_batch_size=8)
 
 
 def test_preflight_on_an_h100(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,31 +60,77 @@ LOW_DISK_BYTES = 256 * 1024 * 1024
 """Below this much free space, a failed save is reported as the disk being full."""
 
 
+HOST_ALIGNMENT = 64
+"""Bytes each host copy's start is aligned to inside the flat allocation."""
+
+
 class HostBuffers:
-    """CPU copies of device tensors, one buffer per key, allocated once and reused by every later save."""
+    """Host copies of device tensors in one flat allocation of their exact size (each copy aligned to 64 bytes),
+    made at the first save and reused by every later one while the tensors keep their names, shapes and dtypes.
+    Pinned on CUDA: torch's pinned allocator rounds every allocation up to a power of two, which, tensor by
+    tensor, would pin about 2 GB more for the 1.2b state (18.9 GB for 17 GB). Each copy is a tensor of its own
+    storage over its part of the allocation (torch.frombuffer), so that torch.save writes the same bytes as it
+    does for the originals, not the whole allocation for each."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = ()
+        self.copies: dict[str, torch.Tensor] = {}
+        self.allocated_bytes = 0
+        self.allocations = 0
+        """Flat allocations made so far (a new one when the tensors change, e.g. the optimizer's first state)."""
 
-    def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin)
-            self.buffers[key] = buffer
-        # Non-blocking from a GPU into pinned memory: the copies of the whole state overlap; one sync after.
-        buffer.copy_(tensor.detach(), non_blocking=self.pin)
-        return buffer
+    def copy_all(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of `tensors`, by the same keys (the same buffers at every call)."""
+        layout = tuple((key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items())
+        if layout != self.layout:
+            self._allocate(tensors)
+            self.layout = layout
+        for key, tensor in tensors.items():
+            # Non-blocking from a GPU into pinned memory: the copies of the whole state overlap; one sync after.
+            self.copies[key].copy_(tensor.detach(), non_blocking=self.pin)
+        return dict(self.copies)
 
-    def copy_tree(self, prefix: str, value: Any) -> Any:
-        """`value` with every tensor in it (dicts, lists, tuples) replaced by its host copy."""
-        if isinstance(value, torch.Tensor):
-            return self.copy(prefix, value)
-        if isinstance(value, dict):
-            return type(value)((k, self.copy_tree(f"{prefix}/{k}", v)) for k, v in value.items())
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.copy_tree(f"{prefix}/{i}", v) for i, v in enumerate(value))
-        return copy.deepcopy(value)
+    def _allocate(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.copies = {}
+        offsets, total = {}, 0
+        for key, tensor in tensors.items():
+            offsets[key] = total
+            total += -(-tensor.nbytes // HOST_ALIGNMENT) * HOST_ALIGNMENT
+        started = time.monotonic()
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin).numpy()
+        for key, tensor in tensors.items():
+            if tensor.nbytes == 0:  # frombuffer refuses an empty view
+                self.copies[key] = torch.empty(tensor.shape, dtype=tensor.dtype)
+                continue
+            part = torch.frombuffer(flat, dtype=torch.uint8, count=tensor.nbytes, offset=offsets[key])
+            self.copies[key] = part.view(tensor.dtype).view(tensor.shape)
+        self.allocated_bytes, self.allocations = total, self.allocations + 1
+        log.info(f"Host memory for asynchronous saves: {total / 1e9:,.2f} GB{' pinned' if self.pin else ''} in one "
+                 f"allocation ({time.monotonic() - started:,.1f} s), reused by the next saves")
+
+
+def tensors_in(prefix: str, value: Any) -> dict[str, torch.Tensor]:
+    """Every tensor in `value` (dicts, lists, tuples), by its path under `prefix`."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        return {key: tensor for k, v in value.items() for key, tensor in tensors_in(f"{prefix}/{k}", v).items()}
+    if isinstance(value, (list, tuple)):
+        return {key: tensor for i, v in enumerate(value) for key, tensor in tensors_in(f"{prefix}/{i}", v).items()}
+    return {}
+
+
+def with_copies(prefix: str, value: Any, copies: dict[str, torch.Tensor]) -> Any:
+    """`value` with every tensor in it replaced by its copy in `copies` (keyed as tensors_in keys them), and
+    everything else deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return copies[prefix]
+    if isinstance(value, dict):
+        return type(value)((k, with_copies(f"{prefix}/{k}", v, copies)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(with_copies(f"{prefix}/{i}", v, copies) for i, v in enumerate(value))
+    return copy.deepcopy(value)
 
 
 def rng_state(accelerator: Accelerator) -> dict[str, Any]:
@@ -122,14 +168,18 @@ class StateSnapshot:
         model, optimizer, scheduler = objects
         # Tensors that share storage (tied embeddings) share their copy too, so that Accelerate's writer keeps
         # one of them, as it does for the originals.
-        copies: dict[tuple[int, int], torch.Tensor] = {}
-        self.weights: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for name, tensor in saved_model_state(accelerator, model).items():
-            shared = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            if shared not in copies:
-                copies[shared] = buffers.copy(f"model/{name}", tensor)
-            self.weights[name] = copies[shared]
-        self.optimizer = buffers.copy_tree("optimizer", optimizer.state_dict())
+        weights = saved_model_state(accelerator, model)
+        first_name: dict[tuple[int, int], str] = {}
+        for name, tensor in weights.items():
+            first_name.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), name)
+        key_of = {name: f"model/{first_name[(tensor.untyped_storage().data_ptr(), tensor.storage_offset())]}"
+                  for name, tensor in weights.items()}
+        optimizer_state = optimizer.state_dict()
+        copies = buffers.copy_all({**{key_of[name]: weights[name] for name in first_name.values()},
+                                   **tensors_in("optimizer", optimizer_state)})
+        self.weights: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (name, copies[key_of[name]]) for name in weights)
+        self.optimizer = with_copies("optimizer", optimizer_state, copies)
         self.schedule = ScheduleState(accelerator, scheduler)
         if buffers.pin:
             torch.cuda.synchronize()  # the non-blocking copies have landed: the loop may change the originals
