@@ -200,7 +200,8 @@ def fit(run: Run, loader: BatchLoader, state: TrainState, stop: StopRequest) -> 
                     state.metrics.record_validation(state.step, result.as_record())
                     run.log.validation(state.step, result.as_record())
             if save_due(run, state, agreed):  # again: a stop or a timed save may be agreed during validation
-                save_checked(run, state, window, "stop requested" if agreed.stop_now else "scheduled")
+                save_checked(run, state, window,
+                             run.checkpointer.save_reason(state.step, agreed.stop_now, agreed.timed_save))
                 agreed.timed_save = False
             window.pause(time.perf_counter() - pause_start)
             if agreed.stop_now:

@@ -4,9 +4,10 @@ A training config names a preset and may override any field of it (vocab size, s
 layers, ...), so data made with any tokenizer can be trained on.
 """
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import GPTNeoXConfig
+if TYPE_CHECKING:  # imported where it is built: the tools read configs without transformers (and torch) loaded
+    from transformers import GPTNeoXConfig
 
 # Embedding tables padded to a multiple of this many rows run faster on tensor cores.
 VOCAB_PAD_MULTIPLE = 128
@@ -81,8 +82,10 @@ def resolve_shape(preset: str, overrides: dict[str, Any] | None = None) -> Model
     return shape
 
 
-def build_model_config(shape: ModelShape) -> GPTNeoXConfig:
+def build_model_config(shape: ModelShape) -> "GPTNeoXConfig":
     """The Hugging Face config for a shape, with SDPA attention and no dropout (as in Pythia)."""
+    from transformers import GPTNeoXConfig  # seconds of imports (torch too), for the commands that build a model
+
     return GPTNeoXConfig(
         vocab_size=padded_vocab_size(shape.vocab_size),
         hidden_size=shape.hidden_size,

@@ -39,7 +39,8 @@ def load_model_and_tokenizer(location: Path, tokenizer_override: Path | None, al
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """From an exported folder (config.json) or a training checkpoint (allow_unverified: also one without
     checksums.json); a clear ExportError otherwise."""
-    if (location / "config.json").is_file():
+    # A training checkpoint holds a config.json too, but is read (and its checksums checked) as a checkpoint.
+    if (location / "config.json").is_file() and not (location / "training_config.json").is_file():
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
         except (OSError, ValueError) as error:

@@ -4,6 +4,7 @@
     python scripts/upload_manager.py status --config test          # local and remote side by side
     python scripts/upload_manager.py list                          # local checkpoints and their upload state
     python scripts/upload_manager.py upload checkpoint-epoch0-step50-files0
+    python scripts/upload_manager.py upload checkpoint-epoch0-step50-files0 --force   # even if already verified
     python scripts/upload_manager.py upload-all --config test      # every local checkpoint not yet verified
 
 The checkpoint folder and destination come from the config (checkpoint_dir, upload_destination; relative
@@ -11,6 +12,8 @@ to the repository) unless --checkpoint-dir / --destination are given (relative t
 --checkpoint-dir alone, the destination is the one recorded in that folder's uploads.json (the tool says so).
 The upload state lives in <checkpoint_dir>/uploads.json, shared with a training run that may be running at
 the same time; status and list show only the records about the destination in use.
+
+Nothing here imports torch, transformers or accelerate (seconds of start-up): `list` runs in a fraction of one.
 """
 import argparse
 import logging
@@ -20,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, load_config, path_from_here  # noqa: E402
-from utils.checkpoints.folders import list_checkpoints, parse_checkpoint_name
+from utils.checkpoints.folders import holders_hint, list_checkpoints, parse_checkpoint_name, subfolders_holding
 from utils.display import fmt_bytes
 from utils.errors import CheckpointError, UploadError
 from utils.storage import is_gcs_url
@@ -29,6 +32,9 @@ from utils.uploads.destination import checkpoint_bytes, open_destination, remote
 from utils.uploads.formats import folder_size, split_archive_name
 from utils.uploads.manifest import UploadManifest, UploadRecord, read_snapshot
 from utils.uploads.uploader import Uploader, UploadSettings
+
+ALREADY_VERIFIED = "already uploaded and verified"
+"""What upload and upload-all say of a checkpoint that uploads.json records as verified at the destination."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", parents=[common], help="local and remote checkpoints side by side")
     commands.add_parser("list", parents=[common], help="local checkpoints with size and upload state")
-    upload = commands.add_parser("upload", parents=[common], help="upload one checkpoint now (verified)")
+    upload = commands.add_parser(
+        "upload", parents=[common], help="upload one checkpoint now (verified)",
+        description=f"Upload one checkpoint now and verify it. One {ALREADY_VERIFIED} at the destination is "
+                    "not uploaded again (the tool says so) unless --force.")
     upload.add_argument("name", help="checkpoint folder name, e.g. checkpoint-epoch0-step50-files0")
+    upload.add_argument("--force", action="store_true",
+                        help=f"upload it even when uploads.json records it as {ALREADY_VERIFIED}: the record is "
+                             "dropped and the checkpoint compared with the destination again (an identical copy "
+                             "there is kept and recorded, never overwritten; a missing one is uploaded)")
     commands.add_parser("upload-all", parents=[common], help="upload every local checkpoint not yet verified")
     return parser.parse_args(argv)
 
@@ -91,6 +104,17 @@ class Settings:
                                   "(pass --checkpoint-dir or --config)")
 
 
+def subfolders_hint(checkpoint_dir: Path) -> str:
+    """"; DIR holds some: pass --checkpoint-dir DIR or --config NAME" for the subfolders of an empty checkpoint
+    folder that hold checkpoints (checkpoints/tiny after `bash run.sh tiny`, when the default config's
+    checkpoints/ is empty), as checkpoint_viewer.py and monitor_training.py name them; "" when none does."""
+    try:
+        holders = subfolders_holding(checkpoint_dir, lambda sub: bool(list_checkpoints(sub)))
+    except OSError:  # an unreadable folder has no subfolders to point at
+        return ""
+    return f"; {holders_hint(holders, '--checkpoint-dir', 'checkpoint_dir')}" if holders else ""
+
+
 def records_for(manifest: UploadManifest, destination: str | None) -> dict[str, UploadRecord]:
     """The records of uploads.json about `destination` (all of them when it is None). uploads.json keeps one
     record per checkpoint, whatever the destination of its last upload; a record naming another destination
@@ -123,7 +147,7 @@ def command_list(settings: Settings) -> int:
     manifest = UploadManifest(settings.checkpoint_dir, settings.destination or "")
     records = records_for(manifest, settings.destination)
     if not checkpoints:
-        print(f"No checkpoints in {settings.checkpoint_dir}")
+        print(f"No checkpoints in {settings.checkpoint_dir}{subfolders_hint(settings.checkpoint_dir)}")
         return 0
     where = f" (upload state for {settings.destination})" if settings.destination else ""
     if settings.destination_note:
@@ -171,27 +195,32 @@ def command_status(settings: Settings) -> int:
     return 0
 
 
-def command_upload(settings: Settings, names: list[str] | None) -> int:
+def command_upload(settings: Settings, names: list[str] | None, force: bool = False) -> int:
+    """Uploads `names` (upload), or every local checkpoint (upload-all, names None), skipping those already
+    verified at the destination unless `force`."""
     if not settings.checkpoint_dir.is_dir():
         what = f"checkpoint {names[0]!r} not found in" if names else "checkpoint folder"
         raise UploadError(f"{what} {settings.checkpoint_dir}: the folder does not exist "
                           "(pass --checkpoint-dir or --config)")
     # The local side first: nothing to upload needs no network (and no minutes of retries of an unreachable one).
     local = [info.name for info in list_checkpoints(settings.checkpoint_dir)]
+    elsewhere = "" if local else subfolders_hint(settings.checkpoint_dir)
     if names is None and not local:
-        print(f"No checkpoints to upload in {settings.checkpoint_dir}")
+        print(f"No checkpoints to upload in {settings.checkpoint_dir}{elsewhere}")
         return 0
     for name in names or []:
         if name not in local:
             raise UploadError(f"checkpoint {name!r} not found in {settings.checkpoint_dir} "
-                              f"(existing: {', '.join(local) or 'none'})")
+                              f"(existing: {', '.join(local) or 'none'}){elsewhere}")
     uploader = settings.uploader()
-    if names is None:  # upload-all
-        records = uploader.manifest.read()
-        skipped = [name for name in local if uploader.is_verified(name, records)]
-        names = [name for name in local if name not in skipped]
-        for name in skipped:
-            print(f"⏭️  {name}: already uploaded and verified")
+    records = uploader.manifest.read()
+    # Only `upload` has --force: upload-all re-uploading every verified checkpoint is never what is meant.
+    how_to_force = " (pass --force to upload it again)" if names is not None else ""
+    requested = names if names is not None else local
+    skipped = [] if force else [name for name in requested if uploader.is_verified(name, records)]
+    names = [name for name in requested if name not in skipped]
+    for name in skipped:
+        print(f"⏭️  {name}: {ALREADY_VERIFIED}{how_to_force}")
     everything = uploader.manifest.read()
     mine = records_for(uploader.manifest, uploader.destination)
     for name in names:
@@ -202,7 +231,10 @@ def command_upload(settings: Settings, names: list[str] | None) -> int:
                   f"({everything[name].state}) is replaced by this upload's")
     failed = []
     for name in names:
-        uploader.submit(settings.checkpoint_dir / name)
+        if force:  # a fresh record: submit() takes a verified one for done and would upload nothing
+            uploader.submit_new(settings.checkpoint_dir / name)
+        else:
+            uploader.submit(settings.checkpoint_dir / name)
         if not uploader.is_verified(name):
             failed.append(name)
     print(f"{len(names) - len(failed)} uploaded, {len(failed)} failed"
@@ -219,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             return command_list(settings)
         if args.command == "status":
             return command_status(settings)
-        return command_upload(settings, [args.name] if args.command == "upload" else None)
+        if args.command == "upload":
+            return command_upload(settings, [args.name], args.force)
+        return command_upload(settings, None)
     except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

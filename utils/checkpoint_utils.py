@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from configs.model_config import ModelShape, shape_as_dict
 from configs.training_config import FILES_FORMAT, TrainingConfig
 from utils.accelerator import first_process_decides
+from utils.checkpoints.export import model_folder_json
 from utils.checkpoints.folders import list_checkpoints, remove_incomplete_saves
 from utils.checkpoints.ownership import (
     check_sharded_checkpoints_share_a_disk,
@@ -53,7 +54,7 @@ from utils.errors import AlreadyReported, CheckpointError
 from utils.files import read_json
 from utils.storage.base import Storage
 from utils.train_state import TrainState, build_metadata, read_state_files
-from utils.training_utils import apply_optimizer_settings
+from utils.training_utils import OPTIMIZER_GROUPS_FILE, apply_optimizer_settings, optimizer_layout
 from utils.uploads.destination import open_destination
 from utils.uploads.formats import folder_size
 from utils.uploads.log_mirror import LogMirror
@@ -79,6 +80,10 @@ class Checkpointer:
         self.shape = shape
         self.tokenizer: Path | None = None
         """Copied into every checkpoint, so that each is self-contained (given by start())."""
+        self.model_folder_json: dict[str, dict] = {}
+        """Written into every checkpoint (given by start()): config.json, generation_config.json and
+        tokenizer_config.json (not in sharded ones), so that it is a Hugging Face model folder too, and
+        optimizer_groups.json, so that stock Accelerate can load it."""
         self.uploader: Uploader | None = None
         self.last_saved_step = 0
         self.last_saved_name: str | None = None
@@ -230,6 +235,12 @@ class Checkpointer:
         earlier run left unfinished."""
         config = self.config
         self.report, self.tokenizer = report, tokenizer
+        # A sharded checkpoint has no model.safetensors for them to go with: export_hf.py makes a model folder.
+        self.model_folder_json = {} if config.fsdp else model_folder_json(self.shape, tokenizer)
+        model, optimizer, _ = prepared
+        if model is not None:
+            self.model_folder_json[OPTIMIZER_GROUPS_FILE] = optimizer_layout(
+                self.accelerator.unwrap_model(model, keep_torch_compile=False), optimizer)
         if use_async_saves(config.async_save, self.accelerator.device):
             self.snapshot_objects = prepared
             if config.fsdp:  # every process writes its shards
@@ -243,8 +254,7 @@ class Checkpointer:
             log.info(f"Checkpoints: {cadence} to {self.folder}, written {how}, newest {config.keep_checkpoints} kept")
         if self.remote is None or not self.accelerator.is_main_process:
             return
-        mode = (f"in the background ({config.upload_workers} worker(s), {config.upload_streams} streams each)"
-                if config.background_upload else f"synchronously ({config.upload_streams} streams)")
+        mode = UploadSettings.of(config).describe()
         layout = "in the files layout" if config.archive_format == FILES_FORMAT else f"as .{config.archive_format}"
         log.info(f"Uploads: checkpoints go to {self.remote.url} {layout} {mode} ({self.remote.auth})")
         logs = self.logs = LogMirror(self.remote, config.log_dir, config.project_name)
@@ -262,6 +272,15 @@ class Checkpointer:
         which all processes agree on), at the last step, and when the run stops early."""
         cadence = time_due if self.config.save_every_minutes is not None else step % self.config.save_steps == 0
         return cadence or step == self.config.max_steps or stopping
+
+    def save_reason(self, step: int, stopping: bool, time_due: bool) -> str:
+        """Why the save should_save() asked for happens, for its log line: "final" at max_steps, "stop requested",
+        "timed" (save_every_minutes) or "scheduled" (save_steps)."""
+        if step == self.config.max_steps:
+            return "final"
+        if stopping:
+            return "stop requested"
+        return "timed" if self.config.save_every_minutes is not None and time_due else "scheduled"
 
     def time_due(self) -> bool:
         """On the main process: save_every_minutes have passed since the last save began (False elsewhere).
@@ -399,6 +418,7 @@ class Checkpointer:
                               "run_id": self.run_id},
             "training_metrics.json": saved["metrics"],
             "data_state.json": saved["data"],
+            **self.model_folder_json,
         }
 
     # --- at the end ------------------------------------------------------------------------------

@@ -118,6 +118,12 @@ def test_export_refuses_to_overwrite_and_bad_checkpoints(trained: Path, tmp_path
     assert export_hf.main([str(checkpoint_of(trained)), str(tmp_path / "precious"), "--overwrite"]) == 2
     assert "not an exported model folder" in capsys.readouterr().err
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep"
+    # A checkpoint holds a config.json too (a model folder as it is), but is never taken for an earlier export.
+    other = tmp_path / "other-checkpoint"
+    shutil.copytree(checkpoint_of(trained), other)
+    assert export_hf.main([str(checkpoint_of(trained)), str(other), "--overwrite"]) == 2
+    assert "is not an exported model folder (no config.json, or a training checkpoint)" in capsys.readouterr().err
+    assert (other / "optimizer.bin").is_file()
 
     assert export_hf.main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
@@ -237,7 +243,8 @@ def test_export_and_generate_from_the_files_layout(trained: Path, sample_data: P
     names = {path.name for path in materialized.iterdir()}
     assert {"model.safetensors", "training_config.json", "tokenizer.json", "metadata.json"} <= names
     assert "optimizer.bin" in {path.name for path in checkpoint.iterdir()}
-    assert not {name for name in names if name.startswith(("optimizer", "random_states", "scheduler"))}
+    assert not {name for name in names if name.startswith(("optimizer", "random_states", "scheduler"))
+                and not name.endswith(".json")}  # optimizer_groups.json is a few KB of names
     archive = tmp_path / f"{checkpoint.name}.tar"
     with open(archive, "wb") as handle:
         write_archive(checkpoint, handle, "tar")
@@ -321,7 +328,8 @@ def test_train_refuses_an_export_folder_it_may_not_replace_before_training(tmp_p
     (precious / "notes.txt").write_text("keep")
     result = run_train("--config", str(write_config(tmp_path, sample_data, export_hf_dir=str(precious))))
     assert result.returncode == 2
-    assert "is not an exported model folder (no config.json); refusing to replace it" in result.stderr
+    assert "is not an exported model folder (no config.json, or a training checkpoint); refusing to replace it" \
+        in result.stderr
     # train.py creates (and probes) checkpoint_dir at start; nothing is saved in it.
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*")) and (precious / "notes.txt").read_text() == "keep"
 

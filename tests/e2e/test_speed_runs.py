@@ -40,5 +40,6 @@ def test_an_auto_micro_batch_is_chosen_said_and_recorded(tmp_path: Path, sample_
     assert 'Micro-batch: 8 (per_device_train_batch_size "auto": the largest that shares global_batch_size 8 over ' \
            "1 process(es) and fits, about " in result.stderr
     assert "Batch: 8 samples a step = micro-batch 8 x 1 accumulated x 1 process(es)" in result.stderr
+    assert "💾 Saving checkpoint at step 2 (final)" in result.stderr  # the last step's save, not "(scheduled)"
     saved = json.loads(next((tmp_path / "checkpoints").glob("checkpoint-*/training_config.json")).read_text())
     assert saved["per_device_train_batch_size"] == 8 and saved["samples_per_step"] == 8

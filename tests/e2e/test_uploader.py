@@ -3,6 +3,8 @@ import errno
 import filecmp
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from gcs_emulator import FaultProxy, GCSEmulator, gcs_server  # noqa: F401  (the fixture)
 
 from configs.training_config import ARCHIVE_FORMATS, ConfigError, TrainingConfig
-from conftest import GatedStorage
+from conftest import REPO_ROOT, GatedStorage
 from scripts import upload_manager
 from utils.errors import UploadError
 from utils.storage import open_storage
@@ -538,3 +540,88 @@ def test_status_of_a_folder_uses_the_destination_recorded_there(tmp_path: Path, 
                                 "--destination", str(default)]) == 0
     out = capsys.readouterr().out
     assert "recorded in" not in out and f"Remote: {default}" in out
+
+
+# --- upload_manager: issue #26 (subfolder hint, verified checkpoints, stream counts, light imports) ---------------
+
+def test_list_and_upload_all_name_the_subfolder_that_holds_checkpoints(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """After `bash run.sh tiny` the checkpoints are in checkpoints/tiny, not in the default config's checkpoints/."""
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints / "tiny", STEP4, size=1000)
+    hint = f"; {checkpoints / 'tiny'} holds some: pass --checkpoint-dir {checkpoints / 'tiny'}"
+    assert upload_manager.main(["list", "--checkpoint-dir", str(checkpoints)]) == 0
+    assert capsys.readouterr().out == f"No checkpoints in {checkpoints}{hint}\n"
+    assert upload_manager.main(["upload-all", "--checkpoint-dir", str(checkpoints),
+                                "--destination", str(tmp_path / "up")]) == 0
+    assert capsys.readouterr().out == f"No checkpoints to upload in {checkpoints}{hint}\n"
+    assert upload_manager.main(["upload", STEP4, "--checkpoint-dir", str(checkpoints),
+                                "--destination", str(tmp_path / "up")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: checkpoint '{STEP4}' not found in {checkpoints} (existing: none){hint}\n"
+    assert not (tmp_path / "up").exists()  # nothing was opened at the destination
+
+
+def test_upload_of_a_verified_checkpoint_says_so_and_force_uploads_it_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoints, dest = tmp_path / "checkpoints", tmp_path / "up"
+    make_checkpoint(checkpoints, STEP4, size=1000)
+    where = ["--checkpoint-dir", str(checkpoints), "--destination", str(dest)]
+    assert upload_manager.main(["upload", STEP4, *where]) == 0
+    assert capsys.readouterr().out.endswith("1 uploaded, 0 failed\n")
+    uploaded = records(checkpoints)[STEP4]
+
+    assert upload_manager.main(["upload", STEP4, *where]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"⏭️  {STEP4}: already uploaded and verified (pass --force to upload it again)\n"
+                   "0 uploaded, 0 failed\n")
+    assert records(checkpoints)[STEP4] == uploaded  # not touched: no new attempt
+
+    # The copy at the destination is lost behind uploads.json's back: --force uploads it again.
+    shutil.rmtree(dest / STEP4)
+    (dest / f"{STEP4}.files.json").unlink()
+    assert upload_manager.main(["upload", STEP4, *where, "--force"]) == 0
+    assert capsys.readouterr().out == "1 uploaded, 0 failed\n"
+    assert same_tree(checkpoints / STEP4, dest / STEP4) and (dest / f"{STEP4}.files.json").is_file()
+    assert records(checkpoints)[STEP4]["state"] == "uploaded"
+
+
+def test_upload_help_explains_force(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        upload_manager.main(["upload", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--force" in text and "already uploaded and verified" in text
+    assert "not uploaded again (the tool says so) unless --force" in text
+
+
+@pytest.mark.parametrize(("archive_format", "background", "expected"), [
+    ("files", True, "in the background (2 worker(s), 16 streams each)"),
+    ("files", False, "synchronously (16 streams)"),
+    ("tar.zst", True, "in the background (2 worker(s), one stream each)"),
+    ("tar", True, "in the background (2 worker(s), one stream each)"),
+    ("tar.gz", True, "in the background (2 worker(s), one stream each)"),
+    ("tar.gz", False, "synchronously (one stream)"),
+])
+def test_the_upload_mode_line_counts_the_streams_each_format_uses(
+        tmp_path: Path, archive_format: str, background: bool, expected: str) -> None:
+    """train.py's start-up line ("Uploads: ... (1 worker(s), 16 streams each)") said 16 streams for an archive,
+    which goes up as one stream."""
+    settings = UploadSettings(archive_format, background=background, workers=2, streams=16)
+    assert settings.describe() == expected
+    uploader = Uploader(LocalStorage(str(tmp_path / "up")), tmp_path / "checkpoints",
+                        UploadSettings(archive_format, background=False, streams=16))
+    assert uploader.streams == settings.checkpoint_streams  # what the line says is what the uploader does
+
+
+def test_upload_manager_list_imports_no_torch_transformers_or_accelerate(tmp_path: Path) -> None:
+    """Seconds of start-up for a listing: the tool as a user runs it, with Python's import log."""
+    empty = tmp_path / "checkpoints"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "scripts" / "upload_manager.py"),
+                           "list", "--checkpoint-dir", str(empty)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == f"No checkpoints in {empty}\n"
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "utils.uploads.uploader" in imported  # the log is read right
+    assert not imported & {"torch", "transformers", "accelerate"}

@@ -45,7 +45,8 @@ def test_a_save_writes_a_whole_named_folder_and_keeps_the_newest(tmp_path: Path)
     final = Path(config.checkpoint_dir) / "checkpoint-epoch0-step12-files1"
     assert {p.name for p in final.iterdir()} == {WEIGHTS, "random_states_0.pkl", "tokenizer.json", "metadata.json",
                                                   "training_config.json", "training_metrics.json", "data_state.json",
-                                                  "checksums.json"}
+                                                  "checksums.json", "config.json", "generation_config.json"}
+    # (this test's tokenizer.json is not a real tokenizer: no tokenizer_config.json; no model: no optimizer groups)
     metadata = json.loads((final / "metadata.json").read_text())
     assert metadata["step"] == 12 and metadata["training_progress"]["files_processed"] == 1
     assert metadata["training_progress"]["tokens_seen"] == 12 * 128
@@ -289,3 +290,12 @@ def test_a_save_that_fills_the_disk_leaves_no_temporary_folder(tmp_path: Path, a
                                         f"space left on device: '{folder / '.tmp-checkpoint-epoch0-step8-files0'}")
     assert "\n" not in str(raised.value)
     assert [path.name for path in folder.iterdir()] == ["checkpoint-epoch0-step4-files0"]
+
+
+def test_each_save_gives_its_true_reason(tmp_path: Path) -> None:
+    by_steps = make_checkpointer(make_config(tmp_path / "a", max_steps=20, save_steps=4))
+    assert [by_steps.save_reason(step, stopping, False) for step, stopping in ((4, False), (6, True), (20, False),
+                                                                                (20, True))] == \
+        ["scheduled", "stop requested", "final", "final"]
+    by_time = make_checkpointer(make_config(tmp_path / "b", max_steps=20, save_every_minutes=30))
+    assert by_time.save_reason(7, False, True) == "timed" and by_time.save_reason(20, False, True) == "final"

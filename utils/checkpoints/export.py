@@ -12,6 +12,7 @@ time), else the run's (its `tokenizer` field or tokenizer.json beside its shards
 scripts/generate.py are the command lines over this module; train.py uses it for `export_hf_dir`.
 """
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from utils.storage.base import StorageError
 from utils.uploads.destination import remote_checkpoints, restore_checkpoint
 from utils.uploads.formats import extract_archive, split_archive_name
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -96,11 +98,39 @@ def checkpoint_model_config(checkpoint: Path) -> GPTNeoXConfig:
     if not isinstance(shape, dict):
         raise ExportError(f"{checkpoint}/training_config.json: no model_shape")
     try:
-        config = build_model_config(ModelShape(**shape))
+        return hf_model_config(ModelShape(**shape), torch.float32)
     except TypeError as error:
         raise ExportError(f"{checkpoint}/training_config.json: bad model_shape ({error})") from None
+
+
+def hf_model_config(shape: ModelShape, dtype: torch.dtype) -> GPTNeoXConfig:
+    """The config.json of a Hugging Face model folder of `shape` with weights of `dtype`: transformers' own SDPA
+    attention (training's causal_sdpa is registered by this project alone), the KV cache on for generation."""
+    config = build_model_config(shape)
     config.use_cache = True  # training turns the KV cache off; generation wants it
+    config.dtype = dtype
+    config.architectures = [GPTNeoXForCausalLM.__name__]
     return config
+
+
+def model_folder_json(shape: ModelShape, tokenizer: Path | None) -> dict[str, dict]:
+    """The small files that make a training checkpoint, beside its fp32 model.safetensors and tokenizer.json, a
+    Hugging Face model folder (from_pretrained, pipeline, lm-evaluation-harness load it as it is), by name:
+    config.json, generation_config.json, and with a tokenizer its tokenizer_config.json."""
+    config = hf_model_config(shape, torch.float32)
+    files = {"config.json": json.loads(config.to_json_string()),
+             "generation_config.json": json.loads(GenerationConfig.from_model_config(config).to_json_string())}
+    if tokenizer is None:
+        return files
+    with tempfile.TemporaryDirectory(prefix="tokenizer-config-") as scratch:
+        try:
+            save_hf_tokenizer(tokenizer, config, Path(scratch))
+        except ExportError as error:  # training goes on: the tokenizer is still copied as it is
+            log.warning(f"⚠️  {error}: checkpoints get no tokenizer_config.json, so AutoTokenizer will not load them")
+            return files
+        files.update({path.name: json.loads(path.read_text()) for path in Path(scratch).glob("*.json")
+                      if path.name != TOKENIZER_FILE})  # the checkpoint keeps the run's own tokenizer.json
+    return files
 
 
 def saved_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -244,7 +274,6 @@ def write_model_folder(checkpoint: Path, out_dir: Path, dtype: str, tokenizer: P
     config = checkpoint_model_config(checkpoint)
     state = checkpoint_state(checkpoint, config)
     config.dtype = DTYPES[dtype]
-    config.architectures = [GPTNeoXForCausalLM.__name__]
     out_dir.mkdir(parents=True)
     save_file({name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in state.items()},
               out_dir / MODEL_FILE, metadata={"format": "pt"})
@@ -252,14 +281,19 @@ def write_model_folder(checkpoint: Path, out_dir: Path, dtype: str, tokenizer: P
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     if tokenizer is not None:
-        hf = hf_tokenizer(tokenizer, config.eos_token_id)
-        hf.model_max_length = config.max_position_embeddings
-        hf.save_pretrained(out_dir)
-        # The class name every transformers version knows (v5 would write its own "TokenizersBackend").
-        tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        save_hf_tokenizer(tokenizer, config, out_dir)
     return sum(tensor.numel() for tensor in state.values())
+
+
+def save_hf_tokenizer(tokenizer: Path, config: GPTNeoXConfig, out_dir: Path) -> None:
+    """tokenizer.json and tokenizer_config.json in out_dir, as AutoTokenizer loads them."""
+    hf = hf_tokenizer(tokenizer, config.eos_token_id)
+    hf.model_max_length = config.max_position_embeddings
+    hf.save_pretrained(out_dir)
+    # The class name every transformers version knows (v5 would write its own "TokenizersBackend").
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def check_export_target(out_dir: Path, overwrite: bool) -> None:
@@ -267,8 +301,9 @@ def check_export_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
             raise ExportError(f"{out_dir} already exists and is not empty; choose another folder or pass --overwrite")
-        if not (out_dir / "config.json").is_file():
-            raise ExportError(f"{out_dir} is not an exported model folder (no config.json); refusing to replace it")
+        if not (out_dir / "config.json").is_file() or (out_dir / "training_config.json").is_file():
+            raise ExportError(f"{out_dir} is not an exported model folder (no config.json, or a training "
+                              "checkpoint); refusing to replace it")
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "bf16", tokenizer: Path | None = None,

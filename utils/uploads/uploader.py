@@ -67,6 +67,20 @@ class UploadSettings:
         return cls(config.archive_format, config.background_upload, config.upload_workers, config.upload_attempts,
                    keep_local=config.keep_checkpoints, streams=config.upload_streams)
 
+    @property
+    def checkpoint_streams(self) -> int:
+        """Transfers at once for one checkpoint: `streams` in the files layout; an archive is written as it is
+        made, into one upload, so it goes up as one stream whatever `streams` says."""
+        return self.streams if self.archive_format == FILES_FORMAT else 1
+
+    def describe(self) -> str:
+        """How checkpoints go up, for a run's start-up line: "in the background (1 worker(s), 16 streams each)"
+        in the files layout, "... one stream each)" for an archive; "synchronously (16 streams)" without workers."""
+        streams = "one stream" if self.checkpoint_streams == 1 else f"{self.checkpoint_streams} streams"
+        if self.background:
+            return f"in the background ({self.workers} worker(s), {streams} each)"
+        return f"synchronously ({streams})"
+
 
 class Uploader:
     """Uploads and verifies checkpoints of one checkpoint folder.
@@ -92,7 +106,7 @@ class Uploader:
         self.retry_delay_s = settings.retry_delay_s
         self.keep_local = settings.keep_local
         self.progress_interval_s = settings.progress_interval_s
-        self.streams = settings.streams if settings.archive_format == FILES_FORMAT else 1
+        self.streams = settings.checkpoint_streams
         # Read at run time, not as a default: tests shrink PART_BYTES.
         self.part_bytes = settings.part_bytes if settings.part_bytes is not None else PART_BYTES
         self.report = report
