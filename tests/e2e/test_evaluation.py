@@ -110,7 +110,8 @@ def test_small_validation_set_uses_one_pass_only(sample_data: Path) -> None:
     samples = torch.cat(batches)
     assert len(batches) < 100_000
     assert len({tuple(row.tolist()) for row in samples}) == len(samples)  # no sample counted twice
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one batch .*: hold out more shards \\(eval_holdout_files\\) or "
+                                        "point eval_data at a larger set, .* or turn validation off"):
         read_validation_batches(data, spec, batch_size=len(samples) + 4, rank=0, world_size=1, max_batches=3)
 
 

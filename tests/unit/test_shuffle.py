@@ -268,3 +268,18 @@ def test_config_fields_of_the_stream() -> None:
                          ({"pad_token_id": -1}, "pad_token_id must be null or a token id")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict(bad, "test")
+
+
+def test_a_new_epoch_is_said_when_training_reaches_it_not_when_it_is_read_ahead(tmp_path: Path, caplog) -> None:
+    make_shards(tmp_path, count=2, samples=4)  # 8 samples an epoch: 4 batches of 2
+    source = LocalShardSource(tmp_path, "tokenized_*.npz")
+    spec = spec_for(source, window=2)
+    with caplog.at_level("INFO"):
+        batches = take(source, spec, n=3)  # the loader has read epoch 1 ahead meanwhile
+    assert batches[-1].position.epoch == 0
+    assert not [record for record in caplog.records if "starting epoch" in record.message]
+    with caplog.at_level("INFO"):
+        batches = take(source, spec, n=9)
+    said = [record.message for record in caplog.records if "starting epoch" in record.message]
+    assert said == ["data: starting epoch 1", "data: starting epoch 2"]  # once each, as batches 4 and 8 end them
+    assert [b.position.epoch for b in batches].index(1) == 3

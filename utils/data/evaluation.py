@@ -92,8 +92,9 @@ def read_validation_batches(data: ValidationData, spec: StreamSpec, batch_size: 
     """
     # The training stream's packing and shuffle window over the held-out shards: the first batches mix them.
     validation_spec = replace(spec, shards=data.shards)
-    loader = BatchLoader(data.source, validation_spec, LoaderSettings(batch_size, prefetch_batches=2), rank,
-                         world_size, DataPosition())
+    loader = BatchLoader(data.source, validation_spec,
+                         LoaderSettings(batch_size, prefetch_batches=2, announce_epochs=False), rank, world_size,
+                         DataPosition())
     batches: list[torch.Tensor] = []
     try:
         for batch in loader:
@@ -107,7 +108,9 @@ def read_validation_batches(data: ValidationData, spec: StreamSpec, batch_size: 
         loader.close()
     if not batches:
         raise DataError(f"validation data ({len(data.shards)} shards) holds fewer than one batch of "
-                        f"{batch_size * world_size} samples of {spec.seq_len} tokens")
+                        f"{batch_size * world_size} samples of {spec.seq_len} tokens: hold out more shards "
+                        "(eval_holdout_files) or point eval_data at a larger set, give its shards more tokens, use a "
+                        "smaller per_device_train_batch_size, or turn validation off (eval_holdout_files 0)")
     if len(batches) < max_batches:
         log.warning("validation data holds only %d batches (eval_batches is %d); validating on those",
                     len(batches), max_batches)

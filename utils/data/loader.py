@@ -82,6 +82,8 @@ class LoaderSettings:
     """Shards downloaded ahead of the one being read (gs:// data)."""
     pin_memory: bool = False
     """Batches in pinned memory, for non-blocking copies to a GPU."""
+    announce_epochs: bool = True
+    """Say "data: starting epoch N" when the batches taken reach it (not the validation set's one pass)."""
 
     @classmethod
     def of(cls, config: TrainingConfig, device: torch.device) -> "LoaderSettings":
@@ -102,6 +104,9 @@ class BatchLoader:
         self.skip_bad_shards = settings.skip_bad_shards
         self.pin_memory = settings.pin_memory
         self.prefetch_shards = settings.prefetch_shards
+        self.announced_epoch = position.epoch if settings.announce_epochs else None
+        """The epoch said last; said when a batch taken (not one read ahead) reaches the next, so that the line
+        and the names of the checkpoints saved after it (checkpoint-epoch{E}-...) agree."""
         self._starts = window_starts(len(spec.shards), spec.shuffle_window_shards)
         self._queue: queue.Queue = queue.Queue(maxsize=settings.prefetch_batches)
         self._stop = threading.Event()
@@ -117,6 +122,9 @@ class BatchLoader:
             raise item
         if item is _END:
             raise StopIteration
+        if self.announced_epoch is not None and item.position.epoch > self.announced_epoch:
+            self.announced_epoch = item.position.epoch
+            self._say(logging.INFO, "data: starting epoch %d", self.announced_epoch)
         return item
 
     def close(self) -> None:
@@ -158,7 +166,6 @@ class BatchLoader:
                     raise DataError(f"{self.source.description}: no shard holds a full sample of "
                                     f"{self.spec.seq_len} tokens")
                 epoch, window, epoch_has_samples = epoch + 1, 0, False
-                self._say(logging.INFO, "data: starting epoch %d", epoch)
 
     def _hand_out(self, window: _Window, start: int, mine: list[np.ndarray]) -> bool:
         """Walks the window from sample `start`, a micro-batch (world_size x batch samples) at a time, keeping
