@@ -44,6 +44,9 @@ RULE = "=" * 78
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
 """plot's default folder, inside checkpoint_dir (its name is no checkpoint's, so list and view ignore it)."""
+TRAINING_SUMMARY = ("current_avg_loss", "steps_since_best", "loss_trend")
+"""The keys of metadata.json's validation_metrics that are training numbers (TrainingMetrics.summary; the rest
+are validation results): view shows each under its own heading."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +85,12 @@ class CheckpointRecord:
         the best validation (best_eval_loss, best_eval_step)."""
         block = self.metadata.get("validation_metrics")
         return block if isinstance(block, dict) else {}
+
+    @property
+    def validation_results(self) -> dict[str, Any]:
+        """The validation numbers of metadata.json's validation_metrics (eval_loss, eval_perplexity, eval_tokens,
+        eval_step, best_eval_loss, best_eval_step): the block without its training-loss statistics."""
+        return {key: value for key, value in self.validation.items() if key not in TRAINING_SUMMARY}
 
     @property
     def best_from_validation(self) -> bool:
@@ -307,12 +316,21 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
     print(f"⚡ Mixed Precision: {system.get('mixed_precision', 'n/a')}")
     print(f"☁️  Upload: {upload_label(read_snapshot(checkpoint_dir), record.info.name, detailed=True)}")
 
+    # metadata.json keeps training statistics and validation results in one block (validation_metrics): each
+    # number goes under its own heading. steps_since_best counts from the best shown, training or validation.
+    summary = record.validation
+    steps_since_best = summary.get("steps_since_best")
+    since_best = f"⏳ Steps Since Best: {steps_since_best if steps_since_best is not None else 'n/a'}"
     print("\n📈 Training Metrics:")
     print("-" * 30)
     if record.metrics_problem:
         print(f"⚠️  {record.metrics_problem}; statistics below use metadata.json's last {len(losses)} losses")
     print(f"💥 Current training loss: {fmt_loss(record.current_loss)}")
-    print(best_loss_line(record))
+    if "current_avg_loss" in summary:
+        print(f"📉 Recent Average Loss (last 10 logged): {fmt_loss(summary['current_avg_loss'])}")
+    if not record.best_from_validation:
+        print(best_loss_line(record))
+        print(since_best)
     print(f"📊 Loss History Length: {len(losses)}")
     print(f"📉 Average Loss: {fmt_loss(statistics.fmean(losses) if losses else None)}")
     print(f"📊 Loss Std Dev: {fmt_loss(statistics.stdev(losses) if len(losses) > 1 else None)}")
@@ -324,9 +342,14 @@ def cmd_view(checkpoint_dir: Path, name: str) -> int:
 
     print("\n🎯 Validation Metrics:")
     print("-" * 30)
-    for key, value in record.validation.items():
-        print(f"  {key}: {fmt_value(value)}")
-    if not record.validation:
+    if record.best_from_validation:
+        print(best_loss_line(record))
+        print(since_best)
+    shown_above = ("best_eval_loss", "best_eval_step") if record.best_from_validation else ()
+    for key, value in record.validation_results.items():
+        if key not in shown_above:
+            print(f"  {key}: {fmt_value(value)}")
+    if not record.validation_results:
         print("  (none recorded)")
     return 0
 

@@ -7,8 +7,9 @@
 
 It only reads what train.py writes: <log_dir>/metrics.jsonl (one JSON line per logging step, with
 "loss" and the running run's "max_steps", one per validation, with "eval_loss", and lines with an "event":
-"save" and "upload" are shown, others skipped), the checkpoint folders and <checkpoint_dir>/uploads.json.
-A line still being written is left for the next refresh.
+"start" (with the max_steps of a run that starts or resumes), "save" and "upload" are shown, others skipped),
+the checkpoint folders, <checkpoint_dir>/uploads.json and the run lock (.run.lock: a live run holds it).
+A line still being written is left for the next refresh. It imports no torch, so that it starts at once.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from utils.checkpoints.folders import holders_hint, list_checkpoints, subfolders
 from utils.display import fmt_bytes, fmt_count, fmt_duration, fmt_loss, fmt_lr
 from utils.errors import CheckpointError
 from utils.files import read_json
+from utils.run_lock import live_run_holder
 from utils.uploads.manifest import read_snapshot, upload_label
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,8 +45,9 @@ STALE_AFTER_S = 300
 # ---------------------------------------------------------------------------------------------
 
 def is_event(record: dict[str, Any]) -> bool:
-    """A line about something that happened rather than a step's numbers: {"event": "save", ...},
-    {"event": "upload", ...}, and maybe other kinds later (read, and skipped where not shown)."""
+    """A line about something that happened rather than a step's numbers: {"event": "start", "step",
+    "max_steps"}, {"event": "save", ...}, {"event": "upload", ...}, and maybe other kinds later (read, and skipped
+    where not shown)."""
     return isinstance(record.get("event"), str)
 
 
@@ -139,10 +142,14 @@ def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def logged_max_steps(records: list[dict[str, Any]]) -> int | None:
-    """The running run's max_steps, which train.py writes in every training line; None in older logs."""
-    value = records[-1].get("max_steps") if records else None
-    return value if is_count(value) else None
+def newest_max_steps(records: list[dict[str, Any]], previous: int | None) -> int | None:
+    """The running run's max_steps: that of the newest line among `records` that has one (train.py writes it in
+    its start line, when a run starts or resumes, and in every training line), else `previous` (None in older
+    logs)."""
+    for record in reversed(records):
+        if is_count(record.get("max_steps")):
+            return record["max_steps"]
+    return previous
 
 
 def eta_seconds(records: list[dict[str, Any]], max_steps: int | None) -> float | None:
@@ -175,6 +182,10 @@ class RunView:
     """--max-steps was passed: it wins over the run's log."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """Training lines only (those with "loss")."""
+    logged_max_steps: int | None = None
+    """The max_steps of the newest line that has one (a start or a training line): the running run's."""
+    run_holder: str | None = None
+    """"pid N on HOST, since ..." while a live process holds the run lock of the checkpoint or log folder."""
     validations: list[dict[str, Any]] = field(default_factory=list)
     """Validation lines (those with "eval_loss")."""
     last_save: dict[str, Any] | None = None
@@ -188,7 +199,7 @@ class RunView:
 def run_max_steps(view: RunView) -> tuple[int | None, str]:
     """max_steps and where it came from: --max-steps, else the running run's (a resume may have changed it
     from the config's), else the config's or the newest checkpoint's."""
-    logged = None if view.max_steps_given else logged_max_steps(view.records)
+    logged = None if view.max_steps_given else view.logged_max_steps
     if logged is not None:
         return logged, "the run's log"
     return view.max_steps, view.max_steps_source
@@ -211,8 +222,13 @@ def metrics_elsewhere(log_dir: Path) -> str:
     return elsewhere(log_dir, lambda sub: (sub / METRICS_FILE).is_file(), "--log-dir", "log_dir")
 
 
+def run_holder(checkpoint_dir: Path, log_dir: Path) -> str | None:
+    """Who holds the run lock, in the checkpoint folder or else the log folder (a run locks both), while alive."""
+    return live_run_holder(checkpoint_dir) or live_run_holder(log_dir)
+
+
 def render_run(view: RunView) -> list[str]:
-    lines = []
+    lines = [f"🏃 Running: {view.run_holder}"] if view.run_holder is not None else []
     max_steps, max_steps_source = run_max_steps(view)
     metrics_path = view.log_dir / METRICS_FILE
     if not view.records:
@@ -224,9 +240,12 @@ def render_run(view: RunView) -> list[str]:
         step = last["step"]
         total = f" / {max_steps:,}" if max_steps else ""
         percent = f" ({step / max_steps:.1%})" if max_steps else ""
-        finished = max_steps is not None and step >= max_steps
-        lines.append(f"🔢 Step: {step:,}{total}{percent}   epoch {last.get('epoch', 'n/a')}"
-                     + ("   ✅ finished" if finished else ""))
+        reached = max_steps is not None and step >= max_steps
+        # A live run is not finished, even past the max_steps known here: a run resumed towards more steps holds
+        # its lock from the start, and writes its own max_steps only once it starts training.
+        finished = reached and view.run_holder is None
+        status = "   ✅ finished" if finished else ("   🏃 still running" if reached else "")
+        lines.append(f"🔢 Step: {step:,}{total}{percent}   epoch {last.get('epoch', 'n/a')}{status}")
         lines.append(f"💥 Loss: {fmt_loss(last.get('loss'))}   📈 LR: {fmt_lr(last.get('lr'))}   "
                      f"grad norm: {last.get('grad_norm', float('nan')):.3f}")
         speed = last.get("tokens_per_sec")
@@ -236,7 +255,7 @@ def render_run(view: RunView) -> list[str]:
         lines.append(f"⚡ Tokens/s: {f'{speed:,.0f}' if speed else 'n/a'}{mfu}   "
                      f"tokens seen: {fmt_count(last.get('tokens_seen'))}{memory_text}")
         eta = eta_seconds(view.records, max_steps)
-        eta_text = "done" if finished else (fmt_duration(eta) if eta is not None else "n/a")
+        eta_text = "done" if finished else (fmt_duration(eta) if eta is not None and not reached else "n/a")
         source = f" (max steps from {max_steps_source})" if max_steps else " (max steps unknown: pass --config)"
         lines.append(f"⏱️  Elapsed: {fmt_duration(last.get('elapsed_s', 0))}   ETA: {eta_text}{source}")
         if last.get("shards_skipped"):
@@ -377,9 +396,47 @@ class GpuProbe:
 # Modes
 # ---------------------------------------------------------------------------------------------
 
-def format_record(record: dict[str, Any]) -> str | None:
-    """A row of --logs-only; None for an event it does not show (a kind added after this monitor)."""
+@dataclass
+class ElapsedAcrossResumes:
+    """--logs-only's elapsed column. train.py's elapsed_s restarts from zero when a run resumes; shown here, it goes
+    on: the time trained before the resume (the elapsed_s of the last training line before it) plus the time since."""
+
+    before_s: float = 0.0
+    """The training time of the runs before the last resume."""
+    last_s: float = 0.0
+    """elapsed_s of the newest training line."""
+    resumed: bool = False
+    """A start line came after the newest training line: the next one counts from zero again."""
+
+    def start(self) -> None:
+        self.resumed = True
+
+    def total(self, record: dict[str, Any]) -> float:
+        """The time the run has trained, in all, at this training line."""
+        elapsed = record.get("elapsed_s", 0)
+        if not isinstance(elapsed, (int, float)):
+            elapsed = 0
+        # Logs of older runs have no start lines: there, an elapsed_s smaller than the previous one is the resume.
+        if self.resumed or elapsed < self.last_s:
+            self.before_s += self.last_s
+        self.resumed, self.last_s = False, elapsed
+        return self.before_s + elapsed
+
+
+def format_start(record: dict[str, Any]) -> str:
+    """A start line's row: a run that starts, or resumes (at a step past 0), and its max_steps."""
+    step = record.get("step")
+    resumed = isinstance(step, int) and step > 0
+    return (f"{fmt_number(step, '.0f'):>8} {'resumed' if resumed else 'start'}: "
+            f"max steps {fmt_number(record.get('max_steps'), ',.0f')}")
+
+
+def format_record(record: dict[str, Any], elapsed_s: float | None = None) -> str | None:
+    """A row of --logs-only; None for an event it does not show (a kind added after this monitor). `elapsed_s`:
+    the time trained in all at a training line (its own elapsed_s when not given)."""
     if is_event(record):
+        if record["event"] == "start":
+            return format_start(record)
         if record["event"] == "save":
             return (f"{fmt_number(record.get('step'), '.0f'):>8} save: {record.get('checkpoint', 'n/a')}, "
                     f"{save_figures(record)}")
@@ -393,34 +450,46 @@ def format_record(record: dict[str, Any]) -> str | None:
     mfu = f" {fmt_mfu(record['mfu']):>6}" if has_mfu(record) else ""
     return (f"{record['step']:>8} {fmt_loss(record.get('loss')):>10} {fmt_lr(record.get('lr')):>9} "
             f"{record.get('grad_norm', float('nan')):>8.3f} {f'{speed:,.0f}' if speed else 'n/a':>10}"
-            f" {fmt_duration(record.get('elapsed_s', 0)):>10}{mfu}")
+            f" {fmt_duration(record.get('elapsed_s', 0) if elapsed_s is None else elapsed_s):>10}{mfu}")
 
 
 LOG_HEADER = f"{'step':>8} {'loss':>10} {'lr':>9} {'grad':>8} {'tok/s':>10} {'elapsed':>10}"
 
 
-def log_rows(records: list[dict[str, Any]]) -> list[str]:
-    return [row for row in map(format_record, records) if row is not None]
+def log_rows(records: list[dict[str, Any]], clock: ElapsedAcrossResumes) -> list[str]:
+    """The rows of `records`, read in order; `clock` carries the time trained across the calls."""
+    rows = []
+    for record in records:
+        if record.get("event") == "start":
+            clock.start()
+        row = format_record(record, clock.total(record) if is_training(record) else None)
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 def follow_logs(log_dir: Path, lines: int, once: bool, refresh: float) -> int:
-    """Prints the last `lines` metrics records, then (unless once) new ones as they arrive."""
+    """Prints the last `lines` metrics records, then (unless once) new ones as they arrive. The whole file is read
+    (not only its tail): the elapsed column adds up the time of every run before the last resume."""
     reader = MetricsReader(log_dir / METRICS_FILE)
+    clock = ElapsedAcrossResumes()
     if not reader.path.exists():
         print((f"⏳ Waiting for {reader.path} (no step logged yet)" if not once
                else f"📝 No metrics yet in {reader.path}") + metrics_elsewhere(log_dir))
-    records = reader.read_new(tail_bytes=TAIL_BYTES)
+    records = reader.read_new()
     print(LOG_HEADER + (f" {'mfu':>6}" if any(has_mfu(record) for record in records) else ""))
-    for row in log_rows(records)[-lines:]:
+    for row in log_rows(records, clock)[-lines:]:
         print(row)
     while not once:
         sys.stdout.flush()
         time.sleep(refresh)
         before = reader.bad_lines
         records = reader.read_new()
-        if reader.restarted:
-            print(f"--- {reader.path} was replaced: a new run ---")
-        for row in log_rows(records):
+        if reader.restarted:  # read again from the start (a resume rewrites the file), and so is the time
+            print(f"--- {reader.path} was rewritten: a resume or a new run ---")
+            clock = ElapsedAcrossResumes()
+        rows = log_rows(records, clock)
+        for row in rows[-lines:] if reader.restarted else rows:  # not the whole history again
             print(row)
         if reader.bad_lines > before:
             print(f"⚠️  {reader.bad_lines - before} unreadable line(s) skipped")
@@ -433,6 +502,9 @@ def snapshot(view: RunView, reader: MetricsReader, gpu: GpuProbe, max_records: i
     new_records = reader.read_new(tail_bytes=TAIL_BYTES)
     if reader.restarted:
         view.records, view.validations, view.last_save, view.last_upload = [], [], None, None
+        view.logged_max_steps = None
+    view.logged_max_steps = newest_max_steps(new_records, view.logged_max_steps)
+    view.run_holder = run_holder(view.checkpoint_dir, view.log_dir)
     view.records = (view.records + [record for record in new_records if is_training(record)])[-max_records:]
     view.validations = (view.validations + [record for record in new_records if is_validation(record)])[-max_records:]
     view.last_save = latest_event(new_records, "save", view.last_save)
@@ -534,9 +606,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logs-only", action="store_true",
                         help="only the metrics log: its last lines, then new ones as they arrive; a validation "
                              "line shows as 'STEP validation: loss L, perplexity P', a save as 'STEP save: ...', "
-                             "an upload as 'upload: ...'")
+                             "an upload as 'upload: ...', a start as 'STEP start: max steps N' ('resumed' past "
+                             "step 0); the elapsed column goes on across resumes")
     parser.add_argument("--lines", type=positive_int, default=20,
-                        help="log lines (training, validation, save and upload) shown by --logs-only (default 20)")
+                        help="log lines (training, validation, start, save and upload) shown by --logs-only "
+                             "(default 20)")
     parser.add_argument("--config", help="training config (name or path) giving log_dir, checkpoint_dir and (when "
                                          "the log does not) max_steps")
     parser.add_argument("--log-dir", help="folder holding metrics.jsonl (default: logs, or the config's log_dir)")

@@ -1,5 +1,6 @@
 """What a run reports as it goes: the progress bar, one JSON line per logging step and per validation in
-<log_dir>/metrics.jsonl, and the same values in TensorBoard. Only the main process writes.
+<log_dir>/metrics.jsonl (and one per start, save and upload, with an "event"), and the same values in TensorBoard.
+Only the main process writes.
 
 MetricsWindow keeps the steps since the last logging step: their summed loss stays on the device, so the loop
 waits for the GPU only at a logging step, and their training time leaves out validation and saving.
@@ -129,6 +130,13 @@ class RunLog:
     def start_progress(self, max_steps: int, step: int) -> None:
         self.progress = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                              disable=not self.main_process)
+        self.started(step, max_steps)
+
+    def started(self, step: int, max_steps: int) -> None:
+        """Training starts, or resumes, at `step` towards `max_steps`: one metrics.jsonl line, so that the monitor
+        knows a resumed run's own max_steps (and that it resumed) before its first logging step, which may come
+        hundreds of steps later. On the main process, like every line."""
+        self.event({"event": "start", "step": step, "max_steps": max_steps})
 
     def step_done(self) -> None:
         assert self.progress is not None
@@ -172,7 +180,8 @@ class RunLog:
                    f"perplexity {results['eval_perplexity']:.2f}")
 
     def event(self, record: dict[str, Any]) -> None:
-        """A save's or an upload's figures ({"event": "save" | "upload", ...}): one metrics.jsonl line. Any thread."""
+        """Something that happened ({"event": "start" | "save" | "upload", ...}: a start, a save's or an upload's
+        figures): one metrics.jsonl line. Any thread."""
         if self.main_process:
             self._append(record)
 

@@ -106,6 +106,18 @@ def test_list_marks_a_corrupt_checkpoint_and_shows_the_rest(capsys, checkpoints)
     assert any("step9" in line and "Step: 9" in line for line in lines)
 
 
+@pytest.mark.parametrize("command", [["list"], ["view", "latest"]])
+def test_list_and_view_import_no_torch_transformers_or_accelerate(checkpoints, command):
+    """Seconds of start-up for reading a few JSON files: the tool as a user runs it, with Python's import log."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "scripts" / "checkpoint_viewer.py"),
+                           *command, "--checkpoint-dir", str(checkpoints)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and STEP8 in done.stdout, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "utils.uploads.manifest" in imported  # the log is read right
+    assert not imported & {"torch", "transformers", "accelerate"}
+
+
 def test_list_of_an_empty_or_missing_folder(capsys, tmp_path):
     code, out, err = viewer(capsys, tmp_path, "list")
     assert code == 2 and out == "" and err.startswith(f"error: no checkpoints in {tmp_path}")
@@ -236,9 +248,33 @@ def test_view_shows_the_detailed_summary(capsys, checkpoints):
                      f"Average Loss: {statistics.fmean(losses):.6f}",
                      f"Loss Std Dev: {statistics.stdev(losses):.6f}", "Loss Trend: insufficient data",
                      f"Current LR: {metrics['learning_rates'][-1]['lr']:.2e}",
-                     f"current_avg_loss: {meta['validation_metrics']['current_avg_loss']:.6f}",
-                     "steps_since_best:", "Upload: failed (403 Forbidden)"):
+                     f"Recent Average Loss (last 10 logged): {validation['current_avg_loss']:.6f}",
+                     "Steps Since Best:", "Upload: failed (403 Forbidden)"):
         assert expected in out, expected
+
+
+def view_sections(out: str) -> tuple[str, str]:
+    """view's output under its "Training Metrics" heading, and under its "Validation Metrics" heading."""
+    training, validation = out.split("📈 Training Metrics:")[1].split("🎯 Validation Metrics:")
+    return training, validation
+
+
+def test_view_puts_training_and_validation_numbers_under_their_own_headings(capsys, checkpoints):
+    """metadata.json's validation_metrics holds training statistics too (current_avg_loss, loss_trend):
+    they are training numbers, shown as such."""
+    code, out, _ = viewer(capsys, checkpoints, "view", STEP8)
+    assert code == 0
+    block = metadata(checkpoints, STEP8)["validation_metrics"]
+    training, validation = view_sections(out)
+    assert f"📉 Recent Average Loss (last 10 logged): {block['current_avg_loss']:.6f}\n" in training
+    assert "🔄 Loss Trend: insufficient data\n" in training
+    assert f"{block['current_avg_loss']:.6f}" not in validation and "trend" not in validation.lower()
+    assert "avg" not in validation and "since_best" not in validation
+    assert (f"🏆 Best validation loss (step {block['best_eval_step']}): {block['best_eval_loss']:.6f}\n"
+            f"⏳ Steps Since Best: {block['steps_since_best']}\n") in validation  # counted from the best validation
+    assert f"  eval_loss: {block['eval_loss']:.6f}\n" in validation
+    assert f"  eval_perplexity: {block['eval_perplexity']:.6f}\n" in validation
+    assert "eval" not in training and "validation" not in training and "Steps Since Best" not in training
 
 
 def as_an_earlier_version(checkpoints: Path) -> None:
@@ -258,6 +294,7 @@ def without_validation(checkpoint: Path) -> list[float]:
     meta["best_loss"] = best["loss"]
     meta["validation_metrics"] = {key: value for key, value in meta["validation_metrics"].items()
                                   if key in ("current_avg_loss", "steps_since_best", "loss_trend")}
+    meta["validation_metrics"]["steps_since_best"] = meta["step"] - best["step"]  # since the best training loss
     (checkpoint / "metadata.json").write_text(json.dumps(meta))
     return [entry["loss"] for entry in metrics["loss_history"]]
 
@@ -270,6 +307,10 @@ def test_view_of_a_run_without_validation_labels_the_best_as_training(capsys, ch
     assert f"💥 Current training loss: {losses[-1]:.6f}\n" in out
     assert f"🏆 Best training loss (step {best_step}): {min(losses):.6f}\n" in out
     assert "validation loss" not in out
+    training, validation = view_sections(out)
+    assert f"🏆 Best training loss (step {best_step}): {min(losses):.6f}\n⏳ Steps Since Best: {8 - best_step}\n" \
+        in training
+    assert validation.strip().splitlines()[1:] == ["  (none recorded)"]
 
 
 def test_view_latest_and_upload_state(capsys, checkpoints):

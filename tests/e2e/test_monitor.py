@@ -2,8 +2,10 @@
 import json
 import os
 import queue
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from configs import training_config
-from conftest import REPO_ROOT, read_metrics, run_train, write_config
+from conftest import REPO_ROOT, read_events, read_log, read_metrics, run_train, write_config
 from scripts import monitor_training
 from scripts.monitor_training import MetricsReader, eta_seconds, main
+from utils.run_lock import RUN_LOCK
 
 MONITOR = str(REPO_ROOT / "scripts" / "monitor_training.py")
 
@@ -354,3 +357,111 @@ def test_logs_only_follows_a_growing_log(copy):
     rows = [line.split()[0] for line in output.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert rows == ["8", "8", "9"]  # step 8's training line and its save, then step 9
     assert "Monitor stopped" in output and "Traceback" not in output
+
+
+# --- a resumed run: its lock, its start line, its elapsed time --------------------------------------
+
+def test_a_run_writes_a_start_line_with_its_max_steps(run):
+    """train.py's first line, before its first logging step: where a resumed run says its own max_steps."""
+    assert read_events(run / "logs", "start") == [{"event": "start", "step": 0, "max_steps": 8}]
+    assert read_log(run / "logs")[0]["event"] == "start"
+
+
+def test_a_resumed_runs_start_line_gives_its_max_steps(capsys, copy):
+    """The 8-step run resumed with --max-steps 20 has written its start line, not yet a training line."""
+    with open(copy / "logs" / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "start", "step": 8, "max_steps": 20}) + "\n")
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0
+    assert "Step: 8 / 20 (40.0%)" in out and "finished" not in out and "(max steps from the run's log)" in out
+    code, out, _ = monitor(capsys, copy, "--logs-only", "--once", "--lines", "1")
+    assert out.splitlines()[1:] == ["       8 resumed: max steps 20"]
+
+
+def test_a_live_run_lock_means_running_not_finished(capsys, copy):
+    """Resumed with more steps, a run says its max_steps only once it trains (after loading the model and the
+    data); until then its log reads 8 / 8, but the run holds its lock: running, not finished."""
+    lock = copy / "logs" / RUN_LOCK
+    written = lock.read_text()  # by the run's train.py, which has ended
+    assert re.fullmatch(rf"pid \d+ on {re.escape(socket.gethostname())}, since [\d: -]+\n", written)
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0 and "✅ finished" in out and "ETA: done" in out and "Running" not in out
+
+    holder = re.sub(r"pid \d+", f"pid {os.getpid()}", written)  # as held by a live process: this one
+    lock.write_text(holder)
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0 and f"🏃 Running: {holder.strip()}" in out.splitlines()
+    assert "Step: 8 / 8 (100.0%)   epoch 0   🏃 still running" in out
+    assert "finished" not in out and "ETA: n/a" in out
+
+    # The same pid, but a lock written before this process started: a pid reused after the run ended.
+    lock.write_text(re.sub(r"since .*", "since 2001-01-01 00:00:00", holder))
+    code, out, _ = monitor(capsys, copy, "--once")
+    assert code == 0 and "✅ finished" in out and "Running" not in out
+
+
+def training_line(step: int, elapsed_s: float) -> dict:
+    return {"step": step, "loss": 5.0, "lr": 1e-4, "grad_norm": 1.0, "tokens_per_sec": 100.0, "elapsed_s": elapsed_s,
+            "max_steps": 20}
+
+
+def write_log(log_dir: Path, records: list[dict]) -> None:
+    """A new metrics.jsonl of these records, put in place at once, as a resume's rewind does."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "metrics.jsonl.tmp").write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(log_dir / "metrics.jsonl.tmp", log_dir / "metrics.jsonl")
+
+
+# Three runs of one history: 3 steps in 30 s; resumed at step 3, its first line at 40 s (a slow first step) after
+# its start line; resumed at step 5 by an older train.py, without a start line (its elapsed_s falls back to 5 s).
+RESUMED_LOG = ([{"event": "start", "step": 0, "max_steps": 20}] + [training_line(s, 10.0 * s) for s in (1, 2, 3)]
+               + [{"event": "start", "step": 3, "max_steps": 20}] + [training_line(4, 40.0), training_line(5, 50.0)]
+               + [training_line(6, 5.0)])
+
+
+def test_logs_only_elapsed_goes_on_across_resumes(capsys, tmp_path):
+    write_log(tmp_path / "logs", RESUMED_LOG)
+    code, out, _ = monitor(capsys, tmp_path, "--logs-only", "--once")
+    assert code == 0
+    rows = [row.split() for row in out.splitlines()[1:]]
+    assert [" ".join(row) for row in rows if len(row) != 6] == ["0 start: max steps 20", "3 resumed: max steps 20"]
+    assert [(row[0], row[-1]) for row in rows if len(row) == 6] == [
+        ("1", "0:00:10"), ("2", "0:00:20"), ("3", "0:00:30"),
+        ("4", "0:01:10"), ("5", "0:01:20"),  # 30 s trained before the resume, then 40 s and 50 s
+        ("6", "0:01:25")]  # 80 s, then 5 s
+
+
+def test_logs_only_following_a_resume_goes_on_counting(tmp_path):
+    """A resume rewrites metrics.jsonl (cut back to the resumed step), then appends its start line and steps."""
+    write_log(tmp_path / "logs", RESUMED_LOG[:4] + [training_line(4, 40.0)])  # killed after step 4, saved at 3
+    process, lines = start("--logs-only", "--refresh", "0.2", "--lines", "2", "--log-dir", str(tmp_path / "logs"))
+    seen: list[str] = []
+    wait_for(lines, "0:00:40", seen)
+    write_log(tmp_path / "logs", RESUMED_LOG[:4])  # the resume from step 3: a new file
+    with open(tmp_path / "logs" / "metrics.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in RESUMED_LOG[4:6]))
+    wait_for(lines, "0:01:10", seen)
+    output = stop(process, lines, seen)
+    assert "was rewritten: a resume or a new run" in output
+    steps = [row.split()[0] for row in output.split("was rewritten")[1].splitlines()[1:] if row[:8].strip().isdigit()]
+    assert steps[-2:] == ["3", "4"] and "1" not in steps  # the last rows, not the whole history again
+    assert "Traceback" not in output
+
+
+# --- start-up cost -------------------------------------------------------------------------------------
+
+def imported_modules(*args: str) -> set[str]:
+    """The modules a tool's command imports, as a user runs it (from Python's import log); it must succeed."""
+    done = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("mode", [["--once"], ["--logs-only", "--once"]])
+def test_the_monitor_imports_no_torch_transformers_or_accelerate(copy, mode):
+    """Seconds of start-up for reading a few files: the monitor needs none of them."""
+    imported = imported_modules(MONITOR, "--log-dir", str(copy / "logs"), "--checkpoint-dir",
+                                str(copy / "checkpoints"), *mode)
+    assert "utils.run_lock" in imported  # the log is read right
+    assert not imported & {"torch", "transformers", "accelerate"}

@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from configs.training_config import ConfigError, TrainingConfig
 from utils.errors import CheckpointError, UploadError
+from utils.run_lock import RUN_LOCK
 from utils.storage.base import PreconditionFailedError, Storage, StorageError
 from utils.uploads.manifest import UploadManifest
 
@@ -133,7 +134,6 @@ def claim_destination(remote: Storage, run_id: str) -> None:
         raise UploadError(f"upload destination {remote.url}: cannot write its {RUN_ID_FILE} ({error})") from None
 
 
-RUN_LOCK = ".run.lock"
 _held_run_locks: list[TextIO] = []  # open for the life of the process; the OS lets go when it ends, even on kill -9
 
 
