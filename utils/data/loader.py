@@ -17,8 +17,15 @@ import numpy as np
 import torch
 
 from configs.training_config import TrainingConfig
-from utils.data.order import (DataPosition, StreamSpec, epoch_shard_order, stripe, window_reads, window_sample_order,
-                              window_starts)
+from utils.data.order import (
+    DataPosition,
+    StreamSpec,
+    epoch_shard_order,
+    stripe,
+    window_reads,
+    window_sample_order,
+    window_starts,
+)
 from utils.data.shards import DataError, ShardSource, pack, read_shard
 
 log = logging.getLogger(__name__)
