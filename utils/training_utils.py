@@ -49,14 +49,15 @@ OPTIMIZER_GROUPS_FILE = "optimizer_groups.json"
 def optimizer_layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """What optimizer_groups.json records: the parameters (by name) of each of the optimizer's groups, in order,
     and the group's hyperparameters. optimizer.bin numbers the parameters by their place in the groups, so a
-    loader that is not this project builds the same AdamW from this before accelerator.load_state. "lr" is the
-    group's rate when the run started: the schedule (scheduler.bin) sets it at every step. `model`: unwrapped,
-    so that the names are the model's own."""
+    loader that is not this project builds the same AdamW from this before accelerator.load_state. No "lr": the
+    schedule (scheduler.bin) sets it at every step, and optimizer.bin holds the saved step's; "initial_lr" is
+    the peak. `model`: unwrapped, so that the names are the model's own."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     groups = []
     for group in optimizer.param_groups:
         settings = {key: list(value) if isinstance(value, tuple) else value for key, value in group.items()
-                    if key != "params" and (value is None or isinstance(value, (bool, int, float, str, tuple)))}
+                    if key not in ("params", "lr")
+                    and (value is None or isinstance(value, (bool, int, float, str, tuple)))}
         groups.append({"parameters": [names[id(parameter)] for parameter in group["params"]], **settings})
     return {"optimizer": "torch.optim.AdamW", "groups": groups}
 
