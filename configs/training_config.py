@@ -390,12 +390,18 @@ class TrainingConfig:
         if rest == 0:
             return steps
         nearest = [value for value in (steps * per_pass, (steps + 1) * per_pass) if value > 0]
-        divisors = [size for size in range(self.per_device_train_batch_size, 0, -1)
-                    if self.global_batch_size % (size * num_processes) == 0][:1]
+        divisors = [size for size in self.micro_batches_sharing(num_processes)
+                    if size <= self.per_device_train_batch_size][:1]
         micro = (f", or per_device_train_batch_size {divisors[0]}" if divisors else "")
         raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of "
                           f"per_device_train_batch_size {self.per_device_train_batch_size} x {num_processes} "
                           f"process(es) = {per_pass}: use global_batch_size {' or '.join(map(str, nearest))}{micro}")
+
+    def micro_batches_sharing(self, num_processes: int) -> list[int]:
+        """The micro-batches, largest first, that share global_batch_size evenly over `num_processes`."""
+        assert self.global_batch_size is not None
+        return [size for size in range(self.global_batch_size // num_processes, 0, -1)
+                if self.global_batch_size % (size * num_processes) == 0]
 
     def global_batch(self, num_processes: int) -> int:
         """Samples per optimizer step on `num_processes` processes."""

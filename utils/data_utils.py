@@ -81,9 +81,9 @@ def choose_mixing(config: TrainingConfig, source: ShardSource, shards: list[str]
     streamed through a cache that cannot hold them all, since each window reads every shard; a resume keeps what
     its checkpoint did), and a start-up line saying so where an epoch has more than one window."""
     windows = len(window_starts(len(shards), config.shuffle_window_shards)) - 1
-    too_big = (f"{len(shards)} shards ({fmt_bytes(source.size_of(shards))}) do not fit cache_max_gb "
-               f"{config.cache_max_gb:g}" if isinstance(source, CachedShardSource)
-               and source.size_of(shards) > source.max_bytes else None)
+    size = source.size_of(shards) if isinstance(source, CachedShardSource) else None
+    too_big = (f"{len(shards)} shards ({fmt_bytes(size)}) do not fit cache_max_gb {config.cache_max_gb:g}"
+               if size is not None and size > source.max_bytes else None)
     if config.mix_whole_dataset != "auto":
         mix = bool(config.mix_whole_dataset)
     elif resumed is not None:

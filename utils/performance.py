@@ -245,9 +245,7 @@ def choose_micro_batch(config: TrainingConfig, device: torch.device, num_process
     """per_device_train_batch_size "auto": the largest micro-batch that shares global_batch_size evenly over the
     processes and fits the preflight's estimate (1 when none does: the preflight then refuses, with advice), and
     the start-up line that says so."""
-    assert config.global_batch_size is not None  # the config refuses "auto" without it
-    sizes = [size for size in range(config.global_batch_size // num_processes, 0, -1)
-             if config.global_batch_size % (size * num_processes) == 0]
+    sizes = config.micro_batches_sharing(num_processes)  # the config refuses "auto" without a global batch
     if not sizes:
         raise ConfigError(f"global_batch_size {config.global_batch_size} cannot be shared by {num_processes} "
                           f"processes: use a multiple of {num_processes}")
@@ -267,8 +265,8 @@ def smaller_micro_batch(config: TrainingConfig, num_processes: int) -> int | Non
     """The next micro-batch below config's that shares its global_batch_size evenly; None where there is none."""
     if config.global_batch_size is None:
         return None
-    return next((size for size in range(int(config.per_device_train_batch_size) - 1, 0, -1)
-                 if config.global_batch_size % (size * num_processes) == 0), None)
+    return next((size for size in config.micro_batches_sharing(num_processes)
+                 if size < int(config.per_device_train_batch_size)), None)
 
 
 def check_memory(config: TrainingConfig, device: torch.device, num_processes: int) -> MemoryEstimate:

@@ -167,6 +167,14 @@ def start_run_sh(config: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def kill_launch(launcher: subprocess.Popen) -> None:
+    """A launch a test leaves running (it failed before the launch ended): the launcher and all it started."""
+    if launcher.poll() is None:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            child.kill()
+        launcher.kill()
+
+
 def training_workers(launcher: subprocess.Popen, log_dir: Path) -> list[psutil.Process]:
     """Once the run has logged three steps: its two train.py processes."""
     metrics = log_dir / "metrics.jsonl"
@@ -213,10 +221,7 @@ def test_a_signal_to_the_launcher_saves_and_ends_with_the_shells_exit_code(tmp_p
         launcher.send_signal(signal_number)
         _, stderr = launcher.communicate(timeout=120)
     finally:
-        if launcher.poll() is None:
-            for child in psutil.Process(launcher.pid).children(recursive=True):
-                child.kill()
-            launcher.kill()
+        kill_launch(launcher)
     assert launcher.returncode == 128 + signal_number, stderr[-3000:]
     assert "Traceback" not in stderr and "SignalException" not in stderr and "ChildFailedError" not in stderr
     saved = final_checkpoint(tmp_path)
@@ -243,10 +248,7 @@ def test_a_worker_killed_by_sigkill_ends_the_run_in_one_line_per_process(tmp_pat
         killed.kill()
         _, stderr = launcher.communicate(timeout=120)
     finally:
-        if launcher.poll() is None:
-            for child in psutil.Process(launcher.pid).children(recursive=True):
-                child.kill()
-            launcher.kill()
+        kill_launch(launcher)
     assert launcher.returncode == 128 + signal.SIGKILL, stderr[-3000:]
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr
     assert re.search(rf"^launcher: worker [01] \(pid {killed.pid}\) was killed by SIGKILL$", stderr, re.MULTILINE)
