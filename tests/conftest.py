@@ -19,6 +19,17 @@ MICRO_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
                "seq_len": 64}
 
 
+@pytest.fixture(autouse=True)
+def environment_restored() -> Any:
+    """os.environ as it was before each test: an Accelerator made in the test process writes into it
+    (ACCELERATE_USE_FSDP when given an FSDP plugin), and the train.py runs of the next tests on the same worker
+    would inherit it (a DDP run turned FSDP)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The --sample shards and tokenizer.json, built by scripts/prepare_data.py into a temporary folder."""
